@@ -1,0 +1,182 @@
+"""Turning `_component_` specs into objects, and the short names of the built-in ones.
+
+A component is named by a short built-in name (`mlp`, `adamw`, `cosine`) or by a dotted path to any importable
+class or function (`torch.optim.SGD`, `mymodels.TinyNet`). Its other keys are keyword arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Built-in short names, per recipe section. Values are dotted paths so that nothing heavy is imported until used.
+MODELS = {
+    "mlp": "launcher.models.mlp.MLP",
+    "gpt": "launcher.models.gpt.GPT",
+}
+DATASETS = {
+    "synthetic_classification": "launcher.data.synthetic.SyntheticClassification",
+    "char_text": "launcher.data.text.CharText",
+    "token_memmap": "launcher.data.memmap.TokenMemmap",
+}
+LOSSES = {
+    "cross_entropy": "torch.nn.CrossEntropyLoss",
+    "mse": "torch.nn.MSELoss",
+    "l1": "torch.nn.L1Loss",
+    "bce_with_logits": "torch.nn.BCEWithLogitsLoss",
+}
+# Arguments of built-in datasets that name files which must exist before training starts.
+DATASET_PATH_ARGS = {"char_text": ("path",), "token_memmap": ("path",)}
+
+
+def _optimizers() -> dict[str, str]:
+    import torch.optim
+
+    names = {}
+    for name, obj in vars(torch.optim).items():
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            names[name.lower()] = f"torch.optim.{name}"
+    return names
+
+
+def registry(section: str) -> dict[str, str]:
+    """The short names a recipe section accepts, mapped to what they stand for."""
+    if section == "model":
+        return MODELS
+    if section == "data":
+        return DATASETS
+    if section == "loss":
+        return LOSSES
+    if section == "optimizer":
+        return _optimizers()
+    if section == "scheduler":
+        from launcher.schedules import SCHEDULES
+
+        return {name: f"launcher.schedules.{fn.__name__}" for name, fn in SCHEDULES.items()}
+    raise KeyError(section)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A `_component_` spec: what to build and the keyword arguments the recipe gives it."""
+
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def short_name(self) -> str | None:
+        """The built-in name this spec uses, lower-cased, or None for a dotted path."""
+        return None if "." in self.target else self.target.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_component_": self.target, **copy.deepcopy(dict(self.kwargs))}
+
+
+class ResolveError(Exception):
+    pass
+
+
+def import_object(path: str) -> Any:
+    """Import `a.b.C` (or `a.b.C.method`): the longest importable module prefix, then attributes."""
+    parts = path.split(".")
+    if not all(parts):
+        raise ResolveError(f"'{path}' is not a dotted path")
+    last_error: Exception | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only a missing module of our own prefix means "try a shorter prefix"; anything the module itself
+            # failed to import is the user's real problem and is reported as it is.
+            if e.name is not None and not module_name.startswith(e.name) and e.name != module_name:
+                raise ResolveError(f"importing '{module_name}' failed: {e}") from e
+            last_error = e
+            continue
+        except Exception as e:  # a user module that raises on import
+            raise ResolveError(f"importing '{module_name}' failed: {type(e).__name__}: {e}") from e
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                raise ResolveError(f"'{module_name}' has no attribute '{'.'.join(parts[cut:])}'")
+            obj = getattr(obj, attr)
+        return obj
+    raise ResolveError(f"no module named '{parts[0]}' ({last_error})")
+
+
+def resolve(section: str, target: str) -> Callable[..., Any]:
+    """The class or function a spec names, or ResolveError with the valid short names."""
+    names = registry(section)
+    if "." not in target:
+        if target.lower() in names:
+            return import_object(names[target.lower()])
+        hint = difflib.get_close_matches(target.lower(), list(names), n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ResolveError(
+            f"unknown name '{target}'{did_you_mean}; expected one of: {', '.join(sorted(names))}, "
+            "or a dotted path such as mypackage.module.Name"
+        )
+    obj = import_object(target)
+    if not callable(obj):
+        raise ResolveError(f"'{target}' is not a class or function")
+    return obj
+
+
+def unknown_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], passed: tuple[str, ...] = ()) -> list[str]:
+    """Problems with keyword names `fn` does not take; empty when `fn` takes **kwargs or has no signature."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n not in passed]
+    problems = []
+    for key in kwargs:
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, accepted, n=1)
+            did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+            problems.append(
+                f"'{key}' is not an argument of {_name(fn)} ({did_you_mean}it takes: {', '.join(accepted)})"
+            )
+    return problems
+
+
+def accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name`."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def instantiate(section: str, spec: Component, *args: Any, **defaults: Any) -> Any:
+    """Build the object: `target(*args, **defaults | spec.kwargs)`; the recipe's own values win over defaults.
+
+    Arguments that do not fit the signature, or that the component refuses with a ValueError, are the recipe's
+    fault and come back as a RecipeError naming the section; any other exception is a bug and propagates.
+    """
+    from launcher.errors import RecipeError
+
+    fn = resolve(section, spec.target)
+    kwargs = {k: v for k, v in defaults.items() if accepts(fn, k)}
+    kwargs.update(copy.deepcopy(dict(spec.kwargs)))
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{section}: {_name(fn)}: {e}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin); the call itself will tell
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise RecipeError(f"{section}: {_name(fn)} refused its arguments: {e}") from None
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

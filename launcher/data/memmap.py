@@ -1,0 +1,55 @@
+"""Token streams on disk for LM pretraining: raw `.bin` arrays (as nanoGPT writes them) or `.npy` files.
+
+The file is memory-mapped, never read whole, so it may be far larger than memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class TokenMemmap(Dataset):
+    """Non-overlapping blocks of `block_size` tokens; the target is the input shifted by one.
+
+    `path` may hold `{split}` (`data/{split}.bin` reads `data/train.bin` and `data/val.bin`); otherwise one file
+    is split by position, its last `val_fraction` being val.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        block_size: int = 1024,
+        dtype: str = "uint16",
+        val_fraction: float = 0.1,
+        vocab_size: int | None = None,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        file = Path(path.replace("{split}", split))
+        if file.suffix == ".npy":
+            tokens = np.load(file, mmap_mode="r")
+        else:
+            tokens = np.memmap(file, dtype=np.dtype(dtype), mode="r")
+        if "{split}" not in path:
+            cut = int(len(tokens) * (1 - val_fraction))
+            tokens = tokens[:cut] if split == "train" else tokens[cut:]
+        self.tokens = tokens
+        self.block_size = block_size
+        if len(tokens) <= block_size:
+            raise ValueError(f"{file}: the {split} split has {len(tokens)} tokens, fewer than block_size + 1")
+        self.model_kwargs = {"block_size": block_size}
+        if vocab_size is not None:
+            self.model_kwargs["vocab_size"] = vocab_size
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.block_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]

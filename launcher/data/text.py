@@ -1,0 +1,43 @@
+"""Character-level language modelling on any local text file, split into train and val by position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+
+class CharText(Dataset):
+    """Non-overlapping blocks of `block_size` characters; the target is the input shifted by one.
+
+    The vocabulary is every character of the whole file, so train and val share one encoding. The first
+    `1 - val_fraction` of the file is train, the rest val.
+    """
+
+    def __init__(self, path: str, split: str = "train", block_size: int = 128, val_fraction: float = 0.1):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        text = Path(path).read_text(encoding="utf-8")
+        self.vocab = sorted(set(text))
+        cut = int(len(text) * (1 - val_fraction))
+        part = text[:cut] if split == "train" else text[cut:]
+        index = {ch: i for i, ch in enumerate(self.vocab)}
+        self.tokens = torch.tensor([index[ch] for ch in part], dtype=torch.long)
+        self.block_size = block_size
+        if len(self.tokens) <= block_size:
+            raise ValueError(f"{path}: the {split} split has {len(self.tokens)} characters, fewer than block_size + 1")
+        self.model_kwargs = {"vocab_size": len(self.vocab), "block_size": block_size}
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.block_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = self.tokens[start : start + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)

@@ -1,0 +1,360 @@
+"""The training loop, top to bottom: build, prepare, train, evaluate, checkpoint, stop.
+
+One loop for one CPU process, one GPU or many processes: Accelerate places the model and batches, syncs gradients
+and runs mixed precision; the decisions (when to log, evaluate, save, stop) are made here from values every rank
+agrees on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from launcher import checkpoint, components, schedules
+from launcher.consensus import any_rank
+from launcher.early_stopping import Tracker
+from launcher.errors import RecipeError
+from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams
+from launcher.recipe import Recipe, dump
+
+RECIPE_FILE = "recipe.yaml"
+ENV_FILE = "env.json"
+
+
+@dataclass
+class TrainState:
+    """The counters a resumed run needs to continue exactly where it stopped; saved as JSON in checkpoints."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    early_stopping: Tracker = field(default_factory=Tracker)
+    best: Tracker = field(default_factory=Tracker)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        return cls(
+            step=state["step"],
+            epoch=state["epoch"],
+            batches_in_epoch=state["batches_in_epoch"],
+            early_stopping=Tracker.from_state_dict(state["early_stopping"]),
+            best=Tracker.from_state_dict(state["best"]),
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    steps: int
+    epochs_done: float
+    stopped_early: bool
+    metrics: dict[str, float]
+    run_dir: Path
+
+
+def preflight(recipe: Recipe) -> Path | None:
+    """Refuse, before any process group starts or file is written, what would fail or destroy work later.
+
+    Returns the checkpoint to resume from, if any.
+    """
+    run_dir = Path(recipe.run_dir)
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if recipe.resume == "auto":
+        return checkpoint.latest(recipe.checkpoint_dir)
+    if recipe.resume != "none":
+        path = Path(recipe.resume)
+        if not checkpoint.is_complete(path):
+            raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
+        return path
+    if (run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir):
+        raise RecipeError(
+            f"run_dir: {run_dir} already holds a run; continue it with resume=auto, "
+            f"or start a new one with run_dir=<another folder>"
+        )
+    return None
+
+
+def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
+    t = recipe.train
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=[name for name in recipe.logging.trackers if name != "jsonl"] or None,
+        project_config=ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.strategy.find_unused_parameters)],
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(t.seed)
+    main = accelerator.is_main_process
+
+    # Build. The train set may tell the model what it needs (vocab_size, num_classes); the recipe's values win.
+    train_set = components.instantiate("data", recipe.data.train)
+    val_set = components.instantiate("data", recipe.data.val) if recipe.data.val else None
+    model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
+    loss_fn = components.instantiate("loss", recipe.loss)
+    optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
+    train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
+    val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
+
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    total_steps = plan_total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
+    scheduler = make_scheduler(recipe, optimizer, total_steps)
+
+    state = TrainState(
+        early_stopping=Tracker(**_tracker_args(recipe.early_stopping)),
+        best=Tracker(mode=recipe.checkpoint.mode),
+    )
+    if resume_from is not None:
+        state = TrainState.from_state_dict(checkpoint.load(accelerator, resume_from, model, optimizer, scheduler))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    # Files. Every rank has reached this point (the barrier below), so nothing is written before all passed
+    # preflight.
+    run_dir = Path(recipe.run_dir)
+    accelerator.wait_for_everyone()
+    jsonl = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(dump(recipe))
+        env = environment(
+            accelerator.num_processes, str(accelerator.distributed_type), t.mixed_precision, str(accelerator.device)
+        )
+        (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
+        if "jsonl" in recipe.logging.trackers:
+            jsonl = JsonlWriter(run_dir / METRICS_FILE)
+    accelerator.init_trackers("tensorboard", config=flat_hparams(recipe.to_dict()))
+
+    def log(values: dict[str, float]) -> None:
+        accelerator.log(values, step=state.step)
+        if jsonl is not None:
+            jsonl.write(state.step, values)
+
+    def save(path: Path) -> None:
+        checkpoint.save(accelerator, path, model, optimizer, scheduler, state.state_dict())
+
+    progress = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=recipe.name,
+        disable=not (main and recipe.logging.progress_bar),
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
+    )
+    throughput = Throughput()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count = 0
+    grad_norm = torch.zeros(())
+    last_eval: dict[str, float] = {}
+    last_eval_step = last_save_step = -1
+    stop = state.step >= total_steps
+
+    def evaluate_and_decide() -> bool:
+        """Evaluate, log, keep the best checkpoint; True when early stopping says stop (same on all ranks)."""
+        nonlocal last_eval, last_eval_step
+        assert val_loader is not None
+        last_eval = evaluate(accelerator, model, val_loader, loss_fn, recipe.eval.max_batches)
+        last_eval_step = state.step
+        log(last_eval)
+        if main:
+            progress.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        ckpt = recipe.checkpoint
+        if ckpt.keep_best:
+            value = _metric(last_eval, ckpt.monitor, "checkpoint.monitor")
+            if state.best.improved_by(value):
+                state.best = state.best.update(value, state.step)
+                save(recipe.checkpoint_dir / "best")
+        es = recipe.early_stopping
+        if es is None:
+            return False
+        value = _metric(last_eval, es.monitor, "early_stopping.monitor")
+        state.early_stopping = state.early_stopping.update(value, state.step)
+        # Every rank computed the same global metric; the all-reduce still makes the verdict one value.
+        return any_rank(accelerator, state.early_stopping.should_stop(es.patience))
+
+    model.train()
+    while not stop:
+        train_loader.set_epoch(state.epoch)
+        batches = train_loader
+        if state.batches_in_epoch:  # resuming inside an epoch: same order, the first batches already seen
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for inputs, targets in batches:
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                loss = compute_loss(loss_fn, model(inputs), targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # The global norm, after gradients are synced and unscaled; inf measures without clipping.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            throughput.add(len(targets) * accelerator.num_processes, _tokens(targets) * accelerator.num_processes)
+            if not accelerator.sync_gradients:
+                continue
+
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
+
+            if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
+                train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                loss_sum.zero_()
+                loss_count = 0
+                values = {
+                    "train/loss": train_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "epoch": state.epoch + state.batches_in_epoch / len(train_loader),
+                    **throughput.rates(),
+                }
+                log(values)
+                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}")
+            if val_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
+                stop = evaluate_and_decide()
+            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
+                checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+                last_save_step = state.step
+            if stop or state.step >= total_steps:
+                stop = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            if val_loader is not None and recipe.eval.every_epoch and last_eval_step != state.step:
+                stop = evaluate_and_decide()
+
+    progress.close()
+    if val_loader is not None and last_eval_step != state.step:
+        evaluate_and_decide()
+    if recipe.checkpoint.save_final and last_save_step != state.step:
+        save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
+        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+    accelerator.end_training()
+    if jsonl is not None:
+        jsonl.close()
+    stopped_early = state.step < total_steps
+    if main:
+        summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+        reason = "stopped early" if stopped_early else "done"
+        print(f"{reason} at step {state.step}/{total_steps}  {summary}  run dir: {run_dir}", flush=True)
+    return RunResult(
+        steps=state.step,
+        epochs_done=state.epoch + state.batches_in_epoch / len(train_loader),
+        stopped_early=stopped_early,
+        metrics=last_eval,
+        run_dir=run_dir,
+    )
+
+
+def plan_total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | None) -> int:
+    """Optimizer updates in the run: the first of `max_steps` and `max_epochs` reached."""
+    limits = [n for n in (max_steps, None if max_epochs is None else max_epochs * steps_per_epoch) if n is not None]
+    return min(limits)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=recipe.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=recipe.data.num_workers > 0,
+    )
+
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """A built-in schedule becomes a LambdaLR over its pure function; any other is built with the optimizer."""
+    spec = recipe.scheduler
+    if spec.short_name in schedules.SCHEDULES:
+        factor = schedules.build(spec.short_name, total_steps, **dict(spec.kwargs))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return components.instantiate("scheduler", spec, optimizer)
+
+
+def compute_loss(loss_fn: torch.nn.Module, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of a batch; sequence outputs (batch, time, classes) with integer targets are flattened."""
+    if output.dim() > 2 and targets.dim() == output.dim() - 1 and not targets.is_floating_point():
+        return loss_fn(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return loss_fn(output, targets)
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: torch.nn.Module,
+    max_batches: int | None,
+) -> dict[str, float]:
+    """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
+    ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped."""
+    per_sample_loss_fn = copy.copy(loss_fn)
+    per_sample = hasattr(per_sample_loss_fn, "reduction")
+    if per_sample:
+        per_sample_loss_fn.reduction = "none"
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    model.eval()
+    loss_total, correct_total, count = 0.0, 0.0, 0
+    for i, (inputs, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        output = model(inputs)
+        batch = len(targets)
+        if per_sample:
+            losses = compute_loss(per_sample_loss_fn, output, targets).float().reshape(batch, -1).mean(dim=1)
+        else:  # a loss without `reduction`: its batch mean stands for each sample of the batch
+            losses = compute_loss(loss_fn, output, targets).float().expand(batch)
+        gathered = [losses]
+        if classify:
+            gathered.append((output.argmax(dim=-1) == targets).float().reshape(batch, -1).mean(dim=1))
+        gathered = accelerator.gather_for_metrics(gathered)
+        loss_total += gathered[0].sum().item()
+        count += len(gathered[0])
+        if classify:
+            correct_total += gathered[1].sum().item()
+    model.train()
+    results = {"val/loss": loss_total / max(count, 1)}
+    if classify:
+        results["val/accuracy"] = correct_total / max(count, 1)
+    return results
+
+
+def _metric(values: dict[str, float], name: str, key: str) -> float:
+    if name not in values:
+        raise RecipeError(
+            f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(values))})"
+        )
+    return values[name]
+
+
+def _tokens(targets: torch.Tensor) -> int:
+    """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
+    return targets.numel() if targets.dim() >= 2 and not targets.is_floating_point() else 0
+
+
+def _tracker_args(es: Any) -> dict[str, Any]:
+    return {} if es is None else {"mode": es.mode, "min_delta": es.min_delta}

@@ -1,0 +1,106 @@
+"""Where a run's numbers go: `metrics.jsonl`, Accelerate's trackers (TensorBoard, ...), and the run record."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class JsonlWriter:
+    """One JSON object per line: `step` plus the same tags TensorBoard gets. Flushed per line, so a crash loses
+    at most the line being written."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _finite_or_none(v: float) -> float | None:
+    # JSON has no NaN or Infinity; null keeps each line valid for every reader.
+    return v if math.isfinite(v) else None
+
+
+class Throughput:
+    """Samples and tokens per second since the last `rates()` call."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"throughput/samples_per_s": self.samples / elapsed}
+        if self.tokens:
+            out["throughput/tokens_per_s"] = self.tokens / elapsed
+        self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
+        return out
+
+
+def environment(world_size: int, distributed_type: str, mixed_precision: str, device: str) -> dict[str, Any]:
+    """What a run ran on, for `env.json`: enough to tell two runs' setups apart later."""
+    import accelerate
+    import torch
+
+    import launcher
+
+    return {
+        "launcher": launcher.__version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "world_size": world_size,
+        "distributed_type": distributed_type,
+        "mixed_precision": mixed_precision,
+        "device": device,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flat_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The recipe flattened to `a.b` keys of scalars, as TensorBoard's hparams view accepts."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
