@@ -92,22 +92,22 @@ class StrategyConfig:
     find_unused_parameters: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
+    name: str = ""
+    run_dir: str = ""
+    resume: str = "none"
     model: Component
     data: DataConfig
-    optimizer: Component
-    name: str = ""
-    scheduler: Component = Component("constant")
     loss: Component = Component("cross_entropy")
+    optimizer: Component
+    scheduler: Component = Component("constant")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     strategy: StrategyConfig = StrategyConfig()
-    run_dir: str = ""
-    resume: str = "none"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -254,8 +254,9 @@ def validate(raw: Mapping[str, Any], source: str, default_name: str = "run") -> 
     problems: list[str] = []
     raw = dict(raw)
     raw.pop("base", None)
+    origin: dict[str, str] = {}
     if isinstance(raw.get("data"), dict):
-        raw["data"] = _merge_splits(raw["data"])
+        raw["data"], origin = _merge_splits(raw["data"])
     checker = _Checker(source, problems)
     recipe = checker.build(Recipe, raw, "")
     if recipe is not None:
@@ -265,26 +266,48 @@ def validate(raw: Mapping[str, Any], source: str, default_name: str = "run") -> 
             recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
         problems.extend(f"{source}: {p}" for p in check_values(recipe))
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(_relocate(problems, source, origin))
     assert recipe is not None
     return recipe
 
 
-def _merge_splits(data: dict[str, Any]) -> dict[str, Any]:
+def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Fold `data.dataset` into `data.train` and `data.val` (which default to `split: train|val` when a shared
-    dataset is given, so a one-file dataset needs no repetition)."""
+    dataset is given, so a one-file dataset needs no repetition).
+
+    Also returns where each inherited key came from (`data.train.path` -> `data.dataset.path`), so a problem is
+    reported under the key the user wrote.
+    """
     data = dict(data)
     shared = data.pop("dataset", None)
+    origin: dict[str, str] = {}
     if not isinstance(shared, dict):
         if shared is not None:
             data["dataset"] = shared  # left for the checker to report
-        return data
+        return data, origin
     for split in ("train", "val"):
         if split in data and data[split] is None:
             continue  # `val: null` turns validation off
         own = data.get(split, {"split": split})
-        data[split] = deep_merge(shared, own) if isinstance(own, dict) else own
-    return data
+        if not isinstance(own, dict):
+            continue  # left for the checker to report
+        data[split] = deep_merge(shared, own)
+        replaced = "_component_" in own and own["_component_"] != shared.get("_component_")
+        for key in shared:
+            if key not in own and not replaced:
+                origin[f"data.{split}.{key}"] = f"data.dataset.{key}"
+    return data, origin
+
+
+def _relocate(problems: list[str], source: str, origin: dict[str, str]) -> list[str]:
+    """Problems renamed to the keys the user wrote, each reported once."""
+    out: list[str] = []
+    for problem in problems:
+        for inherited, written in origin.items():
+            problem = re.sub(re.escape(inherited) + r"(?![\w])", written, problem)
+        if problem not in out:
+            out.append(problem)
+    return out
 
 
 class _Checker:
@@ -583,4 +606,4 @@ def _plain(value: Any) -> Any:
 
 
 def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
