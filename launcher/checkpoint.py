@@ -71,11 +71,12 @@ def save(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
-    state_dict_model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_model(state_dict_model, str(tmp / "model.safetensors"))
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()  # every rank's files are in before the directory is declared complete
+    if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         _replace_dir(tmp, path)
     accelerator.wait_for_everyone()

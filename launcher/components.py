@@ -6,13 +6,19 @@ class or function (`torch.optim.SGD`, `mymodels.TinyNet`). Its other keys are ke
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import difflib
 import importlib
 import inspect
+import os
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 # Built-in short names, per recipe section. Values are dotted paths so that nothing heavy is imported until used.
 MODELS = {
@@ -126,24 +132,97 @@ def resolve(section: str, target: str) -> Callable[..., Any]:
     return obj
 
 
-def unknown_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], passed: tuple[str, ...] = ()) -> list[str]:
-    """Problems with keyword names `fn` does not take; empty when `fn` takes **kwargs or has no signature."""
+def argument_problems(
+    fn: Callable[..., Any], kwargs: Mapping[str, Any], passed: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """(argument, problem) pairs for keyword arguments `fn` does not take, or whose value does not fit a simple
+    type hint of `fn` (int, float, str, bool, a Literal, lists of those, optionals). `passed` are arguments the
+    launcher gives itself; `extra` are keys the launcher takes out of `kwargs` before calling."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+    hints = _type_hints(fn)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n not in passed]
+    accepted += [e for e in extra if e not in accepted]
     problems = []
-    for key in kwargs:
+    for key, value in kwargs.items():
+        if key in extra:
+            continue
         if key not in accepted:
-            hint = difflib.get_close_matches(key, accepted, n=1)
-            did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
-            problems.append(
-                f"'{key}' is not an argument of {_name(fn)} ({did_you_mean}it takes: {', '.join(accepted)})"
-            )
+            if not open_ended:
+                hint = difflib.get_close_matches(key, accepted, n=1)
+                did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+                problems.append(
+                    (key, f"not an argument of {_name(fn)} ({did_you_mean}it takes: {', '.join(accepted)})")
+                )
+            continue
+        expected = _mismatch(value, hints.get(key))
+        if expected:
+            problems.append((key, f"expected {expected}, got {describe(value)}"))
     return problems
+
+
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # hints that do not resolve (forward references, optional imports) are simply not checked
+        return {}
+
+
+_SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _mismatch(value: Any, hint: Any) -> str | None:
+    """What `hint` expects, when `value` does not fit it; None when it fits or the hint is not a simple one."""
+    if hint is None or hint is Any:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
+            return None
+        wants = [_mismatch(value, a) for a in inner]
+        if any(w is None for w in wants):
+            return None
+        return " or ".join(w for w in wants if w)
+    if origin is typing.Literal:
+        return None if value in args else "one of: " + ", ".join(map(str, args))
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        item = args[0]
+        if any(_mismatch(v, item) for v in value):
+            return f"a list of {_SIMPLE.get(item, 'values').removeprefix('an ').removeprefix('a ')}s"
+        return None
+    if hint in _SIMPLE:
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool),
+            str: isinstance(value, str),
+        }[hint]
+        return None if ok else _SIMPLE[hint]
+    return None
+
+
+def describe(value: Any) -> str:
+    """A value as the user wrote it in YAML, with what kind of value it is."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    kind = "a list" if isinstance(value, (list, tuple)) else "a section" if isinstance(value, Mapping) else ""
+    if not kind:
+        return type(value).__name__
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return f"{kind} ({text})" if len(text) <= 60 else kind
 
 
 def accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -158,8 +237,9 @@ def accepts(fn: Callable[..., Any], name: str) -> bool:
 def instantiate(section: str, spec: Component, *args: Any, **defaults: Any) -> Any:
     """Build the object: `target(*args, **defaults | spec.kwargs)`; the recipe's own values win over defaults.
 
-    Arguments that do not fit the signature, or that the component refuses with a ValueError, are the recipe's
-    fault and come back as a RecipeError naming the section; any other exception is a bug and propagates.
+    A component that fails to build is the recipe's problem as far as the user can tell: it comes back as one
+    RecipeError line naming the section and the exception. LAUNCHER_FULL_ERROR=1 shows the traceback instead,
+    for debugging one's own component.
     """
     from launcher.errors import RecipeError
 
@@ -167,15 +247,15 @@ def instantiate(section: str, spec: Component, *args: Any, **defaults: Any) -> A
     kwargs = {k: v for k, v in defaults.items() if accepts(fn, k)}
     kwargs.update(copy.deepcopy(dict(spec.kwargs)))
     try:
-        inspect.signature(fn).bind(*args, **kwargs)
-    except TypeError as e:
-        raise RecipeError(f"{section}: {_name(fn)}: {e}") from None
-    except ValueError:
-        pass  # no signature to check (a builtin); the call itself will tell
-    try:
         return fn(*args, **kwargs)
-    except ValueError as e:
-        raise RecipeError(f"{section}: {_name(fn)} refused its arguments: {e}") from None
+    except Exception as e:
+        if os.environ.get("LAUNCHER_FULL_ERROR") == "1":
+            raise
+        message = str(e).splitlines()[0] if str(e) else ""
+        raise RecipeError(
+            f"{section}: building {_name(fn)} failed: {type(e).__name__}: {message} "
+            "(LAUNCHER_FULL_ERROR=1 shows the traceback)"
+        ) from None
 
 
 def _name(fn: Callable[..., Any]) -> str:

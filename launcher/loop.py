@@ -251,9 +251,12 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
     if recipe.checkpoint.save_final and last_save_step != state.step:
         save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
         checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
-    accelerator.end_training()
     if jsonl is not None:
         jsonl.close()
+    # All ranks leave together, and the process group is torn down while the interpreter is whole: gloo's worker
+    # threads outliving it abort the process at exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     stopped_early = state.step < total_steps
     if main:
         summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
@@ -277,6 +280,9 @@ def plan_total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: in
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
     return DataLoader(
         dataset,
+        # Its own generator: starting an iterator then draws worker seeds from it, not from the global RNG, so the
+        # global stream (dropout, ...) does not depend on where in an epoch a resumed run starts iterating.
+        generator=torch.Generator().manual_seed(recipe.train.seed),
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=drop_last,

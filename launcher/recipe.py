@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from launcher import components, schedules
-from launcher.components import Component
+from launcher.components import Component, describe
 from launcher.errors import RecipeError
 
 MISSING = "???"  # a value the user must give, on the command line or in a recipe that inherits this one
@@ -124,11 +124,33 @@ TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clear
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `1e-3` as a float the way YAML 1.2 (and every user) does."""
+    """PyYAML's safe loader with YAML 1.2's scalars, as users expect them: `1e-3` is a number, `no`/`on`/`yes`
+    are strings (`mixed_precision: no`), only true/false are booleans; and a key given twice is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    f"while reading a section (line {node.start_mark.line + 1})",
+                    node.start_mark,
+                    f"the key '{key}' is given twice (first on line {seen[key].start_mark.line + 1}); "
+                    "duplicate keys are not allowed",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
+_BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _FLOAT_TAG,
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
@@ -152,49 +174,61 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     `mymodels.py` kept beside the recipe.
     """
     path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
     raw = compose(path)
-    raw = apply_overrides(raw, overrides, source=str(path))
+    raw, override_problems = apply_overrides(raw, overrides, source=str(path))
     recipe_dir = str(path.resolve().parent)
     if recipe_dir not in sys.path:
         sys.path.insert(0, recipe_dir)
-    return validate(raw, source=str(path), default_name=path.stem)
+    return validate(raw, source=str(path), default_name=path.stem, problems=override_problems)
 
 
 def read_yaml_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}: {where}not valid YAML ({problem})") from None
+        raise RecipeError(f"{path}: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of sections (model:, data:, ...), got {_kind(data)}")
+        raise RecipeError(f"{path}: expected a mapping of sections (model:, data:, ...), got {describe(data)}")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint on one line: where it gave up, what it expected, and where the construct began."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    began = ""
+    if context and context_mark and (not mark or context_mark.line != mark.line):
+        began = f"; {context.removeprefix('while ')} that began on line {context_mark.line + 1}"
+    return f"{where}not valid YAML ({problem}{began})"
 
 
 def compose(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The recipe with its `base:` chain deep-merged under it; a base path is relative to the file naming it."""
     resolved = path.resolve()
-    if resolved in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, resolved))
-        raise RecipeError(f"{path}: base: recipes inherit from each other in a loop ({chain})")
     data = read_yaml_file(path)
     base = data.pop("base", None)
     if base is None:
         return data
     bases = [base] if isinstance(base, str) else base
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise RecipeError(f"{path}: base: expected a recipe path or a list of them, got {_kind(base)}")
+        raise RecipeError(f"{path}: base: expected a recipe path or a list of them, got {describe(base)}")
     merged: dict[str, Any] = {}
     for b in bases:
-        merged = deep_merge(merged, compose(path.parent / b, (*_seen, resolved)))
+        base_path = path.parent / b
+        if not base_path.is_file():
+            raise RecipeError(f"{path}: base: no such recipe file: {base_path}")
+        if base_path.resolve() in (*_seen, resolved):
+            chain = " -> ".join(str(p) for p in (*_seen, resolved, base_path.resolve()))
+            raise RecipeError(f"{path}: base: recipes inherit from each other in a loop ({chain})")
+        merged = deep_merge(merged, compose(base_path, (*_seen, resolved)))
     return deep_merge(merged, data)
 
 
@@ -214,8 +248,9 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
-    """Apply `a.b=c` overrides; the value is read as YAML (`3e-4`, `true`, `null`, `[64, 64]`)."""
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> tuple[dict[str, Any], list[str]]:
+    """Apply `a.b=c` overrides; the value is read as YAML (`3e-4`, `true`, `null`, `[64, 64]`). Returns the new
+    mapping and the problems with overrides that could not be applied, so they are reported with the rest."""
     out = copy.deepcopy(raw)
     problems = []
     for item in overrides:
@@ -226,7 +261,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
         try:
             value = parse_yaml(text) if text else None
         except yaml.YAMLError:
-            problems.append(f"{source}: override '{item}': the value is not valid YAML")
+            problems.append(f"{source}: {key}: the override value {text!r} is not valid YAML")
             continue
         node = out
         parts = key.split(".")
@@ -236,59 +271,71 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
-                problems.append(f"{source}: override '{item}': {where} is {_kind(child)}, not a section")
+                problems.append(f"{source}: {where}: is {describe(child)}, not a section (override '{item}')")
                 break
             node = child
         else:
             node[parts[-1]] = value
-    if problems:
-        raise RecipeError(problems)
-    return out
+    return out, problems
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 
+# Keys a section accepts besides its fields: `data.dataset` is folded into `data.train` and `data.val` first.
+_EXTRA_KEYS: dict[type, tuple[str, ...]] = {DataConfig: ("dataset",)}
 
-def validate(raw: Mapping[str, Any], source: str, default_name: str = "run") -> Recipe:
-    """The typed, frozen recipe, or RecipeError with every problem found, one line each."""
-    problems: list[str] = []
+
+def validate(raw: Mapping[str, Any], source: str, default_name: str = "run", problems: Sequence[str] = ()) -> Recipe:
+    """The typed, frozen recipe, or RecipeError with every problem found (and `problems` found before), one
+    line each."""
+    found: list[str] = list(problems)
     raw = dict(raw)
     raw.pop("base", None)
     origin: dict[str, str] = {}
     if isinstance(raw.get("data"), dict):
-        raw["data"], origin = _merge_splits(raw["data"])
-    checker = _Checker(source, problems)
+        raw["data"], origin, data_problems = _merge_splits(raw["data"])
+        found.extend(f"{source}: {p}" for p in data_problems)
+    checker = _Checker(source, found)
     recipe = checker.build(Recipe, raw, "")
     if recipe is not None:
         if not recipe.name:
             recipe = dataclasses.replace(recipe, name=default_name)
         if not recipe.run_dir:
             recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
-        problems.extend(f"{source}: {p}" for p in check_values(recipe))
-    if problems:
-        raise RecipeError(_relocate(problems, source, origin))
+        # Values that failed their type check stand at their defaults here: their range checks would only repeat
+        # or mislead, so problems under those keys are left out.
+        for problem in check_values(recipe):
+            key = problem.split(":", 1)[0]
+            if not any(key == bad or key.startswith(bad + ".") for bad in checker.bad_keys):
+                found.append(f"{source}: {problem}")
+    if found:
+        raise RecipeError(_relocate(found, origin))
     assert recipe is not None
     return recipe
 
 
-def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """Fold `data.dataset` into `data.train` and `data.val` (which default to `split: train|val` when a shared
     dataset is given, so a one-file dataset needs no repetition).
 
     Also returns where each inherited key came from (`data.train.path` -> `data.dataset.path`), so a problem is
-    reported under the key the user wrote.
+    reported under the key the user wrote, and the problems with `data.dataset` itself.
     """
     data = dict(data)
     shared = data.pop("dataset", None)
     origin: dict[str, str] = {}
+    if shared is None:
+        return data, origin, []
+    if isinstance(shared, str):
+        shared = {"_component_": shared}
     if not isinstance(shared, dict):
-        if shared is not None:
-            data["dataset"] = shared  # left for the checker to report
-        return data, origin
+        return data, origin, [f"data.dataset: expected a _component_ section or a name, got {describe(shared)}"]
     for split in ("train", "val"):
         if split in data and data[split] is None:
             continue  # `val: null` turns validation off
         own = data.get(split, {"split": split})
+        if isinstance(own, str):
+            own = {"_component_": own}
         if not isinstance(own, dict):
             continue  # left for the checker to report
         data[split] = deep_merge(shared, own)
@@ -296,10 +343,10 @@ def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
         for key in shared:
             if key not in own and not replaced:
                 origin[f"data.{split}.{key}"] = f"data.dataset.{key}"
-    return data, origin
+    return data, origin, []
 
 
-def _relocate(problems: list[str], source: str, origin: dict[str, str]) -> list[str]:
+def _relocate(problems: list[str], origin: dict[str, str]) -> list[str]:
     """Problems renamed to the keys the user wrote, each reported once."""
     out: list[str] = []
     for problem in problems:
@@ -311,39 +358,48 @@ def _relocate(problems: list[str], source: str, origin: dict[str, str]) -> list[
 
 
 class _Checker:
-    """Builds frozen dataclasses from raw mappings, recording type problems instead of stopping at the first."""
+    """Builds frozen dataclasses from raw mappings, recording every type problem instead of stopping at the first.
+
+    A field whose value is wrong is built with its default (and its key kept in `bad_keys`), so the rest of the
+    recipe can still be checked; a required field that is wrong leaves its section unbuilt.
+    """
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
+        self.bad_keys: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.source}: {key}: {message}")
+        self.bad_keys.append(key)
 
     def build(self, cls: type, raw: Any, prefix: str) -> Any:
         if not isinstance(raw, Mapping):
-            self.problem(prefix.rstrip(".") or "(top level)", f"expected a section (a mapping), got {_kind(raw)}")
+            self.problem(
+                prefix.rstrip(".") or "(top level)", f"expected a section (a mapping of keys), got {describe(raw)}"
+            )
             return None
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        known = [*fields, *_EXTRA_KEYS.get(cls, ())]
         for key in raw:
-            if key not in fields:
-                hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
                 did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
-                self.problem(
-                    f"{prefix}{key}", f"unknown key ({did_you_mean}{_section(prefix)} takes: {', '.join(fields)})"
-                )
+                where = prefix.rstrip(".") or "a recipe"
+                self.problem(f"{prefix}{key}", f"unknown key ({did_you_mean}{where} takes: {', '.join(known)})")
         values = {}
         ok = True
         for name, f in fields.items():
             key = f"{prefix}{name}"
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if name in raw:
                 value = self.convert(raw[name], hints[name], key)
-                if value is _BAD:
+                if value is not _BAD:
+                    values[name] = value
+                elif required:
                     ok = False
-                    continue
-                values[name] = value
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            elif required:
                 self.problem(key, "missing required value")
                 ok = False
         return cls(**values) if ok else None
@@ -363,13 +419,13 @@ class _Checker:
                 return value
             hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-            self.problem(key, f"expected one of: {', '.join(map(str, args))}; got {value!r}{did_you_mean}")
+            self.problem(key, f"expected one of: {', '.join(map(str, args))}; got {describe(value)}{did_you_mean}")
             return _BAD
         if origin is tuple:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                self.problem(key, f"expected a list of names, got {_kind(value)}")
+                self.problem(key, f"expected a list of names, got {describe(value)}")
                 return _BAD
             return tuple(value)
         if tp is Component:
@@ -377,94 +433,78 @@ class _Checker:
         if dataclasses.is_dataclass(tp):
             built = self.build(tp, value, key + ".")
             return _BAD if built is None else built
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            self.problem(key, f"expected true or false, got {value!r}")
+        expected = components._mismatch(value, tp)
+        if expected:
+            self.problem(key, f"expected {expected}, got {describe(value)}")
             return _BAD
-        if tp is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            self.problem(key, f"expected an integer, got {_kind(value)}")
-            return _BAD
-        if tp is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            self.problem(key, f"expected a number, got {_kind(value)}")
-            return _BAD
-        if tp is str:
-            if isinstance(value, str):
-                return value
-            self.problem(key, f"expected a string, got {_kind(value)}")
-            return _BAD
-        raise TypeError(f"schema type {tp} is not handled")  # a bug in the schema, not in the recipe
+        return float(value) if tp is float else value
 
     def component(self, value: Any, key: str) -> Any:
         if isinstance(value, str):
             return Component(value)
         if not isinstance(value, Mapping):
-            self.problem(key, f"expected a _component_ section or a name, got {_kind(value)}")
+            self.problem(key, f"expected a _component_ section or a name, got {describe(value)}")
             return _BAD
         target = value.get("_component_")
         if not isinstance(target, str) or not target:
             self.problem(f"{key}._component_", "missing required value (a short name or a dotted path)")
             return _BAD
         kwargs = {k: v for k, v in value.items() if k != "_component_"}
+        ok = True
         for k, v in kwargs.items():
             if isinstance(v, str) and v == MISSING:
                 self.problem(f"{key}.{k}", f"missing required value (give it on the command line: {key}.{k}=...)")
-                return _BAD
-        return Component(target, types.MappingProxyType(copy.deepcopy(kwargs)))
+                ok = False
+        return Component(target, types.MappingProxyType(copy.deepcopy(kwargs))) if ok else _BAD
 
 
 _BAD = object()
 
 
 def check_values(recipe: Recipe) -> list[str]:
-    """Problems a type cannot express: ranges, combinations, components that do not import, missing files."""
+    """Problems a type cannot express: ranges, combinations, components that do not import, missing files.
+    Each is `key.path: message`."""
     problems: list[str] = []
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             problems.append(f"{key}: {message}")
 
+    def at_least(key: str, value: int | None, low: int) -> None:
+        need(value is None or value >= low, key, f"must be >= {low}, got {value}")
+
     t = recipe.train
     need(t.max_steps is not None or t.max_epochs is not None, "train", "give train.max_steps or train.max_epochs")
-    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
-    need(t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs", f"must be >= 1, got {t.max_epochs}")
-    need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    need(
-        t.gradient_accumulation_steps >= 1,
-        "train.gradient_accumulation_steps",
-        f"must be >= 1, got {t.gradient_accumulation_steps}",
-    )
+    at_least("train.max_steps", t.max_steps, 1)
+    at_least("train.max_epochs", t.max_epochs, 1)
+    at_least("train.batch_size", t.batch_size, 1)
+    at_least("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
+    at_least("train.seed", t.seed, 0)
     need(
         t.clip_grad_norm is None or t.clip_grad_norm > 0,
         "train.clip_grad_norm",
         f"must be > 0, or null for no clipping; got {t.clip_grad_norm}",
     )
-    need(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
 
     d = recipe.data
-    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    at_least("data.num_workers", d.num_workers, 0)
     problems.extend(_check_component("data.train", "data", d.train))
     if d.val is not None:
         problems.extend(_check_component("data.val", "data", d.val))
     problems.extend(_check_component("model", "model", recipe.model))
     problems.extend(_check_component("loss", "loss", recipe.loss))
-    problems.extend(_check_component("optimizer", "optimizer", recipe.optimizer, passed=("params",)))
-    problems.extend(_check_optimizer_values(recipe.optimizer))
+    problems.extend(_check_optimizer(recipe.optimizer))
     problems.extend(_check_scheduler(recipe.scheduler))
 
     e = recipe.eval
-    need(e.every_steps is None or e.every_steps >= 1, "eval.every_steps", f"must be >= 1, got {e.every_steps}")
-    need(e.max_batches is None or e.max_batches >= 1, "eval.max_batches", f"must be >= 1, got {e.max_batches}")
-    need(e.batch_size is None or e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    at_least("eval.every_steps", e.every_steps, 1)
+    at_least("eval.max_batches", e.max_batches, 1)
+    at_least("eval.batch_size", e.batch_size, 1)
     evaluates = d.val is not None and (e.every_steps is not None or e.every_epoch)
 
     es = recipe.early_stopping
     if es is not None:
-        need(es.patience >= 0, "early_stopping.patience", f"must be >= 0, got {es.patience}")
+        at_least("early_stopping.patience", es.patience, 0)
         need(es.min_delta >= 0, "early_stopping.min_delta", f"must be >= 0, got {es.min_delta}")
         need(
             es.monitor.startswith("val/"),
@@ -478,14 +518,14 @@ def check_values(recipe: Recipe) -> list[str]:
         )
 
     c = recipe.checkpoint
-    need(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
-    need(c.every_steps is None or c.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {c.every_steps}")
+    at_least("checkpoint.keep_last", c.keep_last, 1)
+    at_least("checkpoint.every_steps", c.every_steps, 1)
     if c.keep_best:
         need(c.monitor.startswith("val/"), "checkpoint.monitor", f"expected a validation metric, got {c.monitor!r}")
         need(evaluates, "checkpoint.keep_best", "needs evaluation: set data.val and eval.every_steps or every_epoch")
 
     lg = recipe.logging
-    need(lg.every_steps >= 1, "logging.every_steps", f"must be >= 1, got {lg.every_steps}")
+    at_least("logging.every_steps", lg.every_steps, 1)
     for name in lg.trackers:
         need(name in TRACKERS, "logging.trackers", f"unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
 
@@ -498,20 +538,20 @@ def check_values(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _check_component(key: str, section: str, spec: Component, passed: tuple[str, ...] = ()) -> list[str]:
+def _check_component(
+    key: str, section: str, spec: Component, passed: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+) -> list[str]:
     try:
         fn = components.resolve(section, spec.target)
     except components.ResolveError as e:
         return [f"{key}._component_: {e}"]
-    problems = [f"{key}: {p}" for p in components.unknown_kwargs(fn, spec.kwargs, passed)]
+    problems = [f"{key}.{arg}: {msg}" for arg, msg in components.argument_problems(fn, spec.kwargs, passed, extra)]
     if section == "data" and spec.short_name in components.DATASET_PATH_ARGS:
         for arg in components.DATASET_PATH_ARGS[spec.short_name]:
             value = spec.kwargs.get(arg)
             if value is None:
                 problems.append(f"{key}.{arg}: missing required value (a file path)")
-            elif not isinstance(value, str):
-                problems.append(f"{key}.{arg}: expected a file path, got {_kind(value)}")
-            else:
+            elif isinstance(value, str):
                 split = spec.kwargs.get("split", "train")
                 file = Path(value.replace("{split}", str(split)))
                 if not file.is_file():
@@ -519,17 +559,31 @@ def _check_component(key: str, section: str, spec: Component, passed: tuple[str,
     return problems
 
 
-def _check_optimizer_values(spec: Component) -> list[str]:
-    problems = []
-    lr = spec.kwargs.get("lr")
-    if lr is not None and not _positive(lr):
-        problems.append(f"optimizer.lr: must be a number > 0, got {lr!r}")
-    wd = spec.kwargs.get("weight_decay")
-    if wd is not None and not (_number(wd) and wd >= 0):
-        problems.append(f"optimizer.weight_decay: must be a number >= 0, got {wd!r}")
-    momentum = spec.kwargs.get("momentum")
-    if momentum is not None and not (_number(momentum) and 0 <= momentum < 1):
-        problems.append(f"optimizer.momentum: must be a number in [0, 1), got {momentum!r}")
+def _check_optimizer(spec: Component) -> list[str]:
+    problems = _check_component("optimizer", "optimizer", spec, passed=("params",))
+    if problems:
+        return problems
+    kw = spec.kwargs
+    if "lr" in kw and not (_number(kw["lr"]) and kw["lr"] > 0):
+        problems.append(f"optimizer.lr: must be a number > 0, got {describe(kw['lr'])}")
+    if "weight_decay" in kw and not (_number(kw["weight_decay"]) and kw["weight_decay"] >= 0):
+        problems.append(f"optimizer.weight_decay: must be a number >= 0, got {describe(kw['weight_decay'])}")
+    if "momentum" in kw and not (_number(kw["momentum"]) and 0 <= kw["momentum"] < 1):
+        problems.append(f"optimizer.momentum: must be a number in [0, 1), got {describe(kw['momentum'])}")
+    betas = kw.get("betas")
+    if betas is not None and not (
+        isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        problems.append(f"optimizer.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {describe(betas)}")
+    if problems:
+        return problems
+    # Optimizers check their own arguments when built; one parameter is enough to let them, before any model.
+    try:
+        import torch
+
+        components.instantiate("optimizer", spec, [torch.nn.Parameter(torch.zeros(1))])
+    except RecipeError as e:
+        problems.extend(e.problems)
     return problems
 
 
@@ -539,19 +593,17 @@ def _check_scheduler(spec: Component) -> list[str]:
         return _check_component("scheduler", "scheduler", spec, passed=("optimizer",))
     if name not in schedules.SCHEDULES:
         return _check_component("scheduler", "scheduler", spec)
+    problems = _check_component("scheduler", "scheduler", spec, passed=("step", "total_steps"), extra=("warmup_steps",))
     kwargs = dict(spec.kwargs)
     warmup = kwargs.pop("warmup_steps", 0)
-    problems = [
-        f"scheduler: {p}" for p in components.unknown_kwargs(schedules.SCHEDULES[name], kwargs, ("step", "total_steps"))
-    ]
     if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
-        problems.append(f"scheduler.warmup_steps: must be an integer >= 0, got {warmup!r}")
+        problems.append(f"scheduler.warmup_steps: must be an integer >= 0, got {describe(warmup)}")
     elif warmup and name in schedules.OWN_WARMUP:
         problems.append(f"scheduler.warmup_steps: {name} shapes its own start; remove warmup_steps")
     for key, value in kwargs.items():
         if not _number(value):
-            problems.append(f"scheduler.{key}: expected a number, got {_kind(value)}")
-        elif key in ("step_size", "step_size_up", "step_size_down") and not (isinstance(value, int) and value >= 1):
+            continue  # reported above, by type
+        if key in ("step_size", "step_size_up", "step_size_down") and not (isinstance(value, int) and value >= 1):
             problems.append(f"scheduler.{key}: must be an integer >= 1, got {value!r}")
         elif key in ("gamma", "base_ratio", "min_ratio", "pct_start") and not 0 <= value <= 1:
             problems.append(f"scheduler.{key}: must be in [0, 1], got {value!r}")
@@ -567,30 +619,6 @@ def _check_scheduler(spec: Component) -> list[str]:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive(v: Any) -> bool:
-    return _number(v) and v > 0
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a section"
-    return type(value).__name__
-
-
-def _section(prefix: str) -> str:
-    return prefix.rstrip(".") or "a recipe"
 
 
 def _plain(value: Any) -> Any:

@@ -58,11 +58,12 @@ def onecycle(
     """Smith's one-cycle: cosine up from 1/div_factor to 1 over pct_start of the run, then cosine down to
     1/(div_factor*final_div_factor), as torch's OneCycleLR with anneal_strategy='cos'."""
     start, low = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
-    up_steps = max(pct_start * total_steps - 1, 1.0)
-    down_steps = max(total_steps - 1 - up_steps, 1.0)
-    if step <= up_steps:
-        return _cos_between(start, 1.0, step / up_steps)
-    return _cos_between(1.0, low, min((step - up_steps) / down_steps, 1.0))
+    # The phase boundaries as torch places them: the peak at step pct_start * total_steps - 1.
+    peak = pct_start * total_steps - 1
+    if peak > 0 and step <= peak:
+        return _cos_between(start, 1.0, step / peak)
+    rise = max(peak, 0.0)
+    return _cos_between(1.0, low, min((step - rise) / max(total_steps - 1 - rise, 1e-12), 1.0))
 
 
 def _cos_between(a: float, b: float, t: float) -> float:

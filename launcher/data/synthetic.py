@@ -26,6 +26,8 @@ class SyntheticClassification(Dataset):
     ):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}")
+        if min(num_samples, num_features, num_classes, clusters_per_class) < 1:
+            raise ValueError("num_samples, num_features, num_classes and clusters_per_class must be >= 1")
         centers_rng = torch.Generator().manual_seed(seed)
         centers = torch.randn(num_classes * clusters_per_class, num_features, generator=centers_rng) * separation
         rng = torch.Generator().manual_seed(seed * 10 + _SPLIT_OFFSET[split])

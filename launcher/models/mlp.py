@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ class MLP(nn.Module):
         num_classes: int,
         hidden_sizes: Sequence[int] = (128, 128),
         dropout: float = 0.0,
-        activation: str = "gelu",
+        activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu",
     ):
         super().__init__()
         act = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}[activation]

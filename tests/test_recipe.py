@@ -1,0 +1,142 @@
+"""Recipe loading: composition, overrides, typing and freezing, without training anything."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, SHAKESPEARE
+
+from launcher.errors import RecipeError
+from launcher.recipe import apply_overrides, deep_merge, dump, load_recipe, parse_yaml
+
+
+def test_quickstart_loads_typed_and_frozen():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert recipe.name == "quickstart"
+    assert recipe.run_dir == "runs/quickstart"
+    assert recipe.optimizer.kwargs["lr"] == pytest.approx(3e-4)
+    assert recipe.train.batch_size == 64
+    assert recipe.data.train.kwargs["split"] == "train" and recipe.data.val.kwargs["split"] == "val"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.train.batch_size = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        recipe.optimizer.kwargs["lr"] = 1.0  # type: ignore[index]
+
+
+def test_overrides_are_typed_yaml_scalars():
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.yaml",
+        ["optimizer.lr=1e-3", "train.max_steps=50", "model.hidden_sizes=[16, 8]", "early_stopping=null"],
+    )
+    assert recipe.optimizer.kwargs["lr"] == 1e-3 and isinstance(recipe.optimizer.kwargs["lr"], float)
+    assert recipe.train.max_steps == 50
+    assert recipe.model.kwargs["hidden_sizes"] == [16, 8]
+    assert recipe.early_stopping is None
+
+
+def test_scientific_notation_without_dot_is_a_float():
+    assert parse_yaml("lr: 3e-4") == {"lr": 3e-4}
+    assert parse_yaml("x: 1_000") == {"x": 1000}
+    assert parse_yaml("v: 1.0") == {"v": 1.0}
+
+
+def test_override_creates_missing_sections_and_refuses_scalars_as_sections():
+    assert apply_overrides({}, ["a.b.c=1"], "r.yaml") == ({"a": {"b": {"c": 1}}}, [])
+    assert apply_overrides({"a": 1}, ["a.b=2"], "r.yaml") == (
+        {"a": 1},
+        ["r.yaml: a: is a number (1), not a section (override 'a.b=2')"],
+    )
+
+
+def test_yaml_1_2_scalars_and_duplicate_keys():
+    assert parse_yaml("a: no\nb: on\nc: yes\nd: false\ne: True") == {
+        "a": "no",
+        "b": "on",
+        "c": "yes",
+        "d": False,
+        "e": True,
+    }
+    with pytest.raises(yaml.YAMLError, match="the key 'lr' is given twice"):
+        parse_yaml("lr: 1\nlr: 2\n")
+
+
+def test_base_composition_deep_merges_and_replaces_changed_components(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text(
+        "model: {_component_: mlp, hidden_sizes: [4], dropout: 0.1}\n"
+        "optimizer: {_component_: sgd, lr: 0.1, momentum: 0.9}\n"
+        "data: {train: {_component_: synthetic_classification}}\n"
+        "train: {max_steps: 5, batch_size: 8}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\nmodel: {dropout: 0.2}\noptimizer: {_component_: adamw, lr: 0.01}\ntrain: {batch_size: 4}\n"
+    )
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert recipe.name == "child"
+    assert dict(recipe.model.kwargs) == {"hidden_sizes": [4], "dropout": 0.2}
+    # A different optimizer class does not inherit the old one's arguments (momentum means nothing to AdamW).
+    assert recipe.optimizer.target == "adamw" and dict(recipe.optimizer.kwargs) == {"lr": 0.01}
+    assert recipe.train.max_steps == 5 and recipe.train.batch_size == 4
+
+
+def test_deep_merge_does_not_mutate_inputs():
+    base = {"a": {"b": [1]}}
+    top = {"a": {"c": 2}}
+    merged = deep_merge(base, top)
+    merged["a"]["b"].append(9)
+    assert base == {"a": {"b": [1]}} and top == {"a": {"c": 2}}
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "model: {_component_: mlp}\n"
+        "data: {train: {_component_: synthetic_classification}}\n"
+        "optimizer: {_component_: adam, lr: -1}\n"
+        "train: {max_steps: 0, batch_size: two, mixed_precision: fp8}\n"
+        "checkpoint: {keep_last: 0}\n"
+        "loging: {}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    problems = info.value.problems
+    assert all(p.startswith(f"{path}: ") for p in problems)
+    assert [p.removeprefix(f"{path}: ") for p in problems] == [
+        "loging: unknown key (did you mean 'logging'? a recipe takes: name, run_dir, resume, model, data, loss, "
+        "optimizer, scheduler, train, eval, early_stopping, checkpoint, logging, strategy)",
+        "train.batch_size: expected an integer, got a string ('two')",
+        "train.mixed_precision: expected one of: no, bf16, fp16; got a string ('fp8')",
+        "train.max_steps: must be >= 1, got 0",
+        "optimizer.lr: must be a number > 0, got a number (-1)",
+        "checkpoint.keep_last: must be >= 1, got 0",
+    ]
+
+
+def test_dump_round_trips(tmp_path: Path):
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["optimizer.lr=1e-3"])
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump(recipe))
+    assert load_recipe(saved) == recipe
+
+
+def test_user_component_beside_the_recipe_is_importable(tmp_path: Path):
+    (tmp_path / "mynets.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    (tmp_path / "r.yaml").write_text(
+        "model: {_component_: mynets.Net, in_features: 8, out_features: 2}\n"
+        "data: {train: {_component_: synthetic_classification}}\n"
+        "optimizer: {_component_: sgd, lr: 0.1}\ntrain: {max_steps: 1}\n"
+    )
+    assert load_recipe(tmp_path / "r.yaml").model.target == "mynets.Net"
+
+
+# Overrides a shipped recipe needs to validate (its required values); every recipe in recipes/ is checked.
+REQUIRED_OVERRIDES = {"charlm.yaml": [f"data.dataset.path={SHAKESPEARE}"]}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_validates(name: str):
+    if name in REQUIRED_OVERRIDES and not SHAKESPEARE.is_file():
+        pytest.skip(f"needs {SHAKESPEARE}")
+    assert load_recipe(REPO / "recipes" / name, REQUIRED_OVERRIDES.get(name, [])).name == name.removesuffix(".yaml")
