@@ -234,12 +234,12 @@ def accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def instantiate(section: str, spec: Component, *args: Any, **defaults: Any) -> Any:
+def instantiate(section: str, spec: Component, *args: Any, key: str | None = None, **defaults: Any) -> Any:
     """Build the object: `target(*args, **defaults | spec.kwargs)`; the recipe's own values win over defaults.
 
     A component that fails to build is the recipe's problem as far as the user can tell: it comes back as one
-    RecipeError line naming the section and the exception. LAUNCHER_FULL_ERROR=1 shows the traceback instead,
-    for debugging one's own component.
+    RecipeError line naming the recipe key (`key`, default `section`) and the exception. LAUNCHER_FULL_ERROR=1
+    shows the traceback instead, for debugging one's own component.
     """
     from launcher.errors import RecipeError
 
@@ -253,7 +253,7 @@ def instantiate(section: str, spec: Component, *args: Any, **defaults: Any) -> A
             raise
         message = str(e).splitlines()[0] if str(e) else ""
         raise RecipeError(
-            f"{section}: building {_name(fn)} failed: {type(e).__name__}: {message} "
+            f"{key or section}: building {_name(fn)} failed: {type(e).__name__}: {message} "
             "(LAUNCHER_FULL_ERROR=1 shows the traceback)"
         ) from None
 

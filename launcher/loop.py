@@ -89,6 +89,7 @@ def preflight(recipe: Recipe) -> Path | None:
 
 
 def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
+    """Train `recipe` on this process's share of the work; every rank of a launch calls this alike."""
     t = recipe.train
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -100,12 +101,23 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.strategy.find_unused_parameters)],
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return train(accelerator, recipe, resume_from)
+    finally:
+        # Also on the way out with an error: gloo's worker threads outliving the process group abort the process
+        # at exit, which would turn a clean exit code into a crash.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) -> RunResult:
+    t = recipe.train
     set_seed(t.seed)
     main = accelerator.is_main_process
 
     # Build. The train set may tell the model what it needs (vocab_size, num_classes); the recipe's values win.
-    train_set = components.instantiate("data", recipe.data.train)
-    val_set = components.instantiate("data", recipe.data.val) if recipe.data.val else None
+    train_set = components.instantiate("data", recipe.data.train, key="data.train")
+    val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
     loss_fn = components.instantiate("loss", recipe.loss)
     optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
@@ -253,9 +265,7 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
     if jsonl is not None:
         jsonl.close()
-    # All ranks leave together, and the process group is torn down while the interpreter is whole: gloo's worker
-    # threads outliving it abort the process at exit.
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # all ranks leave together
     accelerator.end_training()
     stopped_early = state.step < total_steps
     if main:

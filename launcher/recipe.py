@@ -292,10 +292,13 @@ def validate(raw: Mapping[str, Any], source: str, default_name: str = "run", pro
     raw = dict(raw)
     raw.pop("base", None)
     origin: dict[str, str] = {}
+    data_problems: list[str] = []
     if isinstance(raw.get("data"), dict):
         raw["data"], origin, data_problems = _merge_splits(raw["data"])
         found.extend(f"{source}: {p}" for p in data_problems)
     checker = _Checker(source, found)
+    if data_problems:  # a bad data.dataset already explains why data.train is missing
+        checker.bad_keys.append("data.train")
     recipe = checker.build(Recipe, raw, "")
     if recipe is not None:
         if not recipe.name:
@@ -400,7 +403,8 @@ class _Checker:
                 elif required:
                     ok = False
             elif required:
-                self.problem(key, "missing required value")
+                if key not in self.bad_keys:
+                    self.problem(key, "missing required value")
                 ok = False
         return cls(**values) if ok else None
 
