@@ -37,59 +37,54 @@ def accelerate_launch(num_processes: int) -> list[str]:
     ]
 
 
+def train_on_two(recipe: Path, tmp_path: Path, *overrides: str):
+    return run_cli(
+        "train",
+        str(recipe),
+        f"run_dir={tmp_path / 'run'}",
+        *overrides,
+        launcher=accelerate_launch(2),
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+    )
+
+
+def refusals(proc) -> set[str]:
+    """The distinct `error:` lines of a launch that every rank refused, after checking it failed cleanly: exit 2
+    on the rank the launcher saw first, no traceback, no abort. The first rank to exit makes the launcher stop the
+    other, which may not have printed yet, so the lines are compared as a set."""
+    assert proc.returncode != 0
+    assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr and "Signal 6" not in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    return {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+
+
 def test_two_processes_train_one_run(tiny_recipe: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    proc = run_cli(
-        "train", str(tiny_recipe), f"run_dir={run_dir}", launcher=accelerate_launch(2), timeout=TIMEOUT, cwd=tmp_path
-    )
+    proc = train_on_two(tiny_recipe, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     env = json.loads((run_dir / "env.json").read_text())
     assert env["world_size"] == 2 and env["distributed_type"].endswith("MULTI_CPU")
     rows = read_metrics(run_dir)
     train_steps = [r["step"] for r in rows if "train/loss" in r]
     assert train_steps == list(range(1, 41))  # written once, by the main process, for every step
-    # Each process sees half of each global batch of 2 x 32 samples.
     assert rows[0]["throughput/samples_per_s"] > 0
     assert proc.stdout.count("done at step 40/40") == 1
     assert (run_dir / "checkpoints" / "step_00000040" / "trainer_state.json").is_file()
 
 
 def test_bad_recipe_under_two_processes_exits_2_on_every_rank(tiny_recipe: Path, tmp_path: Path):
-    proc = run_cli(
-        "train",
-        str(tiny_recipe),
-        f"run_dir={tmp_path / 'run'}",
-        "optimizer.lr=-1",
-        launcher=accelerate_launch(2),
-        timeout=TIMEOUT,
-        cwd=tmp_path,
-    )
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    # The first rank to exit 2 makes the launcher stop the other, which may not have printed yet.
-    assert errors and set(errors) == {f"error: {tiny_recipe}: optimizer.lr: must be a number > 0, got a number (-1)"}
-    assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr
-    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    proc = train_on_two(tiny_recipe, tmp_path, "optimizer.lr=-1")
+    assert refusals(proc) == {f"error: {tiny_recipe}: optimizer.lr: must be a number > 0, got a number (-1)"}
     assert not (tmp_path / "run").exists()
 
 
 def test_a_component_failing_to_build_on_every_rank_exits_cleanly(tiny_recipe: Path, tmp_path: Path):
     # The dataset refuses its arguments only once the process group is up: each rank must report it and leave
-    # with exit code 2, not hang in a collective or abort in gloo's threads at exit.
-    proc = run_cli(
-        "train",
-        str(tiny_recipe),
-        f"run_dir={tmp_path / 'run'}",
-        "data.train.num_samples=-5",
-        launcher=accelerate_launch(2),
-        timeout=TIMEOUT,
-        cwd=tmp_path,
+    # with exit code 2, not hang in a collective.
+    proc = train_on_two(tiny_recipe, tmp_path, "data.train.num_samples=-5")
+    (error,) = refusals(proc)
+    assert error.startswith(
+        f"error: {tiny_recipe}: data.train: building launcher.data.synthetic.SyntheticClassification"
     )
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2, proc.stderr
-    assert all(
-        "data.train: building launcher.data.synthetic.SyntheticClassification failed: ValueError" in e for e in errors
-    )
-    assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr and "Signal 6" not in proc.stderr
-    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert "ValueError: num_samples, num_features, num_classes and clusters_per_class must be >= 1" in error
