@@ -164,6 +164,12 @@ def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) ->
     def save(path: Path) -> None:
         checkpoint.save(accelerator, path, model, optimizer, scheduler, state.state_dict())
 
+    def save_step() -> None:
+        nonlocal last_save_step
+        save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
+        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+        last_save_step = state.step
+
     progress = tqdm(
         total=total_steps,
         initial=state.step,
@@ -245,9 +251,7 @@ def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) ->
             if val_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
                 stop = evaluate_and_decide()
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-                save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
-                checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
-                last_save_step = state.step
+                save_step()
             if stop or state.step >= total_steps:
                 stop = True
                 break
@@ -261,8 +265,7 @@ def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) ->
     if val_loader is not None and last_eval_step != state.step:
         evaluate_and_decide()
     if recipe.checkpoint.save_final and last_save_step != state.step:
-        save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
-        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+        save_step()
     if jsonl is not None:
         jsonl.close()
     accelerator.wait_for_everyone()  # all ranks leave together
