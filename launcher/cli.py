@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, RunFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -31,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as e:
+        if e.message:
+            print(e.message, file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 
@@ -59,7 +64,7 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
     from launcher import loop  # torch and accelerate load only once the recipe is known to be good
 
     try:
-        resume_from = loop.preflight(recipe)
+        resume_from = loop.preflight(recipe, os.environ)
         loop.run(recipe, resume_from)
     except RecipeError as e:
         raise RecipeError([f"{path}: {p}" for p in e.problems]) from None

@@ -1,14 +1,68 @@
-"""Every decision that could differ between ranks goes through one collective here, so all ranks act alike."""
+"""Every decision that could differ between ranks goes through one collective here, so all ranks act alike.
+
+Per-rank facts (a signal arrived, the wall-time budget ran out, this rank's loss or gradient norm is not finite)
+are reduced into one verdict at each step boundary by a single all-reduce of a few flags; every rank then acts on
+the same verdict at the same step. Signal handlers only record the request; all work happens in the loop.
+"""
 
 from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from types import FrameType
 
 import torch
 from accelerate import Accelerator
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stop: bool  # some rank was asked to stop (a signal, or its wall-time budget ran out)
+    skip_step: bool  # some rank saw a non-finite loss or gradient norm: no rank applies this update
+
+
+def agree(accelerator: Accelerator, stop: torch.Tensor | bool, nonfinite: torch.Tensor | bool) -> Verdict:
+    """The step's verdict, the same on every rank: one all-reduce (max) of the flags, one host sync."""
+    flags = torch.stack([torch.as_tensor(stop), torch.as_tensor(nonfinite)]).to(accelerator.device, torch.int32)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    stop_any, skip_any = flags.tolist()
+    return Verdict(stop=bool(stop_any), skip_step=bool(skip_any))
+
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank if it is true on any rank (one all-reduce of one number)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+    return agree(accelerator, stop=flag, nonfinite=False).stop
+
+
+class StopRequests:
+    """Records SIGTERM, SIGUSR1 and SIGINT (the first of them; a second SIGINT interrupts at once) and a wall-time
+    budget, for the loop to read at the next step boundary."""
+
+    def __init__(self, max_time_s: float | None = None):
+        self.reason: str | None = None
+        self.deadline = None if max_time_s is None else time.monotonic() + max_time_s
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._record)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self.previous.clear()
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user means it
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = "max_time_s reached"
+        return self.reason is not None

@@ -13,3 +13,15 @@ class RecipeError(Exception):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class RunFailed(Exception):
+    """A run that started but cannot go on: lost a peer, diverged, or was launched in a way that cannot work.
+
+    Every rank raises it; `message` is what this rank prints (empty where the main process speaks for all).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        self.message = message
+        self.exit_code = exit_code
+        super().__init__(message)

@@ -10,21 +10,28 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from launcher import checkpoint, components, schedules
-from launcher.consensus import any_rank
+from launcher import checkpoint, components, consensus, guards, schedules
 from launcher.early_stopping import Tracker
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, RunFailed
 from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams
 from launcher.recipe import Recipe, dump
 
@@ -36,9 +43,11 @@ ENV_FILE = "env.json"
 class TrainState:
     """The counters a resumed run needs to continue exactly where it stopped; saved as JSON in checkpoints."""
 
-    step: int = 0  # optimizer updates done
+    step: int = 0  # optimizer updates done (skipped ones included: they consumed their batches)
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
+    nonfinite_streak: int = 0  # of them, how many in a row up to now
     early_stopping: Tracker = field(default_factory=Tracker)
     best: Tracker = field(default_factory=Tracker)
 
@@ -47,32 +56,33 @@ class TrainState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
-        return cls(
-            step=state["step"],
-            epoch=state["epoch"],
-            batches_in_epoch=state["batches_in_epoch"],
-            early_stopping=Tracker.from_state_dict(state["early_stopping"]),
-            best=Tracker.from_state_dict(state["best"]),
-        )
+        values = dict(state)
+        values["early_stopping"] = Tracker.from_state_dict(values["early_stopping"])
+        values["best"] = Tracker.from_state_dict(values["best"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
 class RunResult:
     steps: int
     epochs_done: float
-    stopped_early: bool
+    stop_reason: str  # "done", "early stopping", or what asked the run to stop (SIGTERM, max_time_s reached)
     metrics: dict[str, float]
     run_dir: Path
 
 
-def preflight(recipe: Recipe) -> Path | None:
+def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
     """Refuse, before any process group starts or file is written, what would fail or destroy work later.
 
     Returns the checkpoint to resume from, if any.
     """
+    t = recipe.train
+    problems = guards.launch_problems(env, t.mixed_precision, recipe.strategy.name, t.gradient_accumulation_steps)
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if problems:
+        raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
-    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise RecipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if recipe.resume == "auto":
         return checkpoint.latest(recipe.checkpoint_dir)
     if recipe.resume != "none":
@@ -98,19 +108,30 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         log_with=[name for name in recipe.logging.trackers if name != "jsonl"] or None,
         project_config=ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.strategy.find_unused_parameters)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=recipe.strategy.find_unused_parameters),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.strategy.timeout_s)),
+        ],
         step_scheduler_with_optimizer=False,
     )
+    stop_requests = consensus.StopRequests(t.max_time_s)
+    stop_requests.install()
     try:
-        return train(accelerator, recipe, resume_from)
+        problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
+        if problem:
+            raise RunFailed(f"error: {problem}", exit_code=2)
+        return train(accelerator, recipe, resume_from, stop_requests)
     finally:
+        stop_requests.uninstall()
         # Also on the way out with an error: gloo's worker threads outliving the process group abort the process
         # at exit, which would turn a clean exit code into a crash.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) -> RunResult:
+def train(
+    accelerator: Accelerator, recipe: Recipe, resume_from: Path | None, stop_requests: consensus.StopRequests
+) -> RunResult:
     t = recipe.train
     set_seed(t.seed)
     main = accelerator.is_main_process
@@ -179,12 +200,15 @@ def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) ->
         mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
     )
     throughput = Throughput()
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device)  # over the updates since the last log line
     loss_count = 0
+    step_loss = torch.zeros((), device=accelerator.device)  # over the micro-batches of the current update
+    step_batches = 0
     grad_norm = torch.zeros(())
     last_eval: dict[str, float] = {}
     last_eval_step = last_save_step = -1
-    stop = state.step >= total_steps
+    stop_reason = "done" if state.step >= total_steps else ""
+    waiting_for = "the first batch"  # what a lost peer would leave this rank waiting for
 
     def evaluate_and_decide() -> bool:
         """Evaluate, log, keep the best checkpoint; True when early stopping says stop (same on all ranks)."""
@@ -207,81 +231,147 @@ def train(accelerator: Accelerator, recipe: Recipe, resume_from: Path | None) ->
         value = _metric(last_eval, es.monitor, "early_stopping.monitor")
         state.early_stopping = state.early_stopping.update(value, state.step)
         # Every rank computed the same global metric; the all-reduce still makes the verdict one value.
-        return any_rank(accelerator, state.early_stopping.should_stop(es.patience))
+        return consensus.any_rank(accelerator, state.early_stopping.should_stop(es.patience))
 
     model.train()
-    while not stop:
-        train_loader.set_epoch(state.epoch)
-        batches = train_loader
-        if state.batches_in_epoch:  # resuming inside an epoch: same order, the first batches already seen
-            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for inputs, targets in batches:
-            state.batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                loss = compute_loss(loss_fn, model(inputs), targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # The global norm, after gradients are synced and unscaled; inf measures without clipping.
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf)
-                optimizer.step()
+    try:
+        while not stop_reason:
+            train_loader.set_epoch(state.epoch)
+            batches = train_loader
+            if state.batches_in_epoch:  # resuming inside an epoch: same order, the first batches already seen
+                batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            waiting_for = "the next batch"
+            for inputs, targets in batches:
+                state.batches_in_epoch += 1
+                waiting_for = "the gradient all-reduce"
+                with accelerator.accumulate(model):
+                    loss = compute_loss(loss_fn, model(inputs), targets)
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+                step_batches += 1
+                throughput.add(len(targets) * accelerator.num_processes, _tokens(targets) * accelerator.num_processes)
+                if not accelerator.sync_gradients:
+                    continue
+
+                # A step boundary: gradients are synchronised. The norm is the global one, after unscaling (inf
+                # measures without clipping); it is logged as it was before clipping.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf)
+                # fp16's loss scaler skips overflowing steps itself; there only a non-finite loss is divergence.
+                nonfinite = ~torch.isfinite(step_loss)
+                if t.mixed_precision != "fp16":
+                    nonfinite |= ~torch.isfinite(grad_norm.to(step_loss.device))
+                waiting_for = "the other processes' step verdict"
+                verdict = consensus.agree(accelerator, stop=stop_requests.requested(), nonfinite=nonfinite)
+                if verdict.skip_step:
+                    state.skipped_steps += 1
+                    state.nonfinite_streak += 1
+                    if accelerator.scaler is not None:
+                        accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
+                else:
+                    optimizer.step()
+                    state.nonfinite_streak = 0
+                    loss_sum += step_loss
+                    loss_count += step_batches
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
-            throughput.add(len(targets) * accelerator.num_processes, _tokens(targets) * accelerator.num_processes)
-            if not accelerator.sync_gradients:
-                continue
+                step_loss.zero_()
+                step_batches = 0
+                scheduler.step()
+                state.step += 1
+                progress.update(1)
 
-            scheduler.step()
-            state.step += 1
-            progress.update(1)
+                if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
+                    waiting_for = "the loss all-reduce for logging"
+                    train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                    loss_sum.zero_()
+                    loss_count = 0
+                    values = {
+                        "train/loss": train_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "epoch": state.epoch + state.batches_in_epoch / len(train_loader),
+                        "train/skipped_steps": state.skipped_steps,
+                        **throughput.rates(),
+                    }
+                    log(values)
+                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}")
+                if state.nonfinite_streak >= t.max_nonfinite_steps:
+                    stop_reason = "diverged"
+                    break
+                if val_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
+                    waiting_for = "the validation gather"
+                    if evaluate_and_decide():
+                        stop_reason = "early stopping"
+                if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                    waiting_for = "the checkpoint barrier"
+                    save_step()
+                if verdict.stop and not stop_reason:
+                    stop_reason = stop_requests.reason or "a stop request on another process"
+                if not stop_reason and state.step >= total_steps:
+                    stop_reason = "done"
+                if stop_reason:
+                    break
+                waiting_for = "the next batch"
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if val_loader is not None and recipe.eval.every_epoch and last_eval_step != state.step:
+                    waiting_for = "the validation gather"
+                    if evaluate_and_decide():
+                        stop_reason = "early stopping"
 
-            if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
-                train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-                loss_sum.zero_()
-                loss_count = 0
-                values = {
-                    "train/loss": train_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "epoch": state.epoch + state.batches_in_epoch / len(train_loader),
-                    **throughput.rates(),
-                }
-                log(values)
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}")
-            if val_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
-                stop = evaluate_and_decide()
-            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-                save_step()
-            if stop or state.step >= total_steps:
-                stop = True
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            if val_loader is not None and recipe.eval.every_epoch and last_eval_step != state.step:
-                stop = evaluate_and_decide()
-
-    progress.close()
-    if val_loader is not None and last_eval_step != state.step:
-        evaluate_and_decide()
-    if recipe.checkpoint.save_final and last_save_step != state.step:
-        save_step()
-    if jsonl is not None:
-        jsonl.close()
-    accelerator.wait_for_everyone()  # all ranks leave together
+        progress.close()
+        waiting_for = "the final evaluation and checkpoint"
+        if val_loader is not None and last_eval_step != state.step and stop_reason != "diverged":
+            evaluate_and_decide()
+        if (recipe.checkpoint.save_final or stop_reason == "diverged") and last_save_step != state.step:
+            save_step()  # after divergence: the last good state, since skipped updates changed nothing
+        waiting_for = "the other processes to finish"
+        accelerator.wait_for_everyone()  # all ranks leave together
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if accelerator.num_processes == 1 or not _lost_peer(e):
+            raise
+        raise RunFailed(
+            f"error: rank {accelerator.process_index}: at step {state.step}, gave up waiting for {waiting_for}: "
+            f"another process died or hung ({_first_line(e)}); strategy.timeout_s={recipe.strategy.timeout_s:g}"
+        ) from None
+    finally:
+        progress.close()
+        if jsonl is not None:
+            jsonl.close()
     accelerator.end_training()
-    stopped_early = state.step < total_steps
+
+    summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+    if stop_reason == "diverged":
+        raise RunFailed(
+            f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "
+            f"or gradient norm (train.max_nonfinite_steps={t.max_nonfinite_steps}); the last good state is in "
+            f"{recipe.checkpoint_dir / checkpoint.step_dir_name(state.step)}"
+            if main
+            else ""
+        )
     if main:
-        summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-        reason = "stopped early" if stopped_early else "done"
+        reason = "done" if stop_reason == "done" else f"stopped ({stop_reason})"
         print(f"{reason} at step {state.step}/{total_steps}  {summary}  run dir: {run_dir}", flush=True)
     return RunResult(
         steps=state.step,
         epochs_done=state.epoch + state.batches_in_epoch / len(train_loader),
-        stopped_early=stopped_early,
+        stop_reason=stop_reason,
         metrics=last_eval,
         run_dir=run_dir,
     )
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether a collective failed because another process went away or stopped answering."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer"))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def plan_total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | None) -> int:

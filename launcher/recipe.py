@@ -50,6 +50,8 @@ class TrainConfig:
     clip_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
+    max_nonfinite_steps: int = 3  # consecutive skipped updates (non-finite loss or gradient) before the run stops
+    max_time_s: float | None = None  # wall-time budget: stop, on every rank at the same step, once it is spent
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class LoggingConfig:
 class StrategyConfig:
     name: Literal["ddp"] = "ddp"
     find_unused_parameters: bool = False
+    timeout_s: float = 1800.0  # how long a collective waits for a peer before the run gives up on it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -484,6 +487,9 @@ def check_values(recipe: Recipe) -> list[str]:
     at_least("train.batch_size", t.batch_size, 1)
     at_least("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
     at_least("train.seed", t.seed, 0)
+    at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)
+    need(t.max_time_s is None or t.max_time_s > 0, "train.max_time_s", f"must be > 0, got {t.max_time_s}")
+    need(recipe.strategy.timeout_s > 0, "strategy.timeout_s", f"must be > 0, got {recipe.strategy.timeout_s}")
     need(
         t.clip_grad_norm is None or t.clip_grad_norm > 0,
         "train.clip_grad_norm",

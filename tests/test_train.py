@@ -122,7 +122,7 @@ def test_early_stopping_stops_every_rank_at_the_verdict(tiny_recipe: Path, tmp_p
         "early_stopping={monitor: val/loss, mode: max, patience: 2}",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "stopped early at step 15/200" in proc.stdout
+    assert "stopped (early stopping) at step 15/200" in proc.stdout
     assert read_metrics(run_dir)[-1]["step"] == 15
     assert (run_dir / "checkpoints" / "step_00000015").is_dir()
 
