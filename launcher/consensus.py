@@ -7,6 +7,7 @@ the same verdict at the same step. Signal handlers only record the request; all 
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from types import FrameType
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -66,3 +68,13 @@ class StopRequests:
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
             self.reason = "max_time_s reached"
         return self.reason is not None
+
+
+def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
+    """Every rank's SHA-256 of its parameters' bytes, gathered on every rank. Data-parallel replicas must agree
+    bit for bit; a difference means some rank applied an update the others did not."""
+    digest = hashlib.sha256()
+    for p in accelerator.unwrap_model(model).parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = digest.hexdigest()[:16]
+    return list(gather_object([mine])) if accelerator.num_processes > 1 else [mine]

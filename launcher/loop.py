@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ class TrainState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
-        values = dict(state)
+        values = {k: v for k, v in state.items() if k in {f.name for f in fields(cls)}}
         values["early_stopping"] = Tracker.from_state_dict(values["early_stopping"])
         values["best"] = Tracker.from_state_dict(values["best"])
         return cls(**values)
@@ -183,7 +183,12 @@ def train(
             jsonl.write(state.step, values)
 
     def save(path: Path) -> None:
-        checkpoint.save(accelerator, path, model, optimizer, scheduler, state.state_dict())
+        # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
+        checksums = consensus.replica_checksums(accelerator, model)
+        if len(set(checksums)) > 1 and main:
+            progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
+        trainer_state = {**state.state_dict(), "replica_checksums": checksums}
+        checkpoint.save(accelerator, path, model, optimizer, scheduler, trainer_state)
 
     def save_step() -> None:
         nonlocal last_save_step

@@ -344,8 +344,9 @@ def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str],
             own = {"_component_": own}
         if not isinstance(own, dict):
             continue  # left for the checker to report
-        data[split] = deep_merge(shared, own)
+        # A split naming another component does not inherit the shared one's arguments.
         replaced = "_component_" in own and own["_component_"] != shared.get("_component_")
+        data[split] = copy.deepcopy(own) if replaced else deep_merge(shared, own)
         for key in shared:
             if key not in own and not replaced:
                 origin[f"data.{split}.{key}"] = f"data.dataset.{key}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,58 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(n: int, *args: str, cwd: Path, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """N processes of `python -m launcher ARGS`, each given its rank the way torchrun or srun would (no agent
+    that would kill the others when one dies), meeting on 127.0.0.1."""
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        rank_env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(n),
+            "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            **(env or {}),
+        }
+        cmd = [sys.executable, "-m", "launcher", *args]
+        procs.append(
+            subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each process; kills them all if they outlast `timeout` seconds in all."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        stacks = [_stack(p) for p in procs if p.poll() is None]
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate() for p in procs]
+        raise AssertionError(f"processes still running after {timeout} s: {outputs}\n{stacks}") from None
+    return results
+
+
+def _stack(proc: subprocess.Popen) -> str:
+    """Where a stuck process is, when py-spy is installed (it helps; it is not required)."""
+    spy = shutil.which("py-spy")
+    if not spy:
+        return ""
+    return subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, check=False).stdout
