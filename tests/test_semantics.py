@@ -253,18 +253,24 @@ def test_the_wall_time_budget_stops_every_rank_together(tiny_recipe: Path, tmp_p
     assert "stopped (max_time_s reached) at step" in results[0][1]
 
 
-def test_a_killed_rank_makes_the_other_exit_with_the_hang_message(tiny_recipe: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("sig", "timeout_s"),
+    [(signal.SIGKILL, 20), (signal.SIGSTOP, 8)],  # a rank that died, and one that hangs (stopped, connection open)
+)
+def test_a_lost_rank_makes_the_other_exit_with_the_hang_message(tiny_recipe: Path, tmp_path: Path, sig, timeout_s):
     run_dir = tmp_path / "run"
-    timeout_s = 20
     procs = start_ranks(
         2, "train", str(tiny_recipe), f"run_dir={run_dir}", *LONG, f"strategy.timeout_s={timeout_s}", cwd=tmp_path
     )
-    wait_for_step(run_dir, 20, procs)
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    _, err = procs[0].communicate(timeout=timeout_s + 60)
-    waited = time.monotonic() - killed_at
-    procs[1].wait()
+    try:
+        wait_for_step(run_dir, 20, procs)
+        procs[1].send_signal(sig)
+        lost_at = time.monotonic()
+        _, err = procs[0].communicate(timeout=timeout_s + 60)
+        waited = time.monotonic() - lost_at
+    finally:
+        procs[1].kill()
+        procs[1].wait()
     assert procs[0].returncode == 1, err
     assert waited < timeout_s + 30
     last = err.strip().splitlines()[-1]
@@ -299,6 +305,7 @@ def test_bf16_on_cpu_trains_the_quickstart_to_the_stated_accuracy(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     final = [r for r in read_metrics(tmp_path / "run") if "val/accuracy" in r][-1]
     assert final["val/accuracy"] >= QUICKSTART_ACCURACY
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["mixed_precision"] == "bf16"
 
 
 def test_world_size_without_a_launcher_is_refused(tiny_recipe: Path, tmp_path: Path):
