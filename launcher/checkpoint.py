@@ -1,13 +1,16 @@
-"""Checkpoints: atomic directories saved by rank 0 (plus each rank's RNG), loaded without unpickling objects.
+"""Checkpoints: atomic directories written by the main process alone, loaded without unpickling objects.
 
 A checkpoint is a directory `step_00000400/` holding `model.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`rng_rank<k>.pt` and, written last, `trainer_state.json`. It is built under a hidden temporary name and renamed
-into place, so a crash at any moment leaves either the whole directory or none of it.
+`scaler.pt` (fp16), `rng.pt` (every rank's RNG), `recipe.yaml` and, written last, `trainer_state.json`. It is
+built under a hidden temporary name, synced to disk and renamed into place, so a crash at any moment leaves either
+the whole directory or none of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -16,7 +19,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_model, save_model
+
+from launcher.errors import RunFailed
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -59,27 +65,45 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict[str, Any],
+    recipe_text: str,
 ) -> None:
-    """Write a checkpoint at `path` atomically. Called on every rank: all take part, rank 0 writes the files."""
-    tmp = path.parent / f".tmp-{path.name}"
+    """Write a checkpoint at `path` atomically. Called on every rank: each hands its RNG state to the main
+    process, which alone writes (other ranks write nothing into the directory)."""
+    rng_states = _gather_rng(accelerator)
     if accelerator.is_main_process:
+        tmp = path.parent / f".tmp-{path.name}"
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()  # every rank's files are in before the directory is declared complete
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        torch.save({"ranks": rng_states}, tmp / "rng.pt")
+        (tmp / "recipe.yaml").write_text(recipe_text)
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": accelerator.num_processes}, indent=2))
+        _sync(tmp)  # on disk before the rename makes the directory count as complete
         _replace_dir(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return list(gather_object([rng])) if accelerator.num_processes > 1 else [rng]
+
+
+def _sync(directory: Path) -> None:
+    for file in directory.iterdir():
+        with file.open("rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(new: Path, path: Path) -> None:
@@ -101,18 +125,46 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; return the trainer state."""
-    load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device=str(accelerator.device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / f"rng_rank{accelerator.process_index}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved; those ranks keep their seeded RNG
-        rng = torch.load(rng_file, weights_only=True)
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG from `path`; return the trainer state.
+
+    Nothing is unpickled: weights are safetensors, the rest `torch.load(weights_only=True)`, which refuses any
+    object but tensors and plain containers.
+    """
+    try:
+        load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device="cpu")
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        message = f"error: resume: {path} holds a model of another shape than the recipe's: {detail}"
+        raise RunFailed(message, exit_code=2) from None
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        rng_states = torch.load(path / "rng.pt", weights_only=True)["ranks"]
+    except pickle.UnpicklingError as e:
+        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
+        raise RunFailed(message.splitlines()[0], exit_code=2) from None
+    # A rank beyond those that saved (resuming on more processes) keeps its freshly seeded RNG.
+    if accelerator.process_index < len(rng_states):
+        rng = rng_states[accelerator.process_index]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / STATE_FILE).read_text())
+
+
+def incomplete(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint directories a crash left unfinished: ignored on resume, worth a warning."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        child
+        for child in ckpt_dir.iterdir()
+        if child.is_dir()
+        and (child.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(child.name) and not is_complete(child)))
+    )
 
 
 def prune(accelerator: Accelerator, ckpt_dir: Path, keep_last: int) -> None:

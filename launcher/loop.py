@@ -8,6 +8,7 @@ agrees on.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -45,7 +46,7 @@ class TrainState:
 
     step: int = 0  # optimizer updates done (skipped ones included: they consumed their batches)
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    samples_in_epoch: int = 0  # samples of `epoch` already trained on, by all ranks: independent of world size
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     nonfinite_streak: int = 0  # of them, how many in a row up to now
     early_stopping: Tracker = field(default_factory=Tracker)
@@ -84,6 +85,9 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
     if recipe.resume == "auto":
+        if env.get("RANK", "0") == "0":
+            for path in checkpoint.incomplete(recipe.checkpoint_dir):
+                print(f"warning: ignoring {path}: an interrupted save left it incomplete", file=sys.stderr)
         return checkpoint.latest(recipe.checkpoint_dir)
     if recipe.resume != "none":
         path = Path(recipe.resume)
@@ -123,10 +127,13 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         return train(accelerator, recipe, resume_from, stop_requests)
     finally:
         stop_requests.uninstall()
-        # Also on the way out with an error: gloo's worker threads outliving the process group abort the process
-        # at exit, which would turn a clean exit code into a crash.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # The order matters, on the way out with an error too: the prepared model, loaders and optimizer (and
+        # DDP's reducer with them) are freed while the process group still exists (freeing them after it was
+        # destroyed can block forever in gloo), then the trackers are closed and the process group destroyed
+        # before the interpreter exits (gloo's threads outliving it abort the process).
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.end_training()
 
 
 def train(
@@ -150,6 +157,8 @@ def train(
         val_loader = accelerator.prepare(val_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    samples_per_batch = t.batch_size * accelerator.num_processes  # one micro-batch on every rank
+    samples_per_epoch = len(train_loader) * samples_per_batch
     total_steps = plan_total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
     scheduler = make_scheduler(recipe, optimizer, total_steps)
 
@@ -174,6 +183,8 @@ def train(
         )
         (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
         if "jsonl" in recipe.logging.trackers:
+            if resume_from is not None:
+                roll_back_metrics(run_dir, state.step)
             jsonl = JsonlWriter(run_dir / METRICS_FILE)
     accelerator.init_trackers("tensorboard", config=flat_hparams(recipe.to_dict()))
 
@@ -188,7 +199,7 @@ def train(
         if len(set(checksums)) > 1 and main:
             progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
         trainer_state = {**state.state_dict(), "replica_checksums": checksums}
-        checkpoint.save(accelerator, path, model, optimizer, scheduler, trainer_state)
+        checkpoint.save(accelerator, path, model, optimizer, scheduler, trainer_state, dump(recipe))
 
     def save_step() -> None:
         nonlocal last_save_step
@@ -243,11 +254,11 @@ def train(
         while not stop_reason:
             train_loader.set_epoch(state.epoch)
             batches = train_loader
-            if state.batches_in_epoch:  # resuming inside an epoch: same order, the first batches already seen
-                batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.samples_in_epoch:  # resuming inside an epoch: same order, the samples already seen skipped
+                batches = accelerator.skip_first_batches(train_loader, state.samples_in_epoch // samples_per_batch)
             waiting_for = "the next batch"
             for inputs, targets in batches:
-                state.batches_in_epoch += 1
+                state.samples_in_epoch += samples_per_batch
                 waiting_for = "the gradient all-reduce"
                 with accelerator.accumulate(model):
                     loss = compute_loss(loss_fn, model(inputs), targets)
@@ -293,7 +304,7 @@ def train(
                         "train/loss": train_loss,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
-                        "epoch": state.epoch + state.batches_in_epoch / len(train_loader),
+                        "epoch": state.epoch + state.samples_in_epoch / samples_per_epoch,
                         "train/skipped_steps": state.skipped_steps,
                         **throughput.rates(),
                     }
@@ -318,7 +329,7 @@ def train(
                 waiting_for = "the next batch"
             else:
                 state.epoch += 1
-                state.batches_in_epoch = 0
+                state.samples_in_epoch = 0
                 if val_loader is not None and recipe.eval.every_epoch and last_eval_step != state.step:
                     waiting_for = "the validation gather"
                     if evaluate_and_decide():
@@ -343,7 +354,6 @@ def train(
         progress.close()
         if jsonl is not None:
             jsonl.close()
-    accelerator.end_training()
 
     summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
     if stop_reason == "diverged":
@@ -359,7 +369,7 @@ def train(
         print(f"{reason} at step {state.step}/{total_steps}  {summary}  run dir: {run_dir}", flush=True)
     return RunResult(
         steps=state.step,
-        epochs_done=state.epoch + state.batches_in_epoch / len(train_loader),
+        epochs_done=state.epoch + state.samples_in_epoch / samples_per_epoch,
         stop_reason=stop_reason,
         metrics=last_eval,
         run_dir=run_dir,
@@ -377,6 +387,28 @@ def _lost_peer(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(e).__name__
+
+
+def roll_back_metrics(run_dir: Path, step: int) -> None:
+    """Make `metrics.jsonl` end at `step`, where a resumed run picks up: rows a crashed attempt logged after its
+    last checkpoint are moved to `metrics.rolled_back.jsonl`, so the run's curve has one value per step and
+    nothing on disk is lost."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            after = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):
+            after = True  # a line cut short by the crash
+        (drop if after else keep).append(line)
+    if drop:
+        with (run_dir / "metrics.rolled_back.jsonl").open("a") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def plan_total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | None) -> int:

@@ -1,0 +1,191 @@
+"""Crashes and resumes with real processes: a killed run continues as if nothing happened; a checkpoint is whole
+or ignored; nothing in a checkpoint is unpickled; only the main process writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import TINY_RECIPE, finish, read_metrics, run_cli
+from conftest import start_ranks as _start_ranks
+from test_distributed import TIMEOUT
+
+from launcher import checkpoint
+
+# Long enough to be killed in the middle of, short enough to finish uninterrupted in a few seconds; 8 updates per
+# epoch with 2 processes, so most checkpoints (every 10) fall inside an epoch.
+RUN = [
+    "train.max_steps=300",
+    "checkpoint.every_steps=10",
+    "checkpoint.keep_last=50",
+    "eval.every_steps=null",
+    "logging.every_steps=1",
+    "strategy.timeout_s=60",
+]
+
+
+def start_ranks(n: int, recipe: Path, run_dir: Path, *overrides: str) -> list[subprocess.Popen]:
+    return _start_ranks(n, "train", str(recipe), f"run_dir={run_dir}", *RUN, *overrides, cwd=run_dir.parent)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]}", "hidden_sizes: [32], dropout: 0.1}"))
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert [rc for rc, _, _ in finish(start_ranks(2, recipe, full), TIMEOUT)] == [0, 0]
+
+    procs = start_ranks(2, recipe, crashed)
+    deadline = time.monotonic() + TIMEOUT
+    while (
+        not checkpoint.complete_steps(crashed / "checkpoints")
+        or max(checkpoint.complete_steps(crashed / "checkpoints")) < 40
+    ):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    for p in procs:  # the whole job dies at once, as when a node is lost
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    resumed_from = max(checkpoint.complete_steps(crashed / "checkpoints"))
+    assert resumed_from < 300 and resumed_from % 9, "the kill should come mid-run and mid-epoch"
+
+    results = finish(start_ranks(2, recipe, crashed, "resume=auto"), TIMEOUT)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert f"resumed from {crashed / 'checkpoints' / checkpoint.step_dir_name(resumed_from)}" in results[0][1]
+    full_losses, resumed_losses = losses(full), losses(crashed)
+    assert sorted(resumed_losses) == list(range(1, 301))
+    assert all(resumed_losses[s] == full_losses[s] for s in range(1, 301))  # bitwise, before and after the resume
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path):
+    # A big model makes each save take a while; the process is killed while the next one is being written.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]", "hidden_sizes: [2048, 2048]"))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "train",
+        str(recipe),
+        f"run_dir={run_dir}",
+        *RUN,
+        "checkpoint.every_steps=3",
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + TIMEOUT
+    while not (checkpoint.complete_steps(ckpts) and list(ckpts.glob(".tmp-step_*"))):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    partial = list(ckpts.glob(".tmp-step_*"))
+    assert partial, "the kill should have come during a save"
+    good = checkpoint.latest(ckpts)
+    assert good is not None and checkpoint.is_complete(good)
+
+    resumed = run_cli(
+        "train", str(recipe), f"run_dir={run_dir}", *RUN, "train.max_steps=12", "resume=auto", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: ignoring {partial[0]}: an interrupted save left it incomplete" in resumed.stderr
+    assert f"resumed from {good}" in resumed.stdout
+
+
+def test_only_the_main_process_writes(tiny_recipe: Path, tmp_path: Path):
+    # Rank 1 is given a run dir of its own: as it must write nothing, nothing may appear there.
+    main_dir, other_dir = tmp_path / "main", tmp_path / "other"
+    procs = _ranks_with_own_args(tmp_path, tiny_recipe, [[f"run_dir={main_dir}"], [f"run_dir={other_dir}"]])
+    results = finish(procs, TIMEOUT)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert not other_dir.exists()
+    final = main_dir / "checkpoints" / "step_00000040"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "recipe.yaml",
+        "rng.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    ]
+    assert len(torch.load(final / "rng.pt", weights_only=True)["ranks"]) == 2
+
+
+def _ranks_with_own_args(cwd: Path, recipe: Path, per_rank: list[list[str]]) -> list[subprocess.Popen]:
+    from conftest import free_port
+
+    port = free_port()
+    procs = []
+    for rank, extra in enumerate(per_rank):
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(len(per_rank)),
+            "LOCAL_WORLD_SIZE": str(len(per_rank)),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        cmd = [sys.executable, "-m", "launcher", "train", str(recipe), "strategy.timeout_s=60", *extra]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+PAYLOAD = """\
+import os, pickle, sys
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+
+with open(sys.argv[1], "wb") as f:
+    pickle.dump({"state": {}, "param_groups": [Boom()]}, f)
+"""
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_refused_not_run(tiny_recipe: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(tiny_recipe), f"run_dir={run_dir}", cwd=tmp_path).returncode == 0
+    target = run_dir / "checkpoints" / "step_00000040" / "optimizer.pt"
+    witness = tmp_path / "payload-ran"
+    (tmp_path / "evil.py").write_text(PAYLOAD)
+    subprocess.run([sys.executable, str(tmp_path / "evil.py"), str(target), str(witness)], check=True)
+    proc = run_cli("train", str(tiny_recipe), f"run_dir={run_dir}", "train.max_steps=50", "resume=auto", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert not witness.exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resume: "), last
+    assert "is not plain tensors; refusing to load it" in last
+
+
+def test_resuming_with_another_model_shape_is_refused(tiny_recipe: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(tiny_recipe), f"run_dir={run_dir}", cwd=tmp_path).returncode == 0
+    proc = run_cli(
+        "train",
+        str(tiny_recipe),
+        f"run_dir={run_dir}",
+        "model.hidden_sizes=[64]",
+        "train.max_steps=50",
+        "resume=auto",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "holds a model of another shape than the recipe's" in last and "size mismatch" in last, proc.stderr
