@@ -9,11 +9,13 @@ the whole directory or none of it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +55,45 @@ def latest(ckpt_dir: Path) -> Path | None:
     return ckpt_dir / step_dir_name(steps[-1]) if steps else None
 
 
-def to_delete(steps: list[int], keep_last: int) -> list[int]:
-    """Which of these step checkpoints retention removes: all but the newest `keep_last`."""
-    return sorted(steps)[:-keep_last] if len(steps) > keep_last else []
+def retained(steps: Sequence[int], keep_last: int, best: Sequence[Sequence[float]] = ()) -> set[int]:
+    """The step checkpoints retention keeps: the newest `keep_last`, and those listed in `best` ([step, metric]
+    pairs, the run's `keep_best` best so far)."""
+    newest = sorted(steps)[-keep_last:] if keep_last else []
+    return set(newest) | {int(step) for step, _ in best if int(step) in steps}
+
+
+def to_delete(steps: Sequence[int], keep_last: int, best: Sequence[Sequence[float]] = ()) -> list[int]:
+    """Which of these step checkpoints retention removes."""
+    keep = retained(steps, keep_last, best)
+    return sorted(s for s in steps if s not in keep)
+
+
+def rank_best(best: Sequence[Sequence[float]], step: int, value: float, keep_best: int, mode: str) -> list[list[float]]:
+    """The `keep_best` best [step, metric] pairs once `value` at `step` is counted (ties go to the older)."""
+    if math.isnan(value):
+        return [list(b) for b in best]
+    pairs = sorted([*([list(b) for b in best]), [step, value]], key=lambda b: (b[1] if mode == "min" else -b[1], b[0]))
+    return pairs[:keep_best]
+
+
+def best(ckpt_dir: Path) -> Path | None:
+    """The complete checkpoint with the best recorded metric, by the mode it was recorded with."""
+    scored = []
+    for step in complete_steps(ckpt_dir):
+        monitor = json.loads((ckpt_dir / step_dir_name(step) / STATE_FILE).read_text()).get("monitor") or {}
+        if monitor.get("value") is not None:
+            sign = 1 if monitor.get("mode", "min") == "min" else -1
+            scored.append((sign * monitor["value"], step))
+    return ckpt_dir / step_dir_name(min(scored)[1]) if scored else None
+
+
+def resolve(path: Path) -> Path:
+    """`.../checkpoints/latest` and `.../checkpoints/best` name checkpoints without links that a shared file
+    system might break: they are looked up here."""
+    if path.exists() or path.name not in ("latest", "best"):
+        return path
+    found = latest(path.parent) if path.name == "latest" else best(path.parent)
+    return found if found is not None else path
 
 
 def save(
@@ -167,9 +205,10 @@ def incomplete(ckpt_dir: Path) -> list[Path]:
     )
 
 
-def prune(accelerator: Accelerator, ckpt_dir: Path, keep_last: int) -> None:
+def prune(accelerator: Accelerator, ckpt_dir: Path, keep_last: int, best: Sequence[Sequence[float]] = ()) -> None:
+    """Retention, by the main process alone and among complete checkpoints only."""
     if accelerator.is_main_process:
-        for step in to_delete(complete_steps(ckpt_dir), keep_last):
+        for step in to_delete(complete_steps(ckpt_dir), keep_last, best):
             shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
 
 

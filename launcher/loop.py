@@ -50,7 +50,7 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     nonfinite_streak: int = 0  # of them, how many in a row up to now
     early_stopping: Tracker = field(default_factory=Tracker)
-    best: Tracker = field(default_factory=Tracker)
+    best_checkpoints: list[list[float]] = field(default_factory=list)  # [step, metric], best first
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +59,6 @@ class TrainState:
     def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
         values = {k: v for k, v in state.items() if k in {f.name for f in fields(cls)}}
         values["early_stopping"] = Tracker.from_state_dict(values["early_stopping"])
-        values["best"] = Tracker.from_state_dict(values["best"])
         return cls(**values)
 
 
@@ -90,7 +89,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
                 print(f"warning: ignoring {path}: an interrupted save left it incomplete", file=sys.stderr)
         return checkpoint.latest(recipe.checkpoint_dir)
     if recipe.resume != "none":
-        path = Path(recipe.resume)
+        path = checkpoint.resolve(Path(recipe.resume))
         if not checkpoint.is_complete(path):
             raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
         return path
@@ -162,10 +161,7 @@ def train(
     total_steps = plan_total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
     scheduler = make_scheduler(recipe, optimizer, total_steps)
 
-    state = TrainState(
-        early_stopping=Tracker(**_tracker_args(recipe.early_stopping)),
-        best=Tracker(mode=recipe.checkpoint.mode),
-    )
+    state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
     if resume_from is not None:
         state = TrainState.from_state_dict(checkpoint.load(accelerator, resume_from, model, optimizer, scheduler))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
@@ -198,13 +194,16 @@ def train(
         checksums = consensus.replica_checksums(accelerator, model)
         if len(set(checksums)) > 1 and main:
             progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
-        trainer_state = {**state.state_dict(), "replica_checksums": checksums}
+        ckpt = recipe.checkpoint
+        value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
+        monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": value}
+        trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
         checkpoint.save(accelerator, path, model, optimizer, scheduler, trainer_state, dump(recipe))
 
     def save_step() -> None:
         nonlocal last_save_step
         save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
-        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last, state.best_checkpoints)
         last_save_step = state.step
 
     progress = tqdm(
@@ -237,10 +236,13 @@ def train(
             progress.write(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         ckpt = recipe.checkpoint
         if ckpt.keep_best:
+            # Every rank ranks the same global metric, so all agree whether this state is worth a checkpoint.
             value = _metric(last_eval, ckpt.monitor, "checkpoint.monitor")
-            if state.best.improved_by(value):
-                state.best = state.best.update(value, state.step)
-                save(recipe.checkpoint_dir / "best")
+            state.best_checkpoints = checkpoint.rank_best(
+                state.best_checkpoints, state.step, value, ckpt.keep_best, ckpt.mode
+            )
+            if any(step == state.step for step, _ in state.best_checkpoints):
+                save_step()  # (again, if this step was saved before its evaluation: now with its metric)
         es = recipe.early_stopping
         if es is None:
             return False
@@ -317,7 +319,8 @@ def train(
                     waiting_for = "the validation gather"
                     if evaluate_and_decide():
                         stop_reason = "early stopping"
-                if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                every = recipe.checkpoint.every_steps
+                if every and state.step % every == 0 and last_save_step != state.step:
                     waiting_for = "the checkpoint barrier"
                     save_step()
                 if verdict.stop and not stop_reason:

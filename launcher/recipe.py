@@ -75,7 +75,7 @@ class CheckpointConfig:
     every_steps: int | None = None
     save_final: bool = True
     keep_last: int = 3
-    keep_best: bool = False
+    keep_best: int = 0  # also keep this many step checkpoints with the best `monitor`
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     dir: str | None = None
@@ -531,6 +531,7 @@ def check_values(recipe: Recipe) -> list[str]:
     c = recipe.checkpoint
     at_least("checkpoint.keep_last", c.keep_last, 1)
     at_least("checkpoint.every_steps", c.every_steps, 1)
+    at_least("checkpoint.keep_best", c.keep_best, 0)
     if c.keep_best:
         need(c.monitor.startswith("val/"), "checkpoint.monitor", f"expected a validation metric, got {c.monitor!r}")
         need(evaluates, "checkpoint.keep_best", "needs evaluation: set data.val and eval.every_steps or every_epoch")
@@ -541,10 +542,11 @@ def check_values(recipe: Recipe) -> list[str]:
         need(name in TRACKERS, "logging.trackers", f"unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
 
     resume = recipe.resume
+    by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()
     need(
-        resume in ("none", "auto") or Path(resume).is_dir(),
+        resume in ("none", "auto") or Path(resume).is_dir() or by_name,
         "resume",
-        f"expected none, auto or a checkpoint directory; {resume!r} is not a directory",
+        f"expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a directory",
     )
     return problems
 

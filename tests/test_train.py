@@ -10,6 +10,8 @@ import torch
 import yaml
 from conftest import SHAKESPEARE, TINY_RECIPE, read_metrics, run_cli
 
+from launcher import checkpoint
+
 QUICKSTART_ACCURACY = 0.88  # the accuracy README promises for recipes/quickstart.yaml
 
 
@@ -28,8 +30,10 @@ def test_quickstart_reaches_the_stated_accuracy_and_leaves_its_files(tmp_path: P
     assert saved["optimizer"] == {"_component_": "adam", "lr": 3e-4}
     env = json.loads((run_dir / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] and env["accelerate"]
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert "best" in ckpts and len([c for c in ckpts if c.startswith("step_")]) <= 2  # keep_last: 2
+    best = checkpoint.best(run_dir / "checkpoints")
+    best_monitor = json.loads((best / "trainer_state.json").read_text())["monitor"]
+    assert best_monitor["value"] == max(r["val/accuracy"] for r in rows if "val/accuracy" in r)
+    assert len(checkpoint.complete_steps(run_dir / "checkpoints")) <= 3  # keep_last: 2, keep_best: 1
     assert f"val/accuracy {final_eval['val/accuracy']:.4f}" in proc.stdout
 
 
@@ -156,3 +160,21 @@ def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_recipe: P
         f"error: {tiny_recipe}: train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_retention_leaves_exactly_the_newest_and_the_best(tiny_recipe: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        str(tiny_recipe),
+        f"run_dir={run_dir}",
+        "eval.every_steps=4",
+        "checkpoint={every_steps: 4, keep_last: 2, keep_best: 1, monitor: val/loss, mode: min}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    evals = [(r["val/loss"], r["step"]) for r in read_metrics(run_dir) if "val/loss" in r]
+    assert len(evals) == 10  # and as many checkpoints were written, one every 4 of the 40 steps
+    best_step = min(evals)[1]
+    expected = {checkpoint.step_dir_name(s) for s in (36, 40, best_step)}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == expected
+    assert checkpoint.resolve(run_dir / "checkpoints" / "best").name == checkpoint.step_dir_name(best_step)
