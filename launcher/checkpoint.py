@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from launcher.errors import RunFailed
 
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -113,7 +115,7 @@ def save(
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
         tmp.mkdir(parents=True)
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        save_weights(accelerator.unwrap_model(model), tmp / WEIGHTS_FILE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
@@ -169,7 +171,7 @@ def load(
     object but tensors and plain containers.
     """
     try:
-        load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device="cpu")
+        load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         message = f"error: resume: {path} holds a model of another shape than the recipe's: {detail}"
@@ -214,3 +216,76 @@ def prune(accelerator: Accelerator, ckpt_dir: Path, keep_last: int, best: Sequen
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+def save_weights(model: torch.nn.Module, file: Path) -> None:
+    """The model's state dict as safetensors. Tensors that share memory (tied embeddings) are stored once; the
+    other names are listed in the file's metadata as aliases, so loading restores every key."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if where in first_name:
+            aliases[name] = first_name[where]
+        else:
+            first_name[where] = name
+            kept[name] = tensor.detach().contiguous().cpu()
+    save_file(kept, str(file), metadata={"aliases": json.dumps(aliases)})
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """Every key of the saved state dict, aliases included (as the same tensor)."""
+    with safe_open(str(file), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(file))
+    for alias, name in aliases.items():
+        state[alias] = state[name]
+    return state
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load strictly: a missing, unexpected or differently shaped tensor is a RuntimeError naming it."""
+    model.load_state_dict(read_weights(file), strict=True)
+
+
+def export(path: Path, out: Path) -> int:
+    """One plain safetensors file of the checkpoint's weights, every key its own tensor, loadable with
+    `safetensors.torch.load_file` and `load_state_dict` and nothing else. Returns the number of tensors."""
+    state = {name: tensor.clone() for name, tensor in read_weights(path / WEIGHTS_FILE).items()}
+    tmp = out.parent / f".tmp-{out.name}"
+    save_file(state, str(tmp))
+    tmp.replace(out)
+    return len(state)
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """What `launcher ckpt info` shows of one checkpoint directory."""
+    files = [f for f in path.rglob("*") if f.is_file()]
+    info: dict[str, Any] = {
+        "checkpoint": str(path),
+        "complete": is_complete(path),
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "files": len(files),
+    }
+    if info["complete"]:
+        state = json.loads((path / STATE_FILE).read_text())
+        info.update(
+            step=state.get("step"),
+            epoch=state.get("epoch"),
+            samples_in_epoch=state.get("samples_in_epoch"),
+            world_size=state.get("world_size"),
+            monitor=state.get("monitor"),
+            skipped_steps=state.get("skipped_steps"),
+        )
+        recipe_file = path / "recipe.yaml"
+        if recipe_file.is_file():
+            import yaml
+
+            recipe = yaml.safe_load(recipe_file.read_text()) or {}
+            info["strategy"] = (recipe.get("strategy") or {}).get("name")
+            info["model"] = (recipe.get("model") or {}).get("_component_")
+    return info

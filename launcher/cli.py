@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from launcher.errors import RecipeError, RunFailed
 
@@ -23,10 +24,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate = verbs.add_parser("validate", help="check a recipe without training")
     _recipe_args(validate)
 
+    ckpt = verbs.add_parser("ckpt", help="look into checkpoints, export their weights")
+    ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True, metavar="VERB")
+    info = ckpt_verbs.add_parser("info", help="step, metric, world size, size and completeness of checkpoints")
+    info.add_argument("path", help="a checkpoint, <checkpoints>/latest or /best, a checkpoints folder or a run dir")
+    export = ckpt_verbs.add_parser("export", help="the weights as one plain safetensors file")
+    export.add_argument("path", help="a checkpoint, or <checkpoints>/latest or /best")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+
     args = parser.parse_args(argv)
     try:
         if args.verb == "train":
             return train_command(args.recipe, args.overrides, args.print_recipe)
+        if args.verb == "ckpt" and args.ckpt_verb == "info":
+            return ckpt_info_command(args.path)
+        if args.verb == "ckpt":
+            return ckpt_export_command(args.path, args.out, args.force)
         return validate_command(args.recipe, args.overrides)
     except RecipeError as e:
         for line in e.problems:
@@ -68,4 +82,65 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
         loop.run(recipe, resume_from)
     except RecipeError as e:
         raise RecipeError([f"{path}: {p}" for p in e.problems]) from None
+    return 0
+
+
+def ckpt_info_command(path_text: str) -> int:
+    from launcher import checkpoint
+
+    path = checkpoint.resolve(Path(path_text))
+    if not path.is_dir():
+        raise RecipeError(f"{path_text}: no such checkpoint, checkpoints folder or run dir")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    dirs = (
+        [path]
+        if (path / checkpoint.STATE_FILE).exists() or (path / checkpoint.WEIGHTS_FILE).exists()
+        else [
+            child
+            for child in sorted(path.iterdir())
+            if child.is_dir() and child.name.startswith(("step_", ".tmp-step_"))
+        ]
+    )
+    if not dirs:
+        raise RecipeError(f"{path_text}: holds no checkpoint")
+    for d in dirs:
+        print(_format_info(checkpoint.summary(d)))
+    return 0
+
+
+def _format_info(info: dict) -> str:
+    if not info["complete"]:
+        return f"{info['checkpoint']}: incomplete (an interrupted save; resume ignores it), {_size(info)}"
+    monitor = info.get("monitor") or {}
+    metric = (
+        f"{monitor['name']} {monitor['value']:.6g} ({monitor['mode']})" if monitor.get("value") is not None else "-"
+    )
+    return (
+        f"{info['checkpoint']}: step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
+        f"metric {metric}, world size {info['world_size']}, strategy {info.get('strategy', '?')}, "
+        f"model {info.get('model', '?')}, {_size(info)}, complete"
+    )
+
+
+def _size(info: dict) -> str:
+    size, units = float(info["size_bytes"]), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size /= 1024
+        units.pop(0)
+    return f"{size:.1f} {units[0]} in {info['files']} files"
+
+
+def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
+    from launcher import checkpoint
+
+    path, out = checkpoint.resolve(Path(path_text)), Path(out_text)
+    if not checkpoint.is_complete(path):
+        raise RecipeError(f"{path_text}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    if out.exists() and not force:
+        raise RecipeError(f"--out: {out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise RecipeError(f"--out: no such folder: {out.parent}")
+    count = checkpoint.export(path, out)
+    print(f"{out}: {count} tensors from {path}")
     return 0
