@@ -163,8 +163,19 @@ def train(
 
     state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
     if resume_from is not None:
-        state = TrainState.from_state_dict(checkpoint.load(accelerator, resume_from, model, optimizer, scheduler))
+        saved = checkpoint.load(accelerator, resume_from, model, optimizer, scheduler)
+        state = TrainState.from_state_dict(saved)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        saved_world = saved.get("world_size", accelerator.num_processes)
+        if saved_world != accelerator.num_processes:
+            # Another world size splits the epoch into other global batches: continue at the last whole one.
+            aligned = state.samples_in_epoch // samples_per_batch * samples_per_batch
+            accelerator.print(
+                f"warning: written by {saved_world} processes, resumed by {accelerator.num_processes}: the model, "
+                f"optimizer and schedule are exact; the data continues at sample {aligned} of epoch {state.epoch} "
+                f"(saved at {state.samples_in_epoch}); processes beyond {saved_world} start from fresh RNG states"
+            )
+            state.samples_in_epoch = aligned
 
     # Files. Every rank has reached this point (the barrier below), so nothing is written before all passed
     # preflight.
