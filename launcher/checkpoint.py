@@ -8,6 +8,8 @@ the whole directory or none of it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
@@ -15,7 +17,8 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,34 +101,100 @@ def resolve(path: Path) -> Path:
     return found if found is not None else path
 
 
-def save(
-    accelerator: Accelerator,
+class Writer:
+    """Saves checkpoints. Every rank calls `save`; each hands its RNG state to the main process, which alone
+    writes (other ranks write nothing into the directory).
+
+    With `background`, the main process copies what it saves to host memory and writes it in a thread while
+    training goes on: training stalls for the copy, not for the disk. One write is in flight at a time; `wait`
+    blocks until it is on disk (and raises what it failed with).
+    """
+
+    def __init__(self, accelerator: Accelerator, background: bool = False):
+        self.accelerator = accelerator
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        trainer_state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
+        accelerator = self.accelerator
+        rng_states = _gather_rng(accelerator)
+        if accelerator.is_main_process:
+            self.wait()
+            scaler = accelerator.scaler
+            snapshot = {
+                "weights": weights_snapshot(accelerator.unwrap_model(model)),
+                "optimizer.pt": _host_copy(optimizer.state_dict()),
+                "scheduler.pt": _host_copy(scheduler.state_dict()),
+                "rng.pt": {"ranks": rng_states},
+                **({"scaler.pt": _host_copy(scaler.state_dict())} if scaler is not None else {}),
+            }
+            state = {**trainer_state, "world_size": accelerator.num_processes}
+            job = functools.partial(_write, path, snapshot, state, recipe_text, after)
+            if self.background:
+                self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+                self.thread.start()
+            else:
+                job()
+        if not self.background:
+            accelerator.wait_for_everyone()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the training thread by `wait`
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _write(
     path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    snapshot: dict[str, Any],
     trainer_state: dict[str, Any],
     recipe_text: str,
+    after: Callable[[], None],
 ) -> None:
-    """Write a checkpoint at `path` atomically. Called on every rank: each hands its RNG state to the main
-    process, which alone writes (other ranks write nothing into the directory)."""
-    rng_states = _gather_rng(accelerator)
-    if accelerator.is_main_process:
-        tmp = path.parent / f".tmp-{path.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
-        tmp.mkdir(parents=True)
-        save_weights(accelerator.unwrap_model(model), tmp / WEIGHTS_FILE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        torch.save({"ranks": rng_states}, tmp / "rng.pt")
-        (tmp / "recipe.yaml").write_text(recipe_text)
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": accelerator.num_processes}, indent=2))
-        _sync(tmp)  # on disk before the rename makes the directory count as complete
-        _replace_dir(tmp, path)
-    accelerator.wait_for_everyone()
+    tmp = path.parent / f".tmp-{path.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
+    tmp.mkdir(parents=True)
+    kept, aliases = snapshot.pop("weights")
+    save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
+    for name, value in snapshot.items():
+        torch.save(value, tmp / name)
+    (tmp / "recipe.yaml").write_text(recipe_text)
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    _sync(tmp)  # on disk before the rename makes the directory count as complete
+    _replace_dir(tmp, path)
+    after()
+
+
+def _host_copy(value: Any) -> Any:
+    """A copy in host memory that later training steps cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
@@ -207,11 +276,10 @@ def incomplete(ckpt_dir: Path) -> list[Path]:
     )
 
 
-def prune(accelerator: Accelerator, ckpt_dir: Path, keep_last: int, best: Sequence[Sequence[float]] = ()) -> None:
-    """Retention, by the main process alone and among complete checkpoints only."""
-    if accelerator.is_main_process:
-        for step in to_delete(complete_steps(ckpt_dir), keep_last, best):
-            shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+def prune(ckpt_dir: Path, keep_last: int, best: Sequence[Sequence[float]] = ()) -> None:
+    """Retention, run by the main process alone, among complete checkpoints only."""
+    for step in to_delete(complete_steps(ckpt_dir), keep_last, best):
+        shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -221,9 +289,9 @@ def _as_tuple(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- weights
 
 
-def save_weights(model: torch.nn.Module, file: Path) -> None:
-    """The model's state dict as safetensors. Tensors that share memory (tied embeddings) are stored once; the
-    other names are listed in the file's metadata as aliases, so loading restores every key."""
+def weights_snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict copied to host memory, tensors that share memory (tied embeddings) kept once, and
+    the other names of each as aliases."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[tuple, str] = {}
@@ -233,8 +301,8 @@ def save_weights(model: torch.nn.Module, file: Path) -> None:
             aliases[name] = first_name[where]
         else:
             first_name[where] = name
-            kept[name] = tensor.detach().contiguous().cpu()
-    save_file(kept, str(file), metadata={"aliases": json.dumps(aliases)})
+            kept[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return kept, aliases
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:

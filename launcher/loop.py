@@ -7,6 +7,7 @@ agrees on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -200,21 +201,28 @@ def train(
         if jsonl is not None:
             jsonl.write(state.step, values)
 
-    def save(path: Path) -> None:
+    writer = checkpoint.Writer(accelerator, background=recipe.checkpoint.async_save)
+
+    def save_step() -> None:
+        nonlocal last_save_step
+        ckpt = recipe.checkpoint
         # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
         checksums = consensus.replica_checksums(accelerator, model)
         if len(set(checksums)) > 1 and main:
             progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
-        ckpt = recipe.checkpoint
         value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
         monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": value}
         trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
-        checkpoint.save(accelerator, path, model, optimizer, scheduler, trainer_state, dump(recipe))
-
-    def save_step() -> None:
-        nonlocal last_save_step
-        save(recipe.checkpoint_dir / checkpoint.step_dir_name(state.step))
-        checkpoint.prune(accelerator, recipe.checkpoint_dir, recipe.checkpoint.keep_last, state.best_checkpoints)
+        best = [list(b) for b in state.best_checkpoints]
+        writer.save(
+            recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
+            model,
+            optimizer,
+            scheduler,
+            trainer_state,
+            dump(recipe),
+            after=lambda: checkpoint.prune(recipe.checkpoint_dir, ckpt.keep_last, best),
+        )
         last_save_step = state.step
 
     progress = tqdm(
@@ -355,6 +363,7 @@ def train(
             evaluate_and_decide()
         if (recipe.checkpoint.save_final or stop_reason == "diverged") and last_save_step != state.step:
             save_step()  # after divergence: the last good state, since skipped updates changed nothing
+        writer.wait()
         waiting_for = "the other processes to finish"
         accelerator.wait_for_everyone()  # all ranks leave together
     except (torch.distributed.DistError, RuntimeError) as e:
@@ -368,6 +377,8 @@ def train(
         progress.close()
         if jsonl is not None:
             jsonl.close()
+        with contextlib.suppress(Exception):  # on the way out with an error: let a write in flight land
+            writer.wait()
 
     summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
     if stop_reason == "diverged":

@@ -76,6 +76,7 @@ class CheckpointConfig:
     save_final: bool = True
     keep_last: int = 3
     keep_best: int = 0  # also keep this many step checkpoints with the best `monitor`
+    async_save: bool = False  # write in a background thread: training waits for a copy in memory, not the disk
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     dir: str | None = None

@@ -41,13 +41,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows}
 
 
-def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, async_save: str):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]}", "hidden_sizes: [32], dropout: 0.1}"))
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert [rc for rc, _, _ in finish(start_ranks(2, recipe, full), TIMEOUT)] == [0, 0]
+    mode = f"checkpoint.async_save={async_save}"
+    assert [rc for rc, _, _ in finish(start_ranks(2, recipe, full, mode), TIMEOUT)] == [0, 0]
 
-    procs = start_ranks(2, recipe, crashed)
+    procs = start_ranks(2, recipe, crashed, mode)
     deadline = time.monotonic() + TIMEOUT
     while (
         not checkpoint.complete_steps(crashed / "checkpoints")
@@ -62,7 +64,7 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path):
     resumed_from = max(checkpoint.complete_steps(crashed / "checkpoints"))
     assert resumed_from < 300 and resumed_from % 9, "the kill should come mid-run and mid-epoch"
 
-    results = finish(start_ranks(2, recipe, crashed, "resume=auto"), TIMEOUT)
+    results = finish(start_ranks(2, recipe, crashed, mode, "resume=auto"), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert f"resumed from {crashed / 'checkpoints' / checkpoint.step_dir_name(resumed_from)}" in results[0][1]
     full_losses, resumed_losses = losses(full), losses(crashed)
@@ -70,7 +72,8 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path):
     assert all(resumed_losses[s] == full_losses[s] for s in range(1, 301))  # bitwise, before and after the resume
 
 
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, async_save: str):
     # A big model makes each save take a while; the process is killed while the next one is being written.
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]", "hidden_sizes: [2048, 2048]"))
