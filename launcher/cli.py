@@ -24,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate = verbs.add_parser("validate", help="check a recipe without training")
     _recipe_args(validate)
 
+    plan = verbs.add_parser("plan", help="what a recipe will do: batches, steps, epochs, the learning-rate curve")
+    _recipe_args(plan)
+    plan.add_argument("--processes", type=int, default=None, help="processes to plan for (default: WORLD_SIZE or 1)")
+
     ckpt = verbs.add_parser("ckpt", help="look into checkpoints, export their weights")
     ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True, metavar="VERB")
     info = ckpt_verbs.add_parser("info", help="step, metric, world size, size and completeness of checkpoints")
@@ -33,10 +37,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`train r.yaml --print-recipe a.b=1`); argparse alone would stop
+    # collecting them at the first option.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.verb == "train":
             return train_command(args.recipe, args.overrides, args.print_recipe)
+        if args.verb == "plan":
+            return plan_command(args.recipe, args.overrides, args.processes)
         if args.verb == "ckpt" and args.ckpt_verb == "info":
             return ckpt_info_command(args.path)
         if args.verb == "ckpt":
@@ -82,6 +94,20 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
         loop.run(recipe, resume_from)
     except RecipeError as e:
         raise RecipeError([f"{path}: {p}" for p in e.problems]) from None
+    return 0
+
+
+def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
+    from launcher import components, plan
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if processes < 1:
+        raise RecipeError(f"--processes: must be >= 1, got {processes}")
+    train_set = components.instantiate("data", recipe.data.train, key="data.train")
+    samples = len(train_set)
+    print(plan.describe_plan(recipe, plan.make_plan(recipe, samples, processes), samples))
     return 0
 
 

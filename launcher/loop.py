@@ -31,7 +31,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from launcher import checkpoint, components, consensus, guards, schedules
+from launcher import checkpoint, components, consensus, guards, plan, schedules
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
 from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams
@@ -159,7 +159,7 @@ def train(
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     samples_per_batch = t.batch_size * accelerator.num_processes  # one micro-batch on every rank
     samples_per_epoch = len(train_loader) * samples_per_batch
-    total_steps = plan_total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
+    total_steps = plan.total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
     scheduler = make_scheduler(recipe, optimizer, total_steps)
 
     state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
@@ -434,12 +434,6 @@ def roll_back_metrics(run_dir: Path, step: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)
-
-
-def plan_total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | None) -> int:
-    """Optimizer updates in the run: the first of `max_steps` and `max_epochs` reached."""
-    limits = [n for n in (max_steps, None if max_epochs is None else max_epochs * steps_per_epoch) if n is not None]
-    return min(limits)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:

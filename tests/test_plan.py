@@ -1,0 +1,55 @@
+"""`launcher plan`: its arithmetic, and that it agrees with what a run does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_metrics, run_cli
+
+from launcher.plan import make_plan, total_steps
+from launcher.recipe import load_recipe
+
+
+@pytest.mark.parametrize(
+    ("samples", "processes", "accumulate", "drop_last", "batches", "steps_per_epoch"),
+    [
+        (512, 1, 1, False, 16, 16),
+        (512, 2, 1, False, 8, 8),
+        (520, 2, 1, False, 9, 9),  # the last batch is padded so every process has 9
+        (520, 2, 1, True, 8, 8),
+        (512, 2, 3, False, 8, 3),  # the epoch's last update takes the 2 batches left
+    ],
+)
+def test_batches_and_updates_per_epoch(
+    tiny_recipe: Path, samples, processes, accumulate, drop_last, batches, steps_per_epoch
+):
+    recipe = load_recipe(
+        tiny_recipe, [f"train.gradient_accumulation_steps={accumulate}", f"data.drop_last={str(drop_last).lower()}"]
+    )
+    plan = make_plan(recipe, samples, processes)
+    assert (plan.batches_per_process, plan.steps_per_epoch) == (batches, steps_per_epoch)
+    assert plan.global_batch == 32 * processes * accumulate
+
+
+def test_the_first_limit_reached_ends_the_run():
+    assert total_steps(10, max_steps=25, max_epochs=None) == 25
+    assert total_steps(10, max_steps=None, max_epochs=2) == 20
+    assert total_steps(10, max_steps=25, max_epochs=2) == 20
+
+
+def test_plan_agrees_with_the_run(tiny_recipe: Path, tmp_path: Path):
+    overrides = ["train.max_steps=null", "train.max_epochs=3", "train.gradient_accumulation_steps=3"]
+    planned = run_cli("plan", str(tiny_recipe), *overrides)
+    assert planned.returncode == 0, planned.stderr
+    assert "run           18 updates = 3.00 epochs" in planned.stdout  # 16 batches make 6 updates an epoch
+    ran = run_cli("train", str(tiny_recipe), *overrides, f"run_dir={tmp_path / 'run'}")
+    assert ran.returncode == 0, ran.stderr
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 18
+
+
+def test_plan_draws_the_schedule():
+    proc = run_cli("plan", str(REPO / "recipes" / "quickstart.yaml"), "--processes", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "64 per process x 2 processes x 1 accumulated = 128 samples per update" in proc.stdout
+    assert "learning rate cosine: " in proc.stdout and "0.0003 at 50" in proc.stdout
