@@ -361,8 +361,11 @@ def train(
         waiting_for = "the final evaluation and checkpoint"
         if val_loader is not None and last_eval_step != state.step and stop_reason != "diverged":
             evaluate_and_decide()
-        if (recipe.checkpoint.save_final or stop_reason == "diverged") and last_save_step != state.step:
-            save_step()  # after divergence: the last good state, since skipped updates changed nothing
+        # A run that was asked to stop (preemption, wall time) saves whatever save_final says: resuming it is the
+        # point. After divergence the state saved is the last good one, since skipped updates changed nothing.
+        asked_to_stop = stop_reason not in ("done", "early stopping")
+        if (recipe.checkpoint.save_final or asked_to_stop) and last_save_step != state.step:
+            save_step()
         writer.wait()
         waiting_for = "the other processes to finish"
         accelerator.wait_for_everyone()  # all ranks leave together

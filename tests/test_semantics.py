@@ -236,7 +236,10 @@ LONG = ["train.max_steps=100000", "eval.every_steps=null", "checkpoint.every_ste
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_recipe: Path, tmp_path: Path, sig):
     run_dir = tmp_path / "run"
-    procs = start_ranks(2, "train", str(tiny_recipe), f"run_dir={run_dir}", *LONG, cwd=tmp_path)
+    # save_final off: a stop request saves all the same, so the run can be resumed.
+    procs = start_ranks(
+        2, "train", str(tiny_recipe), f"run_dir={run_dir}", *LONG, "checkpoint.save_final=false", cwd=tmp_path
+    )
     wait_for_step(run_dir, 20, procs)
     procs[1].send_signal(sig)
     results = finish(procs, TIMEOUT)
