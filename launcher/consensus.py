@@ -20,19 +20,32 @@ from accelerate.utils import gather_object
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+# Why a run stops, as codes small enough to all-reduce; when ranks differ, the highest code is the verdict.
+STOP_REASONS = ("", "max_time_s reached", "SIGINT", "SIGUSR1", "SIGTERM")
+
+
 @dataclass(frozen=True)
 class Verdict:
-    stop: bool  # some rank was asked to stop (a signal, or its wall-time budget ran out)
+    stop_code: int  # why some rank was asked to stop (an index into STOP_REASONS); 0: nobody was
     skip_step: bool  # some rank saw a non-finite loss or gradient norm: no rank applies this update
 
+    @property
+    def stop(self) -> bool:
+        return self.stop_code > 0
 
-def agree(accelerator: Accelerator, stop: torch.Tensor | bool, nonfinite: torch.Tensor | bool) -> Verdict:
+    @property
+    def stop_reason(self) -> str:
+        return STOP_REASONS[self.stop_code]
+
+
+def agree(accelerator: Accelerator, stop: int | bool, nonfinite: torch.Tensor | bool) -> Verdict:
     """The step's verdict, the same on every rank: one all-reduce (max) of the flags, one host sync."""
-    flags = torch.stack([torch.as_tensor(stop), torch.as_tensor(nonfinite)]).to(accelerator.device, torch.int32)
+    flags = torch.stack([torch.as_tensor(int(stop)), torch.as_tensor(nonfinite).to(torch.int64)])
+    flags = flags.to(accelerator.device, torch.int32)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    stop_any, skip_any = flags.tolist()
-    return Verdict(stop=bool(stop_any), skip_step=bool(skip_any))
+    stop_code, skip_any = flags.tolist()
+    return Verdict(stop_code=stop_code, skip_step=bool(skip_any))
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -66,8 +79,12 @@ class StopRequests:
 
     def requested(self) -> bool:
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.reason = "max_time_s reached"
+            self.reason = STOP_REASONS[1]
         return self.reason is not None
+
+    def code(self) -> int:
+        """This rank's reason to stop as an index into STOP_REASONS (0: none)."""
+        return STOP_REASONS.index(self.reason) if self.requested() else 0
 
 
 def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:

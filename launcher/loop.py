@@ -298,7 +298,7 @@ def train(
                 if t.mixed_precision != "fp16":
                     nonfinite |= ~torch.isfinite(grad_norm.to(step_loss.device))
                 waiting_for = "the other processes' step verdict"
-                verdict = consensus.agree(accelerator, stop=stop_requests.requested(), nonfinite=nonfinite)
+                verdict = consensus.agree(accelerator, stop=stop_requests.code(), nonfinite=nonfinite)
                 if verdict.skip_step:
                     state.skipped_steps += 1
                     state.nonfinite_streak += 1
@@ -343,7 +343,7 @@ def train(
                     waiting_for = "the checkpoint barrier"
                     save_step()
                 if verdict.stop and not stop_reason:
-                    stop_reason = stop_requests.reason or "a stop request on another process"
+                    stop_reason = verdict.stop_reason  # the same on every rank, whichever was asked
                 if not stop_reason and state.step >= total_steps:
                     stop_reason = "done"
                 if stop_reason:

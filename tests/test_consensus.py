@@ -9,7 +9,7 @@ import time
 import pytest
 
 from launcher import guards
-from launcher.consensus import StopRequests
+from launcher.consensus import STOP_REASONS, StopRequests
 
 
 def test_a_clean_launch_has_no_problems():
@@ -59,6 +59,7 @@ def test_a_signal_is_only_recorded(sig):
         assert not requests.requested()
         os.kill(os.getpid(), sig)
         assert requests.requested() and requests.reason == signal.Signals(sig).name
+        assert STOP_REASONS[requests.code()] == signal.Signals(sig).name
     finally:
         requests.uninstall()
     assert signal.getsignal(sig) is not requests._record
