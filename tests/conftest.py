@@ -55,9 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(n: int, *args: str, cwd: Path, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """N processes of `python -m launcher ARGS`, each given its rank the way torchrun or srun would (no agent
-    that would kill the others when one dies), meeting on 127.0.0.1."""
+def start_ranks(
+    n: int, *args: str, cwd: Path, env: dict[str, str] | None = None, per_rank: list[list[str]] | None = None
+) -> list[subprocess.Popen]:
+    """N processes of `python -m launcher ARGS` (plus `per_rank[rank]`), each given its rank the way torchrun or
+    srun would (no agent that would kill the others when one dies), meeting on 127.0.0.1."""
     port = free_port()
     procs = []
     for rank in range(n):
@@ -73,7 +75,7 @@ def start_ranks(n: int, *args: str, cwd: Path, env: dict[str, str] | None = None
             "MASTER_PORT": str(port),
             **(env or {}),
         }
-        cmd = [sys.executable, "-m", "launcher", *args]
+        cmd = [sys.executable, "-m", "launcher", *args, *(per_rank[rank] if per_rank else [])]
         procs.append(
             subprocess.Popen(cmd, cwd=cwd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

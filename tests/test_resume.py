@@ -113,7 +113,14 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, asy
 def test_only_the_main_process_writes(tiny_recipe: Path, tmp_path: Path):
     # Rank 1 is given a run dir of its own: as it must write nothing, nothing may appear there.
     main_dir, other_dir = tmp_path / "main", tmp_path / "other"
-    procs = _ranks_with_own_args(tmp_path, tiny_recipe, [[f"run_dir={main_dir}"], [f"run_dir={other_dir}"]])
+    procs = _start_ranks(
+        2,
+        "train",
+        str(tiny_recipe),
+        "strategy.timeout_s=60",
+        cwd=tmp_path,
+        per_rank=[[f"run_dir={main_dir}"], [f"run_dir={other_dir}"]],
+    )
     results = finish(procs, TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert not other_dir.exists()
@@ -127,28 +134,6 @@ def test_only_the_main_process_writes(tiny_recipe: Path, tmp_path: Path):
         "trainer_state.json",
     ]
     assert len(torch.load(final / "rng.pt", weights_only=True)["ranks"]) == 2
-
-
-def _ranks_with_own_args(cwd: Path, recipe: Path, per_rank: list[list[str]]) -> list[subprocess.Popen]:
-    from conftest import free_port
-
-    port = free_port()
-    procs = []
-    for rank, extra in enumerate(per_rank):
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": "1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(len(per_rank)),
-            "LOCAL_WORLD_SIZE": str(len(per_rank)),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        cmd = [sys.executable, "-m", "launcher", "train", str(recipe), "strategy.timeout_s=60", *extra]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
 
 
 PAYLOAD = """\
