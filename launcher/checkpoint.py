@@ -1,9 +1,11 @@
-"""Checkpoints: atomic directories written by the main process alone, loaded without unpickling objects.
+"""Checkpoints: atomic directories, loaded without unpickling objects.
 
-A checkpoint is a directory `step_00000400/` holding `model.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`scaler.pt` (fp16), `rng.pt` (every rank's RNG), `recipe.yaml` and, written last, `trainer_state.json`. It is
-built under a hidden temporary name, synced to disk and renamed into place, so a crash at any moment leaves either
-the whole directory or none of it.
+A checkpoint is a directory `step_00000400/` holding the model and optimizer state, `scheduler.pt`, `scaler.pt`
+(fp16), `rng.pt` (every rank's RNG), `recipe.yaml` and, written last, `trainer_state.json`. The model and optimizer
+are `model.safetensors` + `optimizer.pt`, written by the main process alone (DDP, one process), or each process's
+shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see `shards.py`. The directory is built under a hidden
+temporary name, synced to disk and renamed into place, so a crash at any moment leaves either the whole directory
+or none of it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from launcher import shards
 from launcher.errors import RunFailed
 
 STATE_FILE = "trainer_state.json"
@@ -101,18 +104,32 @@ def resolve(path: Path) -> Path:
     return found if found is not None else path
 
 
+def checkpoint_format(path: Path) -> str:
+    """`full` (one weights file), `dcp` (FSDP shards) or `deepspeed` (ZeRO partitions)."""
+    if (path / shards.DCP_DIR).is_dir():
+        return "dcp"
+    if (path / shards.DEEPSPEED_DIR).is_dir():
+        return "deepspeed"
+    return "full"
+
+
+FORMAT_OF_STRATEGY = {"ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
+
+
 class Writer:
-    """Saves checkpoints. Every rank calls `save`; each hands its RNG state to the main process, which alone
-    writes (other ranks write nothing into the directory).
+    """Saves checkpoints. Every rank calls `save`; each hands its RNG state to the main process. With DDP or one
+    process the main process alone writes (other ranks write nothing into the directory); with a sharded strategy
+    every rank first writes its shard into the temporary directory, then the main process completes it.
 
     With `background`, the main process copies what it saves to host memory and writes it in a thread while
     training goes on: training stalls for the copy, not for the disk. One write is in flight at a time; `wait`
     blocks until it is on disk (and raises what it failed with).
     """
 
-    def __init__(self, accelerator: Accelerator, background: bool = False):
+    def __init__(self, accelerator: Accelerator, background: bool = False, strategy: str = "ddp"):
         self.accelerator = accelerator
         self.background = background
+        self.strategy = strategy
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -129,6 +146,9 @@ class Writer:
         """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
         accelerator = self.accelerator
         rng_states = _gather_rng(accelerator)
+        if self.strategy != "ddp":
+            self._save_sharded(path, model, optimizer, scheduler, trainer_state, recipe_text, after, rng_states)
+            return
         if accelerator.is_main_process:
             self.wait()
             scaler = accelerator.scaler
@@ -148,6 +168,37 @@ class Writer:
                 job()
         if not self.background:
             accelerator.wait_for_everyone()
+
+    def _save_sharded(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        trainer_state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None],
+        rng_states: list[dict[str, Any]],
+    ) -> None:
+        accelerator = self.accelerator
+        tmp = _tmp_dir(path)
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if self.strategy == "fsdp":
+            shards.save_dcp(tmp / shards.DCP_DIR, model, optimizer)
+        else:
+            shards.save_deepspeed(tmp, model)
+        accelerator.wait_for_everyone()  # every shard is written
+        if accelerator.is_main_process:
+            for script in tmp.glob("zero_to_*.py"):
+                script.unlink()  # DeepSpeed's own converters unpickle freely; `launcher ckpt export` replaces them
+            snapshot = {"scheduler.pt": _host_copy(scheduler.state_dict()), "rng.pt": {"ranks": rng_states}}
+            state = {**trainer_state, "world_size": accelerator.num_processes, "format": checkpoint_format(tmp)}
+            _write(path, snapshot, state, recipe_text, after)
+        accelerator.wait_for_everyone()
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -171,12 +222,15 @@ def _write(
     recipe_text: str,
     after: Callable[[], None],
 ) -> None:
-    tmp = path.parent / f".tmp-{path.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
-    tmp.mkdir(parents=True)
-    kept, aliases = snapshot.pop("weights")
-    save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
+    """Complete the checkpoint in `path`'s temporary directory (shards may already be there), then rename it into
+    place and run `after`."""
+    tmp = _tmp_dir(path)
+    if "weights" in snapshot:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
+        tmp.mkdir(parents=True)
+        kept, aliases = snapshot.pop("weights")
+        save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
     (tmp / "recipe.yaml").write_text(recipe_text)
@@ -184,6 +238,10 @@ def _write(
     _sync(tmp)  # on disk before the rename makes the directory count as complete
     _replace_dir(tmp, path)
     after()
+
+
+def _tmp_dir(path: Path) -> Path:
+    return path.parent / f".tmp-{path.name}"
 
 
 def _host_copy(value: Any) -> Any:
@@ -205,14 +263,17 @@ def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
 
 
 def _sync(directory: Path) -> None:
-    for file in directory.iterdir():
-        with file.open("rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Every file (shards other ranks wrote included) and directory under `directory` on disk."""
+    for item in [*sorted(directory.rglob("*"), reverse=True), directory]:
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fd = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _replace_dir(new: Path, path: Path) -> None:
@@ -233,20 +294,46 @@ def load(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, loss scaler and this rank's RNG from `path`; return the trainer state.
 
     Nothing is unpickled: weights are safetensors, the rest `torch.load(weights_only=True)`, which refuses any
-    object but tensors and plain containers.
+    object but tensors and plain containers (shards: see `shards.py`).
     """
+    state = json.loads((path / STATE_FILE).read_text())
+    fmt, wanted = checkpoint_format(path), FORMAT_OF_STRATEGY[strategy]
+    if fmt != wanted:
+        written_by = {v: k for k, v in FORMAT_OF_STRATEGY.items()}[fmt]
+        raise RunFailed(
+            f"error: resume: {path} was written with strategy.name={written_by} ({fmt} format); this run uses "
+            f"{strategy}: resume it with strategy.name={written_by}",
+            exit_code=2,
+        )
+    if fmt == "deepspeed" and state.get("world_size", accelerator.num_processes) != accelerator.num_processes:
+        raise RunFailed(
+            f"error: resume: {path} holds DeepSpeed ZeRO partitions of {state['world_size']} processes; DeepSpeed "
+            f"resumes them only on {state['world_size']} (this run has {accelerator.num_processes}); use "
+            f"strategy.name=fsdp for checkpoints that resume on any number of processes",
+            exit_code=2,
+        )
     try:
-        load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
+        if fmt == "full":
+            load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
+        elif fmt == "dcp":
+            shards.load_dcp(path / shards.DCP_DIR, model, optimizer)
+        else:
+            shards.load_deepspeed(path, model)
+    except shards.UnsafeCheckpoint as e:
+        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
+        raise RunFailed(message, exit_code=2) from None
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         message = f"error: resume: {path} holds a model of another shape than the recipe's: {detail}"
         raise RunFailed(message, exit_code=2) from None
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if fmt == "full":
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if accelerator.scaler is not None and (path / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -261,7 +348,7 @@ def load(
         random.setstate(_as_tuple(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / STATE_FILE).read_text())
+    return state
 
 
 def incomplete(ckpt_dir: Path) -> list[Path]:
@@ -321,9 +408,17 @@ def load_weights(model: torch.nn.Module, file: Path) -> None:
 
 
 def export(path: Path, out: Path) -> int:
-    """One plain safetensors file of the checkpoint's weights, every key its own tensor, loadable with
-    `safetensors.torch.load_file` and `load_state_dict` and nothing else. Returns the number of tensors."""
-    state = {name: tensor.clone() for name, tensor in read_weights(path / WEIGHTS_FILE).items()}
+    """One plain safetensors file of the checkpoint's weights (sharded ones consolidated), every key its own
+    tensor, loadable with `safetensors.torch.load_file` and `load_state_dict` and nothing else. Returns the
+    number of tensors. Raises `shards.UnsafeCheckpoint` for a file that is not plain tensors."""
+    fmt = checkpoint_format(path)
+    if fmt == "dcp":
+        weights = shards.dcp_weights(path / shards.DCP_DIR)
+    elif fmt == "deepspeed":
+        weights = shards.deepspeed_weights(path)
+    else:
+        weights = read_weights(path / WEIGHTS_FILE)
+    state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in weights.items()}
     tmp = out.parent / f".tmp-{out.name}"
     save_file(state, str(tmp))
     tmp.replace(out)
@@ -338,6 +433,7 @@ def summary(path: Path) -> dict[str, Any]:
         "complete": is_complete(path),
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": len(files),
+        "format": checkpoint_format(path),
     }
     if info["complete"]:
         state = json.loads((path / STATE_FILE).read_text())

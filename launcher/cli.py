@@ -167,6 +167,11 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
         raise RecipeError(f"--out: {out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise RecipeError(f"--out: no such folder: {out.parent}")
-    count = checkpoint.export(path, out)
+    from launcher.shards import UnsafeCheckpoint
+
+    try:
+        count = checkpoint.export(path, out)
+    except UnsafeCheckpoint as e:
+        raise RecipeError(f"{path_text}: holds a file that is not plain tensors; refusing to load it ({e})") from None
     print(f"{out}: {count} tensors from {path}")
     return 0

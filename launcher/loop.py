@@ -31,7 +31,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from launcher import checkpoint, components, consensus, guards, plan, schedules
+from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
 from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams
@@ -105,19 +105,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
 def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
     """Train `recipe` on this process's share of the work; every rank of a launch calls this alike."""
     t = recipe.train
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=[name for name in recipe.logging.trackers if name != "jsonl"] or None,
-        project_config=ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=recipe.strategy.find_unused_parameters),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.strategy.timeout_s)),
-        ],
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = make_accelerator(recipe)
     stop_requests = consensus.StopRequests(t.max_time_s)
     stop_requests.install()
     try:
@@ -136,6 +124,61 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         accelerator.end_training()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator for the recipe's strategy. DDP and DeepSpeed are Accelerate's; FSDP2 is applied by the loop
+    itself (`strategies.fsdp_shard`), on CPU and GPU alike, so Accelerate only runs the process group there."""
+    t, s = recipe.train, recipe.strategy
+    cuda = torch.cuda.is_available()
+    common: dict[str, Any] = {
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "log_with": [name for name in recipe.logging.trackers if name != "jsonl"] or None,
+        "project_config": ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
+        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        "step_scheduler_with_optimizer": False,
+    }
+    timeout = timedelta(seconds=s.timeout_s)
+    if s.name == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        if "WORLD_SIZE" not in os.environ:  # one process, not started by a launcher: DeepSpeed still wants a group
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        user = strategies.read_user_config(s.deepspeed.config)[0] if s.deepspeed.config else None
+        config = strategies.deepspeed_config(recipe, _launched_world(), user)
+        # Without CUDA, DeepSpeed runs over gloo; Accelerate must then be told, or it sees a world of one.
+        group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
+        return Accelerator(
+            cpu=False,
+            mixed_precision=t.mixed_precision,
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+            kwargs_handlers=[group],
+            **common,
+        )
+    # FSDP computes in bf16 through its MixedPrecisionPolicy, not autocast (one process: nothing to shard, autocast).
+    fsdp_sharded = s.name == "fsdp" and _launched_world() > 1
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision="no" if fsdp_sharded else t.mixed_precision,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=s.find_unused_parameters),
+            InitProcessGroupKwargs(timeout=timeout),
+        ],
+        **common,
+    )
+
+
 def train(
     accelerator: Accelerator, recipe: Recipe, resume_from: Path | None, stop_requests: consensus.StopRequests
 ) -> RunResult:
@@ -147,12 +190,30 @@ def train(
     train_set = components.instantiate("data", recipe.data.train, key="data.train")
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
+    strategy = recipe.strategy.name
+    fsdp_sharded = strategy == "fsdp" and accelerator.num_processes > 1
+    if fsdp_sharded:
+        if main and not torch.cuda.is_available():
+            print(
+                "note: strategy fsdp on CPU: Accelerate's FSDP needs a GPU, so the model is sharded with torch's "
+                "fully_shard over gloo, as the launcher does on GPUs too",
+                file=sys.stderr,
+            )
+        try:
+            model = strategies.fsdp_shard(model, recipe, accelerator.device)
+        except ValueError as e:
+            raise RunFailed(f"error: {e}", exit_code=2) from None
+    elif strategy == "fsdp" and main:
+        print("note: strategy fsdp with one process: nothing to shard; checkpoints are still DCP", file=sys.stderr)
     loss_fn = components.instantiate("loss", recipe.loss)
     optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
 
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if fsdp_sharded:  # already sharded: Accelerate would wrap it in DDP
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
@@ -164,7 +225,7 @@ def train(
 
     state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
     if resume_from is not None:
-        saved = checkpoint.load(accelerator, resume_from, model, optimizer, scheduler)
+        saved = checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, strategy)
         state = TrainState.from_state_dict(saved)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         saved_world = saved.get("world_size", accelerator.num_processes)
@@ -189,6 +250,7 @@ def train(
         env = environment(
             accelerator.num_processes, str(accelerator.distributed_type), t.mixed_precision, str(accelerator.device)
         )
+        env["strategy"] = strategy
         (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
         if "jsonl" in recipe.logging.trackers:
             if resume_from is not None:
@@ -201,13 +263,14 @@ def train(
         if jsonl is not None:
             jsonl.write(state.step, values)
 
-    writer = checkpoint.Writer(accelerator, background=recipe.checkpoint.async_save)
+    writer = checkpoint.Writer(accelerator, background=recipe.checkpoint.async_save, strategy=strategy)
 
     def save_step() -> None:
         nonlocal last_save_step
         ckpt = recipe.checkpoint
         # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
-        checksums = consensus.replica_checksums(accelerator, model)
+        # (Sharded strategies hold different shards by design: nothing to compare.)
+        checksums = [] if recipe.strategy.sharded else consensus.replica_checksums(accelerator, model)
         if len(set(checksums)) > 1 and main:
             progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
         value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
@@ -282,6 +345,8 @@ def train(
                 state.samples_in_epoch += samples_per_batch
                 waiting_for = "the gradient all-reduce"
                 with accelerator.accumulate(model):
+                    if fsdp_sharded:  # FSDP2 has no no_sync(): reduce-scatter only on the update's last micro-batch
+                        model.set_requires_gradient_sync(accelerator.sync_gradients)
                     loss = compute_loss(loss_fn, model(inputs), targets)
                     accelerator.backward(loss)
                 step_loss += loss.detach()
@@ -292,7 +357,8 @@ def train(
 
                 # A step boundary: gradients are synchronised. The norm is the global one, after unscaling (inf
                 # measures without clipping); it is logged as it was before clipping.
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf)
+                # DeepSpeed clips inside its step (its config has the recipe's clip_grad_norm) and reports the norm.
+                grad_norm = _plain_norm(accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf))
                 # fp16's loss scaler skips overflowing steps itself; there only a non-finite loss is divergence.
                 nonfinite = ~torch.isfinite(step_loss)
                 if t.mixed_precision != "fp16":
@@ -402,6 +468,16 @@ def train(
         metrics=last_eval,
         run_dir=run_dir,
     )
+
+
+def _plain_norm(norm: Any) -> torch.Tensor:
+    """The gradient norm as a plain tensor: FSDP's is a replicated DTensor, DeepSpeed's a float (None before its
+    first step)."""
+    if norm is None:
+        return torch.tensor(math.nan)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm).detach().float()
 
 
 def _lost_peer(e: BaseException) -> bool:

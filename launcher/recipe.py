@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import sys
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from launcher import components, schedules
+from launcher import components, schedules, strategies
 from launcher.components import Component, describe
 from launcher.errors import RecipeError
 
@@ -90,10 +91,35 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class FSDPConfig:
+    """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across processes."""
+
+    wrap: tuple[str, ...] = ()  # module classes sharded as units of their own (e.g. Block); the root always is one
+    reshard_after_forward: bool = True  # free gathered parameters after forward (less memory, one more all-gather)
+    activation_checkpointing: bool = False  # recompute each `wrap` unit's activations in backward
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in host memory
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # parameters in host memory between uses (ZeRO-3 only)
+    config: str | None = None  # a DeepSpeed JSON file merged into the config generated from the recipe
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
-    name: Literal["ddp"] = "ddp"
-    find_unused_parameters: bool = False
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    find_unused_parameters: bool = False  # ddp
     timeout_s: float = 1800.0  # how long a collective waits for a peer before the run gives up on it
+    fsdp: FSDPConfig = FSDPConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether every process holds only its shard of the training state (and writes it in checkpoints)."""
+        return self.name != "ddp"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -491,7 +517,7 @@ def check_values(recipe: Recipe) -> list[str]:
     at_least("train.seed", t.seed, 0)
     at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)
     need(t.max_time_s is None or t.max_time_s > 0, "train.max_time_s", f"must be > 0, got {t.max_time_s}")
-    need(recipe.strategy.timeout_s > 0, "strategy.timeout_s", f"must be > 0, got {recipe.strategy.timeout_s}")
+    problems.extend(_check_strategy(recipe))
     need(
         t.clip_grad_norm is None or t.clip_grad_norm > 0,
         "train.clip_grad_norm",
@@ -549,6 +575,37 @@ def check_values(recipe: Recipe) -> list[str]:
         "resume",
         f"expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a directory",
     )
+    return problems
+
+
+def _check_strategy(recipe: Recipe) -> list[str]:
+    s, t = recipe.strategy, recipe.train
+    problems = []
+    if s.timeout_s <= 0:
+        problems.append(f"strategy.timeout_s: must be > 0, got {s.timeout_s}")
+    for section, default in (("fsdp", FSDPConfig()), ("deepspeed", DeepSpeedConfig())):
+        if s.name != section and getattr(s, section) != default:
+            problems.append(f"strategy.{section}: set, but strategy.name is {s.name}; set strategy.name={section}")
+    if s.sharded and recipe.checkpoint.async_save:
+        problems.append(
+            f"checkpoint.async_save: not available with strategy.name={s.name} (every process writes its shard, "
+            "together); set it to false"
+        )
+    if s.name == "fsdp" and t.mixed_precision == "fp16":
+        problems.append("train.mixed_precision: fp16 is not supported with strategy.name=fsdp; use bf16")
+    if s.name == "deepspeed":
+        ds = s.deepspeed
+        if ds.offload_params and ds.zero_stage != 3:
+            problems.append(f"strategy.deepspeed.offload_params: needs zero_stage 3, got {ds.zero_stage}")
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append("strategy.name: deepspeed needs the deepspeed package: pip install 'launcher[deepspeed]'")
+        if ds.config is not None:
+            user, problem = strategies.read_user_config(ds.config)
+            found = [problem] if problem else strategies.user_config_problems(recipe, user or {})
+            problems.extend(
+                f"strategy.deepspeed.config: {ds.config} {p}" if not problem else f"strategy.deepspeed.config: {p}"
+                for p in found
+            )
     return problems
 
 

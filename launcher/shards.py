@@ -1,0 +1,210 @@
+"""Sharded checkpoint formats: every process writes its own shard, and loading never unpickles arbitrary objects.
+
+- FSDP: `torch.distributed.checkpoint` (DCP) in `dcp/`. DCP reshards on load, so a checkpoint written by N
+  processes resumes on M. DCP's own reader unpickles its metadata and non-tensor values with plain `pickle`; the
+  reader and planner here accept only DCP's metadata classes and `torch.load(weights_only=True)` values.
+- DeepSpeed: the engine's own ZeRO checkpoint in `deepspeed/`, read through a checkpoint engine that loads with
+  `weights_only=True` and allows DeepSpeed's plain record classes (the ZeRO stage enum, the loss scaler, the
+  address of a parameter's slice in a partition).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+
+DCP_DIR = "dcp"
+DEEPSPEED_DIR = "deepspeed"  # the tag of DeepSpeed's checkpoint: its files land in <checkpoint>/deepspeed/
+
+
+class UnsafeCheckpoint(Exception):
+    """A checkpoint file holds something other than tensors and plain values."""
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+# ---------------------------------------------------------------------------------------------------- DCP
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` file: its record classes, torch sizes and dtypes, paths, nothing else."""
+
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        plain_torch = module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        )
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED or plain_torch:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with (Path(self.path) / ".metadata").open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor values (optimizer hyperparameters, step counts) loaded with `weights_only=True`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._nested_dict import set_element
+
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, _inner(optimizer))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Every process writes its shard of model and optimizer state (a collective: all ranks call it)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer), storage_writer=FileSystemWriter(str(directory)))
+
+
+def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Load into this run's sharding, whatever the world size that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = _dcp_state(model, optimizer)
+    try:
+        SafeReader(str(directory)).read_metadata()  # refused here, the same on every rank, before any collective
+        dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner())
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a CheckpointException
+        if "unpickl" in str(e).lower() or "weights only load failed" in str(e).lower():
+            raise UnsafeCheckpoint(_short(e)) from None
+        raise RuntimeError(_short(e)) from None
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a DCP checkpoint, read in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = SafeReader(str(directory))
+    try:
+        metadata = reader.read_metadata()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
+    weights = {
+        key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    state = {"model": weights}
+    dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=True)
+    return state["model"]
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300]
+
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def _deepspeed_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
+    """`torch.load(weights_only=True)`, with DeepSpeed's plain record classes allowed; anything else refused."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise UnsafeCheckpoint(f"{path}: {reason}") from None
+
+
+class _SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with its `load` replaced by `safe_torch_load`."""
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location)
+
+
+def save_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
+    """Every process writes its ZeRO partition (a collective: all ranks call it)."""
+    engine.save_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR, save_latest=False)
+
+
+def load_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
+    if not isinstance(engine.checkpoint_engine, _SafeCheckpointEngine):
+        engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
+    try:
+        path, _ = engine.load_checkpoint(
+            str(checkpoint_dir), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    except UnsafeCheckpoint:
+        raise
+    except Exception as e:
+        raise RuntimeError(_short(e)) from None
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint_dir / DEEPSPEED_DIR}")
+
+
+def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights, consolidated from the ZeRO partitions by DeepSpeed's own reader, after
+    every file was checked to load with `weights_only=True` (that reader unpickles freely)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for file in sorted((checkpoint_dir / DEEPSPEED_DIR).glob("*.pt")):
+        safe_torch_load(file, map_location="cpu")
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)

@@ -1,0 +1,259 @@
+"""Strategies with real processes: FSDP2 (torch's fully_shard over gloo) and DeepSpeed ZeRO-2/3 train the same run
+as DDP, write one shard per process, resume, and export one weights file equal to DDP's parameters. Plus the pure
+parts: the generated DeepSpeed config and the memory estimate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RECIPE, finish, read_metrics, run_cli, start_ranks
+from safetensors.torch import load_file
+from test_distributed import TIMEOUT
+
+from launcher import strategies
+from launcher.recipe import load_recipe
+
+STRATEGIES = {
+    "ddp": [],
+    "fsdp": ["strategy.name=fsdp", "strategy.fsdp.wrap=[Linear]"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
+}
+# Clipping active on most steps (norms are 0.3-0.9) and 2 micro-batches per update: the global norm, after sync.
+RUN = [
+    "train.max_steps=20",
+    "train.clip_grad_norm=0.5",
+    "train.gradient_accumulation_steps=2",
+    "checkpoint.every_steps=10",
+    "strategy.timeout_s=60",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same recipe trained with each strategy on 2 processes."""
+    root = tmp_path_factory.mktemp("strategies")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    done = {}
+    for name, overrides in STRATEGIES.items():
+        procs = start_ranks(2, "train", str(recipe), f"run_dir={root / name}", *RUN, *overrides, cwd=root)
+        results = finish(procs, TIMEOUT)
+        assert [rc for rc, _, _ in results] == [0, 0], results
+        done[name] = root / name
+    return done
+
+
+def curve(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+def test_a_sharded_strategy_trains_the_same_run_as_ddp(runs: dict[str, Path], name: str):
+    for key in ("train/loss", "grad_norm"):
+        ddp, other = curve(runs["ddp"], key), curve(runs[name], key)
+        assert sorted(other) == list(range(1, 21))
+        assert all(abs(other[s] - ddp[s]) < 1e-5 for s in ddp), (key, ddp, other)
+    assert json.loads((runs[name] / "env.json").read_text())["strategy"] == STRATEGIES[name][0].split("=")[1]
+
+
+@pytest.mark.slow
+def test_each_process_writes_its_own_shard(runs: dict[str, Path]):
+    fsdp = runs["fsdp"] / "checkpoints" / "step_00000020"
+    assert sorted(p.name for p in (fsdp / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (fsdp / "model.safetensors").exists()
+    for name in ("zero2", "zero3"):
+        ds = runs[name] / "checkpoints" / "step_00000020"
+        files = sorted(p.name for p in (ds / "deepspeed").iterdir())
+        assert [f for f in files if "optim_states" in f] == [
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ], files
+        assert json.loads((ds / "trainer_state.json").read_text())["format"] == "deepspeed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+def test_export_consolidates_the_shards_into_the_models_parameters(runs: dict[str, Path], name: str, tmp_path: Path):
+    out = tmp_path / f"{name}.safetensors"
+    proc = run_cli("ckpt", "export", str(runs[name] / "checkpoints" / "latest"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    exported = load_file(str(out))
+    # DDP's checkpoint holds the model's parameters as they are; the sharded runs trained the same model.
+    reference = load_file(str(runs["ddp"] / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert exported[key].dtype == torch.float32
+        assert torch.allclose(exported[key], tensor, atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_refuses_another_world_size_in_one_line(runs: dict[str, Path], tmp_path: Path):
+    recipe = runs["ddp"].parent / "tiny.yaml"
+    proc = run_cli(
+        "train",
+        str(recipe),
+        f"run_dir={runs['zero2']}",
+        *RUN,
+        *STRATEGIES["zero2"],
+        "train.max_steps=30",
+        "resume=auto",
+        cwd=tmp_path,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "holds DeepSpeed ZeRO partitions of 2 processes" in last and "this run has 1" in last, last
+
+
+@pytest.mark.slow
+def test_resuming_with_another_strategy_is_refused(runs: dict[str, Path], tmp_path: Path):
+    recipe = runs["ddp"].parent / "tiny.yaml"
+    proc = run_cli(
+        "train", str(recipe), f"run_dir={runs['fsdp']}", *RUN, "train.max_steps=30", "resume=auto", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "was written with strategy.name=fsdp (dcp format); this run uses ddp" in last, last
+
+
+EVIL_METADATA = """\
+import os, pickle, sys
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(Boom(), f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_a_tampered_shard_is_refused_not_run(runs: dict[str, Path], tmp_path: Path, name: str):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs[name], copy)
+    ckpt = copy / "checkpoints" / "step_00000020"
+    target = (
+        ckpt / "dcp" / ".metadata"
+        if name == "fsdp"
+        else ckpt / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    )
+    witness = tmp_path / "payload-ran"
+    (tmp_path / "evil.py").write_text(EVIL_METADATA)
+    subprocess.run([sys.executable, str(tmp_path / "evil.py"), str(target), str(witness)], check=True)
+
+    export = run_cli("ckpt", "export", str(ckpt), "--out", str(tmp_path / "w.safetensors"))
+    assert export.returncode == 2 and not witness.exists(), export.stderr
+    assert "is not plain tensors; refusing to load it" in export.stderr.strip().splitlines()[-1]
+
+    recipe = runs["ddp"].parent / "tiny.yaml"
+    procs = start_ranks(
+        2,
+        "train",
+        str(recipe),
+        f"run_dir={copy}",
+        *RUN,
+        *STRATEGIES[name],
+        "train.max_steps=30",
+        "resume=auto",
+        cwd=tmp_path,
+    )
+    results = finish(procs, TIMEOUT)
+    assert not witness.exists()
+    assert results[0][0] == 2, results
+    assert "is not plain tensors; refusing to load it" in results[0][2].strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_an_fsdp_wrap_class_the_model_lacks_is_named(tiny_recipe: Path, tmp_path: Path):
+    procs = start_ranks(
+        2,
+        "train",
+        str(tiny_recipe),
+        f"run_dir={tmp_path / 'run'}",
+        "strategy.name=fsdp",
+        "strategy.fsdp.wrap=[Block]",
+        "strategy.timeout_s=60",
+        cwd=tmp_path,
+    )
+    results = finish(procs, TIMEOUT)
+    assert [rc for rc, _, _ in results] == [2, 2], results
+    last = results[0][2].strip().splitlines()[-1]
+    assert last.startswith("error: strategy.fsdp.wrap: the model has no module of class Block;") and "Linear" in last
+
+
+# ---------------------------------------------------------------------------------------------------- pure
+
+
+def recipe_with(*overrides: str, tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text(TINY_RECIPE)
+    return load_recipe(path, list(overrides))
+
+
+def test_the_deepspeed_config_takes_batch_clipping_and_precision_from_the_recipe(tmp_path: Path):
+    recipe = recipe_with(
+        "strategy.name=deepspeed",
+        "strategy.deepspeed.zero_stage=3",
+        "strategy.deepspeed.offload_optimizer=true",
+        "train.batch_size=8",
+        "train.gradient_accumulation_steps=4",
+        "train.clip_grad_norm=0.7",
+        "train.mixed_precision=bf16",
+        tmp_path=tmp_path,
+    )
+    user = {"zero_optimization": {"stage3_prefetch_bucket_size": 1000}, "gradient_clipping": "auto"}
+    config = strategies.deepspeed_config(recipe, processes=16, user=user)
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 8 * 4 * 16
+    assert config["gradient_clipping"] == 0.7
+    assert config["bf16"] == {"enabled": True} and config["fp16"]["enabled"] is False
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "stage3_prefetch_bucket_size": 1000,
+    }
+    assert strategies.user_config_problems(recipe, user) == []
+    no_clip = recipe_with("strategy.name=deepspeed", "train.clip_grad_norm=null", tmp_path=tmp_path)
+    assert strategies.deepspeed_config(no_clip, 2)["gradient_clipping"] == 0.0
+
+
+def test_a_deepspeed_json_that_contradicts_the_recipe_is_refused(tmp_path: Path):
+    user_file = tmp_path / "ds.json"
+    user_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}}))
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE)
+    proc = run_cli(
+        "validate", str(tmp_path / "r.yaml"), "strategy.name=deepspeed", f"strategy.deepspeed.config={user_file}"
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert "sets train_micro_batch_size_per_gpu=4 but the recipe gives 32" in lines[0]
+    assert "has an 'optimizer' section" in lines[1]
+
+
+def test_memory_per_process_follows_the_zero_stages():
+    gib = 2**30
+    p = 1_000_000_000  # 1B parameters, Adam, bf16
+    ddp = strategies.memory_per_process(p, "ddp", 0, 8, "bf16", 2)
+    assert (ddp["parameters"], ddp["gradients"], ddp["optimizer"]) == (4 * p, 4 * p, 8 * p)
+    z = {s: strategies.memory_per_process(p, "deepspeed", s, 8, "bf16", 2) for s in (1, 2, 3)}
+    assert z[1] == {"parameters": 2 * p, "gradients": 2 * p, "optimizer": 12 * p / 8}
+    assert z[2]["gradients"] == 2 * p / 8 and z[2]["parameters"] == 2 * p
+    assert z[3]["parameters"] == 2 * p / 8 and sum(z[3].values()) / gib == pytest.approx(16 * p / 8 / gib)
+    fsdp = strategies.memory_per_process(p, "fsdp", 0, 4, "no", 2)
+    assert sum(fsdp.values()) == 16 * p / 4
+    assert strategies.optimizer_slots("sgd", {"momentum": 0.9}) == 1
+    assert strategies.optimizer_slots("sgd", {}) == 0
+    assert strategies.optimizer_slots("adamw", {}) == 2
