@@ -103,9 +103,8 @@ def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
 def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Load into this run's sharding, whatever the world size that wrote it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _dcp_state(model, optimizer)
     try:
