@@ -87,7 +87,12 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
         print(dump(recipe), end="")
         return 0
 
-    from launcher import loop  # torch and accelerate load only once the recipe is known to be good
+    import torch  # torch and accelerate load only once the recipe is known to be good
+
+    if not torch.cuda.is_available():
+        # Accelerate imports DeepSpeed where it is installed, which then warns that it guessed the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from launcher import loop
 
     try:
         resume_from = loop.preflight(recipe, os.environ)

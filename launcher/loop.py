@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
@@ -155,6 +156,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         if "WORLD_SIZE" not in os.environ:  # one process, not started by a launcher: DeepSpeed still wants a group
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed calls collectives torch has renamed; the warning would repeat at every step, on every rank.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         user = strategies.read_user_config(s.deepspeed.config)[0] if s.deepspeed.config else None
         config = strategies.deepspeed_config(recipe, _launched_world(), user)
         # Without CUDA, DeepSpeed runs over gloo; Accelerate must then be told, or it sees a world of one.

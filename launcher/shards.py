@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,19 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
+def _alone() -> bool:
+    """No process group (one process): DCP reads and writes without collectives."""
+    return not torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_alone() -> Iterator[None]:
+    """DCP warns that it works in one process even when told so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def _dcp_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -97,7 +113,8 @@ def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Every process writes its shard of model and optimizer state (a collective: all ranks call it)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_dcp_state(model, optimizer), storage_writer=FileSystemWriter(str(directory)))
+    with _quiet_alone():
+        dcp.save(_dcp_state(model, optimizer), storage_writer=FileSystemWriter(str(directory)), no_dist=_alone())
 
 
 def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
@@ -109,7 +126,8 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
     state = _dcp_state(model, optimizer)
     try:
         SafeReader(str(directory)).read_metadata()  # refused here, the same on every rank, before any collective
-        dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner())
+        with _quiet_alone():
+            dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=_alone())
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a CheckpointException
@@ -135,7 +153,8 @@ def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
     state = {"model": weights}
-    dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=True)
+    with _quiet_alone():
+        dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=True)
     return state["model"]
 
 
@@ -206,4 +225,5 @@ def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
     for file in sorted((checkpoint_dir / DEEPSPEED_DIR).glob("*.pt")):
         safe_torch_load(file, map_location="cpu")
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)

@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,19 +85,29 @@ def start_ranks(
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of each process; kills them all if they outlast `timeout` seconds in all."""
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            results.append((p.returncode, out, err))
-    except subprocess.TimeoutExpired:
+    """(exit code, stdout, stderr) of each process; kills them all if they outlast `timeout` seconds in all.
+
+    Every process's pipes are drained at once (one thread each): a rank blocked on a full stderr pipe while the
+    test reads another rank's would look like a hang of the launcher."""
+    outputs: dict[int, tuple[str, str]] = {}
+
+    def drain(i: int, p: subprocess.Popen) -> None:
+        outputs[i] = p.communicate()
+
+    threads = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0))
+    if any(t.is_alive() for t in threads):
         stacks = [_stack(p) for p in procs if p.poll() is None]
         for p in procs:
             p.kill()
-        outputs = [p.communicate() for p in procs]
-        raise AssertionError(f"processes still running after {timeout} s: {outputs}\n{stacks}") from None
-    return results
+        for t in threads:
+            t.join()
+        raise AssertionError(f"processes still running after {timeout} s: {outputs}\n{stacks}")
+    return [(p.returncode, *outputs[i]) for i, p in enumerate(procs)]
 
 
 def _stack(proc: subprocess.Popen) -> str:

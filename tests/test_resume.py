@@ -41,15 +41,24 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows}
 
 
-@pytest.mark.parametrize("async_save", ["false", "true"])
-def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, async_save: str):
+VARIANTS = {
+    "ddp": [],
+    "ddp-async": ["checkpoint.async_save=true"],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, variant: str):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]}", "hidden_sizes: [32], dropout: 0.1}"))
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    mode = f"checkpoint.async_save={async_save}"
-    assert [rc for rc, _, _ in finish(start_ranks(2, recipe, full, mode), TIMEOUT)] == [0, 0]
+    mode = VARIANTS[variant]
+    assert [rc for rc, _, _ in finish(start_ranks(2, recipe, full, *mode), TIMEOUT)] == [0, 0]
 
-    procs = start_ranks(2, recipe, crashed, mode)
+    procs = start_ranks(2, recipe, crashed, *mode)
     deadline = time.monotonic() + TIMEOUT
     while (
         not checkpoint.complete_steps(crashed / "checkpoints")
@@ -64,7 +73,7 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, async_save: st
     resumed_from = max(checkpoint.complete_steps(crashed / "checkpoints"))
     assert resumed_from < 300 and resumed_from % 9, "the kill should come mid-run and mid-epoch"
 
-    results = finish(start_ranks(2, recipe, crashed, mode, "resume=auto"), TIMEOUT)
+    results = finish(start_ranks(2, recipe, crashed, *mode, "resume=auto"), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert f"resumed from {crashed / 'checkpoints' / checkpoint.step_dir_name(resumed_from)}" in results[0][1]
     full_losses, resumed_losses = losses(full), losses(crashed)
@@ -180,13 +189,17 @@ def test_resuming_with_another_model_shape_is_refused(tiny_recipe: Path, tmp_pat
     assert "holds a model of another shape than the recipe's" in last and "size mismatch" in last, proc.stderr
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("resume_on", [1, 3])
-def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(tiny_recipe: Path, tmp_path: Path, resume_on):
+def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
+    tiny_recipe: Path, tmp_path: Path, resume_on: int, strategy: str
+):
     run_dir = tmp_path / "run"
     first = ["train.max_steps=30", "checkpoint.every_steps=30", "logging.every_steps=1", "strategy.timeout_s=60"]
+    first.append(f"strategy.name={strategy}")
     procs = _start_ranks(2, "train", str(tiny_recipe), f"run_dir={run_dir}", *first, cwd=tmp_path)
     assert [rc for rc, _, _ in finish(procs, TIMEOUT)] == [0, 0]
-    then = ["train.max_steps=45", "logging.every_steps=1", "strategy.timeout_s=60", "resume=auto"]
+    then = ["train.max_steps=45", "logging.every_steps=1", "strategy.timeout_s=60", "resume=auto", first[-1]]
     procs = _start_ranks(resume_on, "train", str(tiny_recipe), f"run_dir={run_dir}", *then, cwd=tmp_path)
     results = finish(procs, TIMEOUT)
     assert [rc for rc, _, _ in results] == [0] * resume_on, results
