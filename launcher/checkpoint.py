@@ -159,7 +159,7 @@ class Writer:
                 "rng.pt": {"ranks": rng_states},
                 **({"scaler.pt": _host_copy(scaler.state_dict())} if scaler is not None else {}),
             }
-            state = {**trainer_state, "world_size": accelerator.num_processes}
+            state = {**trainer_state, "world_size": accelerator.num_processes, "format": "full"}
             job = functools.partial(_write, path, snapshot, state, recipe_text, after)
             if self.background:
                 self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)

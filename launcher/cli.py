@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import RecipeError, RunFailed
 
@@ -37,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
 
+    tokenize = verbs.add_parser("tokenize", help="a text file as byte-level token files for token_memmap")
+    tokenize.add_argument("text", help="a UTF-8 (or any) text file")
+    tokenize.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
+    tokenize.add_argument("--val-fraction", type=float, default=0.1, help="the end of the file kept for val")
+
     # Overrides may come before or after options (`train r.yaml --print-recipe a.b=1`); argparse alone would stop
     # collecting them at the first option.
     args, extra = parser.parse_known_args(argv)
@@ -49,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train_command(args.recipe, args.overrides, args.print_recipe)
         if args.verb == "plan":
             return plan_command(args.recipe, args.overrides, args.processes)
+        if args.verb == "tokenize":
+            return tokenize_command(args.text, args.out, args.val_fraction)
         if args.verb == "ckpt" and args.ckpt_verb == "info":
             return ckpt_info_command(args.path)
         if args.verb == "ckpt":
@@ -87,11 +95,7 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
         print(dump(recipe), end="")
         return 0
 
-    import torch  # torch and accelerate load only once the recipe is known to be good
-
-    if not torch.cuda.is_available():
-        # Accelerate imports DeepSpeed where it is installed, which then warns that it guessed the CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_deepspeed()  # torch and accelerate load only once the recipe is known to be good
     from launcher import loop
 
     try:
@@ -102,18 +106,83 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
     return 0
 
 
+def tokenize_command(text: str, out_text: str, val_fraction: float) -> int:
+    from launcher.data.memmap import write_bytes
+
+    source, out = Path(text), Path(out_text)
+    if not source.is_file():
+        raise RecipeError(f"{text}: no such file")
+    if not 0 < val_fraction < 1:
+        raise RecipeError(f"--val-fraction: expected a number between 0 and 1, got {val_fraction}")
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out: {out} exists and is not a folder")
+    counts = write_bytes(source, out, val_fraction)
+    print(
+        f"{out}/train.bin: {counts['train']:,} tokens, {out}/val.bin: {counts['val']:,} tokens (uint16, vocab 256); "
+        f"use data.dataset.path={out}/{{split}}.bin data.dataset.vocab_size=256"
+    )
+    return 0
+
+
+def _quiet_deepspeed() -> None:
+    """Accelerate imports DeepSpeed where it is installed, which then warns on CPU machines that it guessed the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
     from launcher import components, plan
     from launcher.recipe import load_recipe
 
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides, check_files=False)
     processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
     if processes < 1:
         raise RecipeError(f"--processes: must be >= 1, got {processes}")
-    train_set = components.instantiate("data", recipe.data.train, key="data.train")
-    samples = len(train_set)
-    print(plan.describe_plan(recipe, plan.make_plan(recipe, samples, processes), samples))
+    try:
+        train_set = components.instantiate("data", recipe.data.train, key="data.train")
+    except (RecipeError, OSError) as e:  # the data is not there yet: plan from max_steps and the recipe
+        text = str(e.problems[0] if isinstance(e, RecipeError) else e)
+        train_set, missing = None, text.split(" (LAUNCHER_FULL_ERROR")[0].split("failed: ")[-1]
+    else:
+        missing = ""
+    samples = None if train_set is None else len(train_set)
+    made = plan.make_plan(recipe, samples, processes)
+    # Without the data, the sizes the dataset would tell the model (block_size, vocab_size) come from the recipe.
+    model_kwargs = getattr(train_set, "model_kwargs", None)
+    if model_kwargs is None:
+        model_kwargs = {k: v for k, v in recipe.data.train.kwargs.items() if k in ("block_size", "vocab_size")}
+    tokens = _tokens_per_sample(train_set) if train_set is not None else int(model_kwargs.get("block_size", 0))
+    parameters = _count_parameters(recipe, model_kwargs)
+    print(plan.describe_plan(recipe, made, samples, tokens, parameters, missing))
     return 0
+
+
+def _tokens_per_sample(dataset: Any) -> int:
+    """Tokens in one sample of a sequence dataset (integer targets of one or more dimensions); 0 otherwise."""
+    import torch
+
+    _, target = dataset[0]
+    return (
+        target.numel()
+        if isinstance(target, torch.Tensor) and target.dim() >= 1 and not target.is_floating_point()
+        else 0
+    )
+
+
+def _count_parameters(recipe: Any, model_kwargs: dict[str, Any]) -> int | None:
+    """The model's parameters (tied ones once), built on the meta device so no memory is allocated."""
+    import torch
+
+    from launcher import components
+
+    try:
+        with torch.device("meta"):
+            model = components.instantiate("model", recipe.model, **model_kwargs)
+    except Exception:  # a model that cannot be built on the meta device: no estimate
+        return None
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def ckpt_info_command(path_text: str) -> int:
@@ -172,6 +241,7 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
         raise RecipeError(f"--out: {out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise RecipeError(f"--out: no such folder: {out.parent}")
+    _quiet_deepspeed()
     from launcher.shards import UnsafeCheckpoint
 
     try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from launcher import schedules
+from launcher import schedules, strategies
+from launcher.errors import RecipeError
 from launcher.recipe import Recipe
 
 SPARK = " ▁▂▃▄▅▆▇█"
@@ -32,12 +33,19 @@ def total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | N
     return min(limits)
 
 
-def make_plan(recipe: Recipe, train_samples: int, processes: int) -> Plan:
+def make_plan(recipe: Recipe, train_samples: int | None, processes: int) -> Plan:
+    """The plan; without the train set's length (`None`: its files are not there yet) only `train.max_steps`
+    bounds the run, and the per-epoch figures are 0."""
     t = recipe.train
     per_round = t.batch_size * processes
-    batches = train_samples // per_round if recipe.data.drop_last else math.ceil(train_samples / per_round)
-    steps_per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
-    total = total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
+    if train_samples is None:
+        if t.max_steps is None:
+            raise RecipeError("train.max_steps: needed to plan a run whose train set is not there yet")
+        batches, steps_per_epoch, total = 0, 0, t.max_steps
+    else:
+        batches = train_samples // per_round if recipe.data.drop_last else math.ceil(train_samples / per_round)
+        steps_per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
+        total = total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
     lr_points = None
     spec = recipe.scheduler
     if spec.short_name in schedules.SCHEDULES:
@@ -51,7 +59,7 @@ def make_plan(recipe: Recipe, train_samples: int, processes: int) -> Plan:
         batches_per_process=batches,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        epochs=total / steps_per_epoch,
+        epochs=total / steps_per_epoch if steps_per_epoch else math.nan,
         lr_points=lr_points,
     )
 
@@ -65,17 +73,85 @@ def lr_curve(recipe: Recipe, total_steps: int, width: int = 60) -> str:
     return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in values)
 
 
-def describe_plan(recipe: Recipe, plan: Plan, train_samples: int) -> str:
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def describe_strategy(recipe: Recipe, processes: int, parameters: int | None) -> list[str]:
+    """The strategy, an estimate of each process's share of the training state, and DeepSpeed's config."""
+    s, t = recipe.strategy, recipe.train
+    if s.name == "fsdp":
+        f = s.fsdp
+        how = (
+            f"fsdp (FSDP2 fully_shard; units: {', '.join(f.wrap) or 'the whole model'}; "
+            f"reshard after forward {'on' if f.reshard_after_forward else 'off'}"
+            f"{'; activation checkpointing' if f.activation_checkpointing else ''}"
+            f"{'; CPU offload' if f.cpu_offload else ''})"
+        )
+    elif s.name == "deepspeed":
+        d = s.deepspeed
+        offload = [name for name, on in (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if on]
+        how = f"deepspeed ZeRO-{d.zero_stage}" + (f" (offload to CPU: {', '.join(offload)})" if offload else "")
+    else:
+        how = "ddp (every process holds the whole model and optimizer)"
+    lines = [f"strategy      {how}"]
+    if parameters is not None:
+        slots = strategies.optimizer_slots(recipe.optimizer.target, recipe.optimizer.kwargs)
+        stage = s.deepspeed.zero_stage if s.name == "deepspeed" else 0
+        mem = strategies.memory_per_process(parameters, s.name, stage, processes, t.mixed_precision, slots)
+        where = {"optimizer": "CPU" if s.name == "deepspeed" and s.deepspeed.offload_optimizer else "device"}
+        if s.name == "deepspeed" and s.deepspeed.offload_params:
+            where["parameters"] = "CPU"
+        if s.name == "fsdp" and s.fsdp.cpu_offload:
+            where = {"parameters": "CPU", "gradients": "CPU", "optimizer": "CPU"}
+        parts = ", ".join(f"{name} {_gib(b)}{' (CPU)' if where.get(name) == 'CPU' else ''}" for name, b in mem.items())
+        lines.append(f"parameters    {parameters:,} ({_gib(parameters * 4)} in fp32)")
+        lines.append(
+            f"memory        per process: {parts} = {_gib(sum(mem.values()))} "
+            f"(optimizer with {slots} state tensors per parameter; activations and buffers not counted)"
+        )
+    if s.name == "deepspeed":
+        import json
+
+        user = strategies.read_user_config(s.deepspeed.config)[0] if s.deepspeed.config else None
+        config = json.dumps(strategies.deepspeed_config(recipe, processes, user), indent=2)
+        lines.append(
+            "deepspeed     config (generated from the recipe"
+            + (f", {s.deepspeed.config} merged in" if user else "")
+            + "):"
+        )
+        lines.extend("              " + line for line in config.splitlines())
+    return lines
+
+
+def describe_plan(
+    recipe: Recipe,
+    plan: Plan,
+    train_samples: int | None,
+    tokens_per_sample: int = 0,
+    parameters: int | None = None,
+    missing: str = "",
+) -> str:
     t = recipe.train
     lines = [
         f"recipe        {recipe.name} (run dir {recipe.run_dir})",
-        f"processes     {plan.processes}",
+        f"world size    {plan.processes} process{'es' if plan.processes != 1 else ''}",
         f"batch         {t.batch_size} per process x {plan.processes} processes x "
         f"{t.gradient_accumulation_steps} accumulated = {plan.global_batch} samples per update",
         f"train set     {train_samples} samples: {plan.batches_per_process} batches per process per epoch, "
-        f"{plan.steps_per_epoch} updates per epoch",
-        f"run           {plan.total_steps} updates = {plan.epochs:.2f} epochs",
+        f"{plan.steps_per_epoch} updates per epoch"
+        if train_samples is not None
+        else f"train set     not there yet ({missing}): epochs not computed",
+        f"run           {plan.total_steps} updates = {plan.epochs:.2f} epochs"
+        if train_samples is not None
+        else f"run           {plan.total_steps} updates (train.max_steps)",
     ]
+    if tokens_per_sample:
+        lines.insert(
+            3,
+            f"tokens        {tokens_per_sample} per sample = {plan.global_batch * tokens_per_sample:,} per update, "
+            f"{plan.global_batch * tokens_per_sample * plan.total_steps:,} in the run",
+        )
     e = recipe.eval
     if recipe.data.val is not None and (e.every_steps or e.every_epoch):
         when = [f"every {e.every_steps} updates"] if e.every_steps else []
@@ -87,6 +163,7 @@ def describe_plan(recipe: Recipe, plan: Plan, train_samples: int) -> str:
         f"checkpoints   {saves}{', and at the end' if c.save_final else ''}; keep {c.keep_last} newest"
         f"{f' and {c.keep_best} best by {c.monitor}' if c.keep_best else ''}"
     )
+    lines.extend(describe_strategy(recipe, plan.processes, parameters))
     if plan.lr_points is not None:
         points = ", ".join(f"{lr:.3g} at {step}" for step, lr in plan.lr_points)
         lines.append(f"learning rate {recipe.scheduler.target}: {points}")

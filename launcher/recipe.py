@@ -197,11 +197,11 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_files: bool = True) -> Recipe:
     """Read, compose, override and validate a recipe, or raise RecipeError listing every problem.
 
     The recipe's folder becomes importable, as a script's folder is, so `_component_: mymodels.Net` finds a
-    `mymodels.py` kept beside the recipe.
+    `mymodels.py` kept beside the recipe. Without `check_files`, data files need not exist yet (`launcher plan`).
     """
     path = Path(path)
     if not path.is_file():
@@ -211,7 +211,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     recipe_dir = str(path.resolve().parent)
     if recipe_dir not in sys.path:
         sys.path.insert(0, recipe_dir)
-    return validate(raw, source=str(path), default_name=path.stem, problems=override_problems)
+    return validate(raw, str(path), path.stem, override_problems, check_files)
 
 
 def read_yaml_file(path: Path) -> dict[str, Any]:
@@ -315,7 +315,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
 _EXTRA_KEYS: dict[type, tuple[str, ...]] = {DataConfig: ("dataset",)}
 
 
-def validate(raw: Mapping[str, Any], source: str, default_name: str = "run", problems: Sequence[str] = ()) -> Recipe:
+def validate(
+    raw: Mapping[str, Any],
+    source: str,
+    default_name: str = "run",
+    problems: Sequence[str] = (),
+    check_files: bool = True,
+) -> Recipe:
     """The typed, frozen recipe, or RecipeError with every problem found (and `problems` found before), one
     line each."""
     found: list[str] = list(problems)
@@ -337,7 +343,7 @@ def validate(raw: Mapping[str, Any], source: str, default_name: str = "run", pro
             recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
         # Values that failed their type check stand at their defaults here: their range checks would only repeat
         # or mislead, so problems under those keys are left out.
-        for problem in check_values(recipe):
+        for problem in check_values(recipe, check_files):
             key = problem.split(":", 1)[0]
             if not any(key == bad or key.startswith(bad + ".") for bad in checker.bad_keys):
                 found.append(f"{source}: {problem}")
@@ -496,7 +502,7 @@ class _Checker:
 _BAD = object()
 
 
-def check_values(recipe: Recipe) -> list[str]:
+def check_values(recipe: Recipe, check_files: bool = True) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import, missing files.
     Each is `key.path: message`."""
     problems: list[str] = []
@@ -526,9 +532,9 @@ def check_values(recipe: Recipe) -> list[str]:
 
     d = recipe.data
     at_least("data.num_workers", d.num_workers, 0)
-    problems.extend(_check_component("data.train", "data", d.train))
+    problems.extend(_check_component("data.train", "data", d.train, check_files=check_files))
     if d.val is not None:
-        problems.extend(_check_component("data.val", "data", d.val))
+        problems.extend(_check_component("data.val", "data", d.val, check_files=check_files))
     problems.extend(_check_component("model", "model", recipe.model))
     problems.extend(_check_component("loss", "loss", recipe.loss))
     problems.extend(_check_optimizer(recipe.optimizer))
@@ -610,14 +616,19 @@ def _check_strategy(recipe: Recipe) -> list[str]:
 
 
 def _check_component(
-    key: str, section: str, spec: Component, passed: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+    key: str,
+    section: str,
+    spec: Component,
+    passed: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+    check_files: bool = True,
 ) -> list[str]:
     try:
         fn = components.resolve(section, spec.target)
     except components.ResolveError as e:
         return [f"{key}._component_: {e}"]
     problems = [f"{key}.{arg}: {msg}" for arg, msg in components.argument_problems(fn, spec.kwargs, passed, extra)]
-    if section == "data" and spec.short_name in components.DATASET_PATH_ARGS:
+    if section == "data" and check_files and spec.short_name in components.DATASET_PATH_ARGS:
         for arg in components.DATASET_PATH_ARGS[spec.short_name]:
             value = spec.kwargs.get(arg)
             if value is None:

@@ -257,3 +257,66 @@ def test_memory_per_process_follows_the_zero_stages():
     assert strategies.optimizer_slots("sgd", {"momentum": 0.9}) == 1
     assert strategies.optimizer_slots("sgd", {}) == 0
     assert strategies.optimizer_slots("adamw", {}) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- LM recipes
+
+# The small CPU variant each GPT recipe documents in its header.
+GPT_CPU = [
+    "data.dataset.vocab_size=256",
+    "data.dataset.block_size=64",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "train.batch_size=8",
+    "train.gradient_accumulation_steps=1",
+    "eval.every_steps=20",
+    "eval.max_batches=4",
+    "checkpoint.every_steps=20",
+    "scheduler.warmup_steps=5",
+    "logging.every_steps=5",
+    "strategy.timeout_s=60",
+]
+
+
+@pytest.fixture(scope="module")
+def byte_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import SHAKESPEARE
+
+    out = tmp_path_factory.mktemp("tokens")
+    proc = run_cli("tokenize", str(SHAKESPEARE), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "train.bin").stat().st_size == 2 * int(0.9 * SHAKESPEARE.stat().st_size)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt_ddp", "gpt_fsdp", "gpt_zero3"])
+def test_a_gpt_recipe_trains_checkpoints_resumes_and_exports_on_two_processes(
+    byte_tokens: Path, tmp_path: Path, name: str
+):
+    from conftest import REPO
+
+    from launcher.models.gpt import GPT
+
+    run_dir = tmp_path / "run"
+    args = ["train", str(REPO / "recipes" / f"{name}.yaml"), f"run_dir={run_dir}", *GPT_CPU]
+    args.append(f"data.dataset.path={byte_tokens}/{{split}}.bin")
+    results = finish(start_ranks(2, *args, "train.max_steps=20", cwd=tmp_path), TIMEOUT)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    results = finish(start_ranks(2, *args, "train.max_steps=40", "resume=auto", cwd=tmp_path), TIMEOUT)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert "resumed from" in results[0][1] and "at step 20" in results[0][1]
+
+    val = curve(run_dir, "val/loss")
+    assert sorted(val) == [20, 40] and val[40] < val[20] < 5.0, val  # uniform guessing is ln 256 = 5.55
+    assert sorted(curve(run_dir, "train/loss")) == list(range(5, 41, 5))
+    state = json.loads((run_dir / "checkpoints" / "step_00000040" / "trainer_state.json").read_text())
+    assert state["format"] == {"gpt_ddp": "full", "gpt_fsdp": "dcp", "gpt_zero3": "deepspeed"}[name]
+    assert state["world_size"] == 2
+
+    out = tmp_path / "model.safetensors"
+    proc = run_cli("ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = GPT(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    model.load_state_dict(load_file(str(out)), strict=True)

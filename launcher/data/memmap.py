@@ -53,3 +53,18 @@ class TokenMemmap(Dataset):
         start = i * self.block_size
         chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
         return chunk[:-1], chunk[1:]
+
+
+def write_bytes(text_file: Path, out_dir: Path, val_fraction: float = 0.1) -> dict[str, int]:
+    """Byte-level tokens (one per byte, vocabulary 256) of a file, as `train.bin` and `val.bin` (uint16, the
+    default dtype of `TokenMemmap`), the last `val_fraction` of the file being val. Needs no tokenizer."""
+    data = np.frombuffer(Path(text_file).read_bytes(), dtype=np.uint8).astype(np.uint16)
+    cut = int(len(data) * (1 - val_fraction))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, tokens in (("train", data[:cut]), ("val", data[cut:])):
+        tmp = out_dir / f".{split}.bin.tmp"
+        tokens.tofile(tmp)
+        tmp.replace(out_dir / f"{split}.bin")
+        counts[split] = len(tokens)
+    return counts
