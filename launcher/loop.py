@@ -433,7 +433,9 @@ def train(
         # A run that was asked to stop (preemption, wall time) saves whatever save_final says: resuming it is the
         # point. After divergence the state saved is the last good one, since skipped updates changed nothing.
         asked_to_stop = stop_reason not in ("done", "early stopping")
-        if (recipe.checkpoint.save_final or asked_to_stop) and last_save_step != state.step:
+        # DeepSpeed applies an update inside backward, before the verdict: after divergence its state is not good.
+        polluted = stop_reason == "diverged" and strategy == "deepspeed"
+        if (recipe.checkpoint.save_final or asked_to_stop) and last_save_step != state.step and not polluted:
             save_step()
         writer.wait()
         waiting_for = "the other processes to finish"
@@ -453,6 +455,14 @@ def train(
             writer.wait()
 
     summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+    if stop_reason == "diverged" and strategy == "deepspeed":
+        raise RunFailed(
+            f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "
+            f"or gradient norm (train.max_nonfinite_steps={t.max_nonfinite_steps}); DeepSpeed applied them, so no "
+            f"checkpoint was written; the last good one is {checkpoint.latest(recipe.checkpoint_dir)}"
+            if main
+            else ""
+        )
     if stop_reason == "diverged":
         raise RunFailed(
             f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "

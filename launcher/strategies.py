@@ -178,7 +178,8 @@ def fsdp_shard(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> 
         # Compute and all-gather in bf16; gradients are reduced and the sharded master weights kept in fp32.
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        # (Pinned host memory needs CUDA; on a CPU-only machine the shards stay where they are anyway.)
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for unit in units:
         fully_shard(unit, **options)
     fully_shard(model, **options)

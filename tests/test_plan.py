@@ -53,3 +53,20 @@ def test_plan_draws_the_schedule():
     assert proc.returncode == 0, proc.stderr
     assert "64 per process x 2 processes x 1 accumulated = 128 samples per update" in proc.stdout
     assert "learning rate cosine: " in proc.stdout and "0.0003 at 50" in proc.stdout
+
+
+def test_plan_of_the_zero3_recipe_shows_strategy_memory_and_deepspeed_config(tmp_path: Path):
+    # Run where the recipe's data files do not exist: the plan still comes, from train.max_steps.
+    proc = run_cli("plan", str(REPO / "recipes" / "gpt_zero3.yaml"), "--processes", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "world size    8 processes" in out
+    assert "batch         16 per process x 8 processes x 4 accumulated = 512 samples per update" in out
+    assert "tokens        1024 per sample = 524,288 per update" in out
+    assert "run           20000 updates (train.max_steps)" in out
+    assert "strategy      deepspeed ZeRO-3" in out
+    assert "parameters    124,373,760" in out
+    # ZeRO-3, bf16, AdamW over 8 processes: (2 + 2 + 12) bytes x 124M / 8.
+    assert "= 0.23 GiB" in out.split("memory")[1].splitlines()[0]
+    assert '"train_batch_size": 512' in out and '"stage": 3' in out and '"gradient_clipping": 1.0' in out
+    assert "learning rate cosine: " in out and "0.0006 at 700" in out

@@ -131,12 +131,23 @@ def test_user_component_beside_the_recipe_is_importable(tmp_path: Path):
     assert load_recipe(tmp_path / "r.yaml").model.target == "mynets.Net"
 
 
-# Overrides a shipped recipe needs to validate (its required values); every recipe in recipes/ is checked.
-REQUIRED_OVERRIDES = {"charlm.yaml": [f"data.dataset.path={SHAKESPEARE}"]}
+# Overrides a shipped recipe needs to validate (its required values, its data files); every recipe in recipes/ is
+# checked. The GPT recipes get byte-level token files of the same corpus.
+def required_overrides(name: str, tokens: Path) -> list[str]:
+    if name == "charlm.yaml":
+        return [f"data.dataset.path={SHAKESPEARE}"]
+    if name.startswith("gpt_"):
+        return [f"data.dataset.path={tokens}/{{split}}.bin"]
+    return []
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
-def test_every_shipped_recipe_validates(name: str):
-    if name in REQUIRED_OVERRIDES and not SHAKESPEARE.is_file():
+def test_every_shipped_recipe_validates(name: str, tmp_path: Path):
+    overrides = required_overrides(name, tmp_path)
+    if overrides and not SHAKESPEARE.is_file():
         pytest.skip(f"needs {SHAKESPEARE}")
-    assert load_recipe(REPO / "recipes" / name, REQUIRED_OVERRIDES.get(name, [])).name == name.removesuffix(".yaml")
+    if name.startswith("gpt_"):
+        from launcher.data.memmap import write_bytes
+
+        write_bytes(SHAKESPEARE, tmp_path)
+    assert load_recipe(REPO / "recipes" / name, overrides).name == name.removesuffix(".yaml")

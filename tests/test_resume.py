@@ -81,8 +81,8 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, variant: str):
     assert all(resumed_losses[s] == full_losses[s] for s in range(1, 301))  # bitwise, before and after the resume
 
 
-@pytest.mark.parametrize("async_save", ["false", "true"])
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, async_save: str):
+@pytest.mark.parametrize("mode", ["checkpoint.async_save=false", "checkpoint.async_save=true", "strategy.name=fsdp"])
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, mode: str):
     # A big model makes each save take a while; the process is killed while the next one is being written.
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE.replace("hidden_sizes: [32]", "hidden_sizes: [2048, 2048]"))
@@ -97,6 +97,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, asy
         f"run_dir={run_dir}",
         *RUN,
         "checkpoint.every_steps=3",
+        mode,
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = run_dir / "checkpoints"
@@ -112,7 +113,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path, asy
     assert good is not None and checkpoint.is_complete(good)
 
     resumed = run_cli(
-        "train", str(recipe), f"run_dir={run_dir}", *RUN, "train.max_steps=12", "resume=auto", cwd=tmp_path
+        "train", str(recipe), f"run_dir={run_dir}", *RUN, mode, "train.max_steps=12", "resume=auto", cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"warning: ignoring {partial[0]}: an interrupted save left it incomplete" in resumed.stderr

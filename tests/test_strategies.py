@@ -320,3 +320,23 @@ def test_a_gpt_recipe_trains_checkpoints_resumes_and_exports_on_two_processes(
     assert proc.returncode == 0, proc.stderr
     model = GPT(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)
     model.load_state_dict(load_file(str(out)), strict=True)
+
+
+@pytest.mark.slow
+def test_fsdp_activation_checkpointing_and_offload_train_the_same_run(byte_tokens: Path, tmp_path: Path):
+    from conftest import REPO
+
+    base = [
+        "train",
+        str(REPO / "recipes" / "gpt_fsdp.yaml"),
+        *GPT_CPU,
+        f"data.dataset.path={byte_tokens}/{{split}}.bin",
+    ]
+    base.append("train.max_steps=20")
+    plain, other = tmp_path / "plain", tmp_path / "other"
+    extra = ["strategy.fsdp.activation_checkpointing=true", "strategy.fsdp.cpu_offload=true"]
+    for run_dir, options in ((plain, []), (other, extra)):
+        results = finish(start_ranks(2, *base, f"run_dir={run_dir}", *options, cwd=tmp_path), TIMEOUT)
+        assert [rc for rc, _, _ in results] == [0, 0], results
+    a, b = curve(plain, "train/loss"), curve(other, "train/loss")
+    assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU path, end to end, on a machine with CUDA GPUs: the GPT recipes (DDP, FSDP, ZeRO-3) with bf16 and fp16
+# for a short while on every GPU, each saved halfway, resumed from that checkpoint and finished; then tokens/s and
+# MFU per run (bench/gpu_report.py). Usage, from the repository root:
+#   bench/gpu_check.sh [TOKENS_DIR] [STEPS]
+# TOKENS_DIR holds train.bin/val.bin (GPT-2 tokens, vocab 50304); without it, byte-level tokens of Tiny
+# Shakespeare (vocab 256) are made with `launcher tokenize`. Runs go to runs/gpu_check/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STEPS=${2:-60}
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+[ "$GPUS" -ge 1 ] || { echo "gpu_check: no CUDA GPU here"; exit 2; }
+OUT=runs/gpu_check
+mkdir -p "$OUT"
+
+if [ -n "${1:-}" ]; then
+    DATA=("data.dataset.path=$1/{split}.bin")
+else
+    launcher tokenize ../shared/data/tinyshakespeare.txt --out "$OUT/tokens" >/dev/null
+    DATA=("data.dataset.path=$OUT/tokens/{split}.bin" "data.dataset.vocab_size=256")
+fi
+# A short run: warm-up to the end of the schedule, evaluation and checkpoints halfway and at the end.
+SHORT=(
+    "train.max_steps=$((STEPS / 2))" "scheduler.warmup_steps=10" "eval.every_steps=$((STEPS / 2))"
+    "eval.max_batches=5" "checkpoint.every_steps=$((STEPS / 2))" "logging.every_steps=5" "early_stopping=null"
+    "strategy.timeout_s=300"
+)
+if [ "$GPUS" -gt 1 ]; then LAUNCH=(accelerate launch --multi_gpu --num_processes "$GPUS" -m launcher)
+else LAUNCH=(python -m launcher); fi
+
+for recipe in gpt_ddp gpt_fsdp gpt_zero3; do
+    for precision in bf16 fp16; do
+        if [ "$recipe" = gpt_fsdp ] && [ "$precision" = fp16 ]; then continue; fi  # refused: FSDP2 runs bf16
+        run="$OUT/${recipe}_${precision}"
+        rm -rf "$run"
+        echo "== $recipe $precision on $GPUS GPU(s): $STEPS steps, saved and resumed at $((STEPS / 2))"
+        "${LAUNCH[@]}" train "recipes/$recipe.yaml" "run_dir=$run" "train.mixed_precision=$precision" \
+            "${DATA[@]}" "${SHORT[@]}"
+        "${LAUNCH[@]}" train "recipes/$recipe.yaml" "run_dir=$run" "train.mixed_precision=$precision" \
+            "${DATA[@]}" "${SHORT[@]}" "train.max_steps=$STEPS" resume=auto
+        launcher ckpt export "$run/checkpoints/latest" --out "$run/model.safetensors" --force
+    done
+done
+python bench/gpu_report.py "$OUT"/gpt_*
