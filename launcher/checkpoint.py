@@ -104,6 +104,11 @@ def resolve(path: Path) -> Path:
     return found if found is not None else path
 
 
+def saved_world_size(path: Path) -> int:
+    """The number of processes that wrote a complete checkpoint."""
+    return int(json.loads((path / STATE_FILE).read_text()).get("world_size", 1))
+
+
 def checkpoint_format(path: Path) -> str:
     """`full` (one weights file), `dcp` (FSDP shards) or `deepspeed` (ZeRO partitions)."""
     if (path / shards.DCP_DIR).is_dir():
@@ -310,20 +315,22 @@ def load(
             f"{strategy}: resume it with strategy.name={written_by}",
             exit_code=2,
         )
-    if fmt == "deepspeed" and state.get("world_size", accelerator.num_processes) != accelerator.num_processes:
-        raise RunFailed(
-            f"error: resume: {path} holds DeepSpeed ZeRO partitions of {state['world_size']} processes; DeepSpeed "
-            f"resumes them only on {state['world_size']} (this run has {accelerator.num_processes}); use "
-            f"strategy.name=fsdp for checkpoints that resume on any number of processes",
-            exit_code=2,
-        )
+    universal = path.parent / f".universal-{path.name}"
     try:
         if fmt == "full":
             load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
         elif fmt == "dcp":
             shards.load_dcp(path / shards.DCP_DIR, model, optimizer)
-        else:
+        elif saved_world_size(path) == accelerator.num_processes:
             shards.load_deepspeed(path, model)
+        else:  # ZeRO partitions are tied to the world size: DeepSpeed's universal checkpoint is not
+            if accelerator.is_main_process:
+                shards.to_universal(path, universal)
+            accelerator.wait_for_everyone()
+            shards.load_deepspeed(universal, model)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(universal, ignore_errors=True)
     except shards.UnsafeCheckpoint as e:
         message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
         raise RunFailed(message, exit_code=2) from None

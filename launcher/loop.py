@@ -106,7 +106,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
 def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
     """Train `recipe` on this process's share of the work; every rank of a launch calls this alike."""
     t = recipe.train
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe, resume_from)
     stop_requests = consensus.StopRequests(t.max_time_s)
     stop_requests.install()
     try:
@@ -137,7 +137,7 @@ def _launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
+def make_accelerator(recipe: Recipe, resume_from: Path | None = None) -> Accelerator:
     """The Accelerator for the recipe's strategy. DDP and DeepSpeed are Accelerate's; FSDP2 is applied by the loop
     itself (`strategies.fsdp_shard`), on CPU and GPU alike, so Accelerate only runs the process group there."""
     t, s = recipe.train, recipe.strategy
@@ -160,6 +160,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         user = strategies.read_user_config(s.deepspeed.config)[0] if s.deepspeed.config else None
         config = strategies.deepspeed_config(recipe, _launched_world(), user)
+        if resume_from is not None and checkpoint.saved_world_size(resume_from) != _launched_world():
+            config["checkpoint"] = {"load_universal": True}  # resuming on another number of processes
         # Without CUDA, DeepSpeed runs over gloo; Accelerate must then be told, or it sees a world of one.
         group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
         return Accelerator(
@@ -238,7 +240,8 @@ def train(
             accelerator.print(
                 f"warning: written by {saved_world} processes, resumed by {accelerator.num_processes}: the model, "
                 f"optimizer and schedule are exact; the data continues at sample {aligned} of epoch {state.epoch} "
-                f"(saved at {state.samples_in_epoch}); processes beyond {saved_world} start from fresh RNG states"
+                f"(saved at {state.samples_in_epoch})"
+                + (f"; processes beyond {saved_world} start from fresh RNG states" if saved_world < accelerator.num_processes else "")
             )
             state.samples_in_epoch = aligned
 

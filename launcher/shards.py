@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,6 +217,34 @@ def load_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
         raise RuntimeError(_short(e)) from None
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint_dir / DEEPSPEED_DIR}")
+
+
+def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint of a ZeRO checkpoint (one file per parameter and state, independent of the
+    world size) in `out_dir/deepspeed/`, which DeepSpeed loads onto any number of processes. Every input file is
+    checked to load with `weights_only=True` first, and every output file after (DeepSpeed's converter and loader
+    unpickle freely)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    for file in sorted((checkpoint_dir / DEEPSPEED_DIR).glob("*.pt")):
+        safe_torch_load(file, map_location="cpu")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    args = Namespace(
+        input_folder=str(checkpoint_dir / DEEPSPEED_DIR),
+        output_folder=str(out_dir / DEEPSPEED_DIR),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        convert(args)
+    for file in sorted(out_dir.rglob("*.pt")):
+        safe_torch_load(file, map_location="cpu")
 
 
 def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ or ignored; nothing in a checkpoint is unpickled; only the main process writes."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, finish, read_metrics, run_cli
 from conftest import start_ranks as _start_ranks
+from safetensors.torch import load_file
 from test_distributed import TIMEOUT
 
 from launcher import checkpoint
@@ -190,17 +192,45 @@ def test_resuming_with_another_model_shape_is_refused(tiny_recipe: Path, tmp_pat
     assert "holds a model of another shape than the recipe's" in last and "size mismatch" in last, proc.stderr
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+ELASTIC = {
+    "ddp": [],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
+}
+
+
+@pytest.mark.parametrize("strategy", list(ELASTIC))
 @pytest.mark.parametrize("resume_on", [1, 3])
 def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
     tiny_recipe: Path, tmp_path: Path, resume_on: int, strategy: str
 ):
     run_dir = tmp_path / "run"
     first = ["train.max_steps=30", "checkpoint.every_steps=30", "logging.every_steps=1", "strategy.timeout_s=60"]
-    first.append(f"strategy.name={strategy}")
+    first += ELASTIC[strategy]
     procs = _start_ranks(2, "train", str(tiny_recipe), f"run_dir={run_dir}", *first, cwd=tmp_path)
     assert [rc for rc, _, _ in finish(procs, TIMEOUT)] == [0, 0]
-    then = ["train.max_steps=45", "logging.every_steps=1", "strategy.timeout_s=60", "resume=auto", first[-1]]
+    ckpt = run_dir / "checkpoints" / "step_00000030"
+    written = tmp_path / "written.safetensors"
+    assert run_cli("ckpt", "export", str(ckpt), "--out", str(written)).returncode == 0
+
+    # Resumed on M processes and saved again at once (in a copy of the run), the model is the one the N processes
+    # wrote, exactly.
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    again = ["train.max_steps=30", "logging.every_steps=1", "strategy.timeout_s=60", "resume=auto"]
+    procs = _start_ranks(
+        resume_on, "train", str(tiny_recipe), f"run_dir={copy}", *again, *ELASTIC[strategy], cwd=tmp_path
+    )
+    assert [rc for rc, _, _ in finish(procs, TIMEOUT)] == [0] * resume_on
+    resaved = copy / "checkpoints" / "step_00000030"
+    assert state_world(resaved) == resume_on
+    reread = tmp_path / "reread.safetensors"
+    assert run_cli("ckpt", "export", str(resaved), "--out", str(reread)).returncode == 0
+    a, b = load_file(str(written)), load_file(str(reread))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    then = ["train.max_steps=45", "logging.every_steps=1", "strategy.timeout_s=60", "resume=auto", *ELASTIC[strategy]]
     procs = _start_ranks(resume_on, "train", str(tiny_recipe), f"run_dir={run_dir}", *then, cwd=tmp_path)
     results = finish(procs, TIMEOUT)
     assert [rc for rc, _, _ in results] == [0] * resume_on, results
