@@ -237,11 +237,12 @@ def train(
         if saved_world != accelerator.num_processes:
             # Another world size splits the epoch into other global batches: continue at the last whole one.
             aligned = state.samples_in_epoch // samples_per_batch * samples_per_batch
+            fresh = saved_world < accelerator.num_processes
             accelerator.print(
                 f"warning: written by {saved_world} processes, resumed by {accelerator.num_processes}: the model, "
                 f"optimizer and schedule are exact; the data continues at sample {aligned} of epoch {state.epoch} "
                 f"(saved at {state.samples_in_epoch})"
-                + (f"; processes beyond {saved_world} start from fresh RNG states" if saved_world < accelerator.num_processes else "")
+                + (f"; processes beyond {saved_world} start from fresh RNG states" if fresh else "")
             )
             state.samples_in_epoch = aligned
 
