@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
 
+    slurm = verbs.add_parser("slurm", help="run a recipe as a SLURM job; how a job is doing")
+    slurm_verbs = slurm.add_subparsers(dest="slurm_verb", required=True, metavar="VERB")
+    submit = slurm_verbs.add_parser("submit", help="render the job script from the recipe and sbatch it")
+    _recipe_args(submit)
+    submit.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's slurm.nodes, or 1)")
+    submit.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node; 0 runs one CPU process")
+    submit.add_argument("--time", default=None, help="wall time, HH:MM:SS or D-HH:MM:SS")
+    submit.add_argument("--partition", default=None)
+    submit.add_argument("--account", default=None)
+    submit.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    slurm_status = slurm_verbs.add_parser("status", help="the job, its requeues and the last checkpoint of a run")
+    slurm_status.add_argument("run_dir")
+
     tokenize = verbs.add_parser("tokenize", help="a text file as byte-level token files for token_memmap")
     tokenize.add_argument("text", help="a UTF-8 (or any) text file")
     tokenize.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
@@ -55,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train_command(args.recipe, args.overrides, args.print_recipe)
         if args.verb == "plan":
             return plan_command(args.recipe, args.overrides, args.processes)
+        if args.verb == "slurm" and args.slurm_verb == "submit":
+            return slurm_submit_command(args)
+        if args.verb == "slurm":
+            return slurm_status_command(args.run_dir)
         if args.verb == "tokenize":
             return tokenize_command(args.text, args.out, args.val_fraction)
         if args.verb == "ckpt" and args.ckpt_verb == "info":
@@ -103,6 +122,62 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
         loop.run(recipe, resume_from)
     except RecipeError as e:
         raise RecipeError([f"{path}: {p}" for p in e.problems]) from None
+    return 0
+
+
+def slurm_submit_command(args: argparse.Namespace) -> int:
+    from launcher import slurm
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    defaults = recipe.slurm
+    options = slurm.JobOptions(
+        nodes=args.nodes if args.nodes is not None else defaults.nodes,
+        gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else defaults.gpus_per_node,
+        time=args.time if args.time is not None else defaults.time,
+        partition=args.partition or defaults.partition,
+        account=args.account or defaults.account,
+        **{
+            f: getattr(defaults, f) for f in ("max_requeues", "signal_before_s", "stop_before_end_s", "sbatch", "setup")
+        },
+    )
+    problems = slurm.options_problems(options)
+    if problems:
+        raise RecipeError(problems)
+    run_dir = Path(recipe.run_dir).resolve()
+    # The job runs where this command runs; the recipe is passed as given, relative to it.
+    script = slurm.render(
+        [args.recipe, *args.overrides, f"run_dir={run_dir}"],
+        str(run_dir),
+        options,
+        name=recipe.name,
+        workdir=shlex.quote(str(Path.cwd())),
+        python=slurm.python_executable(),
+    )
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise RecipeError("sbatch: not found on PATH; run this on a SLURM login node, or use --dry-run")
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    path = run_dir / "slurm" / "job.sbatch"
+    path.write_text(script)
+    job = slurm.submit(path, dry_run=False)
+    print(f"submitted job {job}: {recipe.name} on {options.nodes} node(s); log {run_dir}/slurm/{job}.out")
+    print(f"  launcher slurm status {run_dir}")
+    return 0
+
+
+def slurm_status_command(run_dir: str) -> int:
+    from launcher import slurm
+
+    info = slurm.status(Path(run_dir))
+    last = info["last_run"] or {}
+    ended = f"{last.get('stop_reason')} at step {last.get('step')}/{last.get('total_steps')}" if last else "-"
+    print(
+        f"job {info['job']} ({info['state']}): {info['attempts']} attempt(s), {info['requeues']} requeue(s); "
+        f"last attempt ended: {ended}; last checkpoint: {info['last_checkpoint'] or 'none'}"
+    )
     return 0
 
 

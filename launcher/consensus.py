@@ -11,6 +11,7 @@ import hashlib
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -21,7 +22,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 # Why a run stops, as codes small enough to all-reduce; when ranks differ, the highest code is the verdict.
-STOP_REASONS = ("", "max_time_s reached", "SIGINT", "SIGUSR1", "SIGTERM")
+STOP_REASONS = ("", "max_time_s reached", "stop file", "SIGINT", "SIGUSR1", "SIGTERM")
+STOP_FILE = "STOP"  # created in a run dir (by hand, or by a SLURM job warned of its end): the run stops and saves
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,16 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
 
 
 class StopRequests:
-    """Records SIGTERM, SIGUSR1 and SIGINT (the first of them; a second SIGINT interrupts at once) and a wall-time
-    budget, for the loop to read at the next step boundary."""
+    """Records SIGTERM, SIGUSR1 and SIGINT (the first of them; a second SIGINT interrupts at once), a wall-time
+    budget, and a stop file appearing (looked for at most once a second), for the loop to read at the next step
+    boundary."""
 
-    def __init__(self, max_time_s: float | None = None):
+    def __init__(self, max_time_s: float | None = None, stop_file: Path | None = None):
         self.reason: str | None = None
         self.deadline = None if max_time_s is None else time.monotonic() + max_time_s
         self.previous: dict[int, object] = {}
+        self.stop_file = stop_file
+        self.next_look = 0.0
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -78,8 +83,14 @@ class StopRequests:
             self.reason = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.reason = STOP_REASONS[1]
+        if self.reason is None and (self.deadline is not None or self.stop_file is not None):
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                self.reason = STOP_REASONS[1]
+            elif self.stop_file is not None and now >= self.next_look:
+                self.next_look = now + 1.0
+                if self.stop_file.exists():
+                    self.reason = STOP_REASONS[2]
         return self.reason is not None
 
     def code(self) -> int:

@@ -40,6 +40,7 @@ from launcher.recipe import Recipe, dump
 
 RECIPE_FILE = "recipe.yaml"
 ENV_FILE = "env.json"
+LAST_RUN_FILE = "last_run.json"
 
 
 @dataclass
@@ -85,6 +86,9 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
     if problems:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
+    if env.get("RANK", "0") == "0":
+        # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
+        (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
     if recipe.resume == "auto":
         if env.get("RANK", "0") == "0":
             for path in checkpoint.incomplete(recipe.checkpoint_dir):
@@ -107,7 +111,7 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
     """Train `recipe` on this process's share of the work; every rank of a launch calls this alike."""
     t = recipe.train
     accelerator = make_accelerator(recipe, resume_from)
-    stop_requests = consensus.StopRequests(t.max_time_s)
+    stop_requests = consensus.StopRequests(t.max_time_s, Path(recipe.run_dir) / consensus.STOP_FILE)
     stop_requests.install()
     try:
         problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
@@ -459,6 +463,10 @@ def train(
             writer.wait()
 
     summary = "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+    if main:
+        # How this attempt ended, for whatever runs it next (the SLURM job script requeues a stopped run).
+        outcome = {"stop_reason": stop_reason, "step": state.step, "total_steps": total_steps, **last_eval}
+        (run_dir / LAST_RUN_FILE).write_text(json.dumps(outcome) + "\n")
     if stop_reason == "diverged" and strategy == "deepspeed":
         raise RunFailed(
             f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "

@@ -122,6 +122,22 @@ class StrategyConfig:
         return self.name != "ddp"
 
 
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults for `launcher slurm submit` (its flags win)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    max_requeues: int = 3  # times a job stopped by SLURM's warning or the stop file requeues itself
+    signal_before_s: int = 120  # SLURM warns the job (SIGUSR1) this long before its end
+    stop_before_end_s: int = 0  # stop and save this long before the job's end even without a signal (0: off)
+    sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["--qos=high", "--constraint=h100"]
+    setup: tuple[str, ...] = ()  # shell lines run first in the job: module load ..., source .venv/bin/activate
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str = ""
@@ -138,6 +154,7 @@ class Recipe:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     strategy: StrategyConfig = StrategyConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -1,0 +1,232 @@
+"""SLURM: the job script's wiring (run with stand-ins for srun and scontrol), bad input, and real jobs on a local
+two-node cluster: a 2-node run over gloo, and a run warned of its end mid-run that checkpoints, requeues itself,
+resumes and ends as the uninterrupted run did."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_metrics, run_cli
+from slurm.cluster import LocalCluster
+
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") printf 'gpu-a17\\ngpu-a18\\ngpu-a19\\ngpu-a20\\n' ;;
+  "show node") echo "   NodeAddr=10.1.0.$(( ${3#gpu-a} )) NodeHostName=$3 Version=22.05" ;;
+  *) echo "scontrol $*" >> "$FAKE_LOG" ;;
+esac
+"""
+# srun: run the task's command once per node, as SLURM would with one task per node, each with its node id.
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+for node in 0 1 2 3; do SLURM_NODEID=$node "$@"; done
+"""
+# python: print the launch command; answer the script's own small python calls for real.
+FAKE_PYTHON = f"""#!/bin/bash
+if [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi
+echo "node $SLURM_NODEID: $*" >> "$FAKE_LOG"
+"""
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_dry_run_wires_4_nodes_of_8_gpus(tmp_path: Path):
+    proc = run_cli(
+        "slurm", "submit", QUICKSTART, "optimizer.lr=0.001", "slurm.stop_before_end_s=600", "--nodes", "4",
+        "--gpus-per-node", "8",
+        "--time", "24:00:00", "--partition", "gpu", "--dry-run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=24:00:00", "--partition=gpu"):
+        assert f"#SBATCH {line}\n" in script
+    assert "#SBATCH --signal=B:USR1@120\n" in script and "#SBATCH --requeue\n" in script
+
+    # Run it with stand-ins: each of the 4 "nodes" gets its machine rank, 32 processes, the first node's address.
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    _executable(bin_dir / "srun", FAKE_SRUN)
+    _executable(bin_dir / "squeue", "#!/bin/bash\necho 1-02:03:04\n")  # time left: the job's end is near
+    _executable(bin_dir / "python", FAKE_PYTHON)
+    script = re.sub(r"^PYTHON=.*$", f"PYTHON={bin_dir / 'python'}", script, flags=re.M)
+    (tmp_path / "job.sbatch").write_text(script)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "SLURM_JOB_ID": "123456",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_NODELIST": "gpu-a[17-20]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+    }
+    ran = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    launches = [c for c in calls if c.startswith("node ")]
+    assert len(launches) == 4, (calls, ran.stderr)
+    for node, call in enumerate(launches):
+        assert call.startswith(f"node {node}: -m accelerate.commands.launch --multi_gpu ")
+        assert f"--num_machines 4 --machine_rank {node} --num_processes 32 " in call
+        assert f"--main_process_ip 10.1.0.17 --main_process_port {20000 + 123456 % 20000} " in call
+        run_dir = tmp_path / "runs" / "quickstart"
+        budget = 93784 - 600  # stop and save 600 s before the end the job has left (1-02:03:04)
+        assert call.endswith(
+            f"-m launcher train {QUICKSTART} optimizer.lr=0.001 slurm.stop_before_end_s=600 run_dir={run_dir} "
+            f"train.max_time_s={budget} resume=auto"
+        ), call
+    start = json.loads((tmp_path / "runs" / "quickstart" / "slurm" / "attempts.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["job"] == 123456 and start["restart"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--time", "1h"], "error: --time: expected HH:MM:SS, MM:SS, MM or D-HH:MM:SS, got '1h'"),
+        (["--time", "00:10:00", "--nodes", "0"], "error: --nodes: must be >= 1, got 0"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str):
+    proc = run_cli("slurm", "submit", QUICKSTART, *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_sbatch_is_one_line_and_exit_2(tmp_path: Path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no sbatch there
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "slurm", "submit", QUICKSTART, "--time", "00:10:00"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: sbatch: not found on PATH; run this on a SLURM login node, or use --dry-run"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Fails (never skips) when the cluster cannot start, with the reason."""
+    started = LocalCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield started
+    started.stop()
+
+
+RUN = ["logging.progress_bar=false", "logging.every_steps=1", "checkpoint.every_steps=50", "strategy.timeout_s=120"]
+
+
+def submit(cluster: LocalCluster, run_dir: Path, *extra: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "slurm", "submit", QUICKSTART, f"run_dir={run_dir}", *RUN, *extra,
+         "--nodes", "2", "--gpus-per-node", "0", "--time", "00:10:00"],
+        cwd=run_dir.parent, env=cluster.env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def job_state(cluster: LocalCluster, job: str) -> str:
+    out = cluster.run("scontrol", "show", "job", job).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "GONE"
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("jobs") / "full"
+    job = submit(cluster, run_dir)
+    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
+    assert job_state(cluster, job) == "COMPLETED", (run_dir / "slurm" / f"{job}.out").read_text()[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_job_trains_across_two_slurm_nodes(uninterrupted: Path):
+    env = json.loads((uninterrupted / "env.json").read_text())
+    assert env["world_size"] == 2
+    assert json.loads((uninterrupted / "last_run.json").read_text())["stop_reason"] == "done"
+
+
+@pytest.mark.slow
+def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted_one(
+    cluster: LocalCluster, uninterrupted: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "preempted"
+    job = submit(cluster, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000100").is_dir(), 300, "a checkpoint at step 100")
+    # SLURM's warning before the end, as --signal=B:USR1@120 sends it, to the batch script alone.
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    wait_for(lambda: job_state(cluster, job) == "PENDING", 120, "the job to requeue itself")
+    # SLURM holds a requeued job back for a while (BeginTime) so that the nodes finish cleaning up after it; once
+    # they have (idle again), let it start now rather than in two minutes.
+    wait_for(lambda: cluster.run("sinfo", "-h", "-N", "-o", "%t").stdout.split() == ["idle", "idle"], 120, "idle")
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
+    log = (run_dir / "slurm" / f"{job}.out").read_text()
+    assert job_state(cluster, job) == "COMPLETED", log[-3000:]
+
+    stopped = re.search(r"stopped \(stop file\) at step (\d+)/768", log)
+    assert stopped and 100 <= int(stopped.group(1)) < 768, log[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in log
+    events = [json.loads(line) for line in (run_dir / "slurm" / "attempts.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "requeue", "start"]
+    assert events[1]["reason"] == "stop file" and events[2]["restart"] == 1
+
+    full, resumed = (
+        json.loads((uninterrupted / "last_run.json").read_text()),
+        json.loads((run_dir / "last_run.json").read_text()),
+    )
+    assert resumed["step"] == full["step"] == 768
+    assert resumed["val/loss"] == full["val/loss"]  # the same final loss, exactly
+    train_full = {r["step"]: r["train/loss"] for r in read_metrics(uninterrupted) if "train/loss" in r}
+    train_resumed = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+    assert train_resumed == train_full
+
+    status = run_cli("slurm", "status", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    assert f"job {job} " in status.stdout and "2 attempt(s), 1 requeue(s)" in status.stdout
+    assert "last attempt ended: done at step 768/768" in status.stdout
+
+
+def test_the_shipped_template_is_the_generic_job_script():
+    from launcher.slurm import JobOptions, render
+
+    generic = render(None, "", JobOptions(nodes=2, gpus_per_node=8, time="24:00:00"), name="launcher")
+    assert (REPO / "slurm" / "train.sbatch").read_text() == generic, "regenerate slurm/train.sbatch"
+
+
+def test_slurm_time_formats():
+    from launcher.slurm import parse_time
+
+    assert parse_time("10") == 600
+    assert parse_time("10:30") == 630
+    assert parse_time("24:00:00") == 86400
+    assert parse_time("1-12") == 36 * 3600
+    assert parse_time("2-00:30:05") == 2 * 86400 + 1805
+    for bad in ("", "1h", "1:2:3:4", " 10:00", "-5"):
+        with pytest.raises(ValueError):
+            parse_time(bad)
