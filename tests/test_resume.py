@@ -23,7 +23,7 @@ from launcher import checkpoint
 # Long enough to be killed in the middle of, short enough to finish uninterrupted in a few seconds; 8 updates per
 # epoch with 2 processes, so most checkpoints (every 10) fall inside an epoch.
 RUN = [
-    "train.max_steps=200",
+    "train.max_steps=120",
     "checkpoint.every_steps=10",
     "checkpoint.keep_last=50",
     "eval.every_steps=null",
@@ -73,14 +73,14 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path: Path, variant: str):
     for p in procs:
         p.wait()
     resumed_from = max(checkpoint.complete_steps(crashed / "checkpoints"))
-    assert resumed_from < 200 and resumed_from % 9, "the kill should come mid-run and mid-epoch"
+    assert resumed_from < 120 and resumed_from % 9, "the kill should come mid-run and mid-epoch"
 
     results = finish(start_ranks(2, recipe, crashed, *mode, "resume=auto"), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert f"resumed from {crashed / 'checkpoints' / checkpoint.step_dir_name(resumed_from)}" in results[0][1]
     full_losses, resumed_losses = losses(full), losses(crashed)
-    assert sorted(resumed_losses) == list(range(1, 201))
-    assert all(resumed_losses[s] == full_losses[s] for s in range(1, 201))  # bitwise, before and after the resume
+    assert sorted(resumed_losses) == list(range(1, 121))
+    assert all(resumed_losses[s] == full_losses[s] for s in range(1, 121))  # bitwise, before and after the resume
 
 
 @pytest.mark.parametrize("mode", ["checkpoint.async_save=false", "checkpoint.async_save=true", "strategy.name=fsdp"])
@@ -199,8 +199,10 @@ ELASTIC = {
 }
 
 
-@pytest.mark.parametrize("strategy", list(ELASTIC))
-@pytest.mark.parametrize("resume_on", [1, 3])
+@pytest.mark.parametrize(
+    "strategy, resume_on",
+    [("ddp", 1), ("ddp", 3), ("fsdp", 1), ("fsdp", 3), ("zero3", 3)],  # (ZeRO-3 2 -> 1 takes the same path as 2 -> 3)
+)
 def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
     tiny_recipe: Path, tmp_path: Path, resume_on: int, strategy: str
 ):

@@ -184,6 +184,8 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
     # SLURM holds a requeued job back for a while (BeginTime) so that the nodes finish cleaning up after it; once
     # they have (idle again), let it start now rather than in two minutes.
     wait_for(lambda: cluster.run("sinfo", "-h", "-N", "-o", "%t").stdout.split() == ["idle", "idle"], 120, "idle")
+    # A start in the same second or so as the requeue is refused by slurmd ("Job credential revoked"): a few more.
+    time.sleep(5)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
     log = (run_dir / "slurm" / f"{job}.out").read_text()
