@@ -157,15 +157,15 @@ class Writer:
         if accelerator.is_main_process:
             self.wait()
             scaler = accelerator.scaler
+            weights = weights_snapshot(accelerator.unwrap_model(model))
             snapshot = {
-                "weights": weights_snapshot(accelerator.unwrap_model(model)),
                 "optimizer.pt": _host_copy(optimizer.state_dict()),
                 "scheduler.pt": _host_copy(scheduler.state_dict()),
                 "rng.pt": {"ranks": rng_states},
                 **({"scaler.pt": _host_copy(scaler.state_dict())} if scaler is not None else {}),
             }
             state = {**trainer_state, "world_size": accelerator.num_processes, "format": "full"}
-            job = functools.partial(_write, path, snapshot, state, recipe_text, after)
+            job = functools.partial(_write_full, path, weights, snapshot, state, recipe_text, after)
             if self.background:
                 self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
                 self.thread.start()
@@ -186,11 +186,7 @@ class Writer:
         rng_states: list[dict[str, Any]],
     ) -> None:
         accelerator = self.accelerator
-        tmp = _tmp_dir(path)
-        if accelerator.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
-            tmp.mkdir(parents=True)
+        tmp = _fresh_tmp(path) if accelerator.is_main_process else _tmp_dir(path)
         accelerator.wait_for_everyone()
         if self.strategy == "fsdp":
             shards.save_dcp(tmp / shards.DCP_DIR, model, optimizer)
@@ -202,7 +198,7 @@ class Writer:
                 script.unlink()  # DeepSpeed's own converters unpickle freely; `launcher ckpt export` replaces them
             snapshot = {"scheduler.pt": _host_copy(scheduler.state_dict()), "rng.pt": {"ranks": rng_states}}
             state = {**trainer_state, "world_size": accelerator.num_processes, "format": checkpoint_format(tmp)}
-            _write(path, snapshot, state, recipe_text, after)
+            _complete(path, snapshot, state, recipe_text, after)
         accelerator.wait_for_everyone()
 
     def _run(self, job: Callable[[], None]) -> None:
@@ -220,22 +216,31 @@ class Writer:
             raise error
 
 
-def _write(
+def _write_full(
+    path: Path,
+    weights: tuple[dict[str, torch.Tensor], dict[str, str]],
+    snapshot: dict[str, Any],
+    trainer_state: dict[str, Any],
+    recipe_text: str,
+    after: Callable[[], None],
+) -> None:
+    """A checkpoint of the main process alone: the weights file, then the rest (`_complete`)."""
+    tmp = _fresh_tmp(path)
+    kept, aliases = weights
+    save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
+    _complete(path, snapshot, trainer_state, recipe_text, after)
+
+
+def _complete(
     path: Path,
     snapshot: dict[str, Any],
     trainer_state: dict[str, Any],
     recipe_text: str,
     after: Callable[[], None],
 ) -> None:
-    """Complete the checkpoint in `path`'s temporary directory (shards may already be there), then rename it into
-    place and run `after`."""
+    """Complete the checkpoint in `path`'s temporary directory (the weights or shards are there already), then
+    rename it into place and run `after`."""
     tmp = _tmp_dir(path)
-    if "weights" in snapshot:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
-        tmp.mkdir(parents=True)
-        kept, aliases = snapshot.pop("weights")
-        save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
     (tmp / "recipe.yaml").write_text(recipe_text)
@@ -247,6 +252,15 @@ def _write(
 
 def _tmp_dir(path: Path) -> Path:
     return path.parent / f".tmp-{path.name}"
+
+
+def _fresh_tmp(path: Path) -> Path:
+    """`path`'s temporary directory, empty."""
+    tmp = _tmp_dir(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def _host_copy(value: Any) -> Any:
@@ -321,7 +335,7 @@ def load(
             load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
         elif fmt == "dcp":
             shards.load_dcp(path / shards.DCP_DIR, model, optimizer)
-        elif saved_world_size(path) == accelerator.num_processes:
+        elif state.get("world_size", 1) == accelerator.num_processes:
             shards.load_deepspeed(path, model)
         else:  # ZeRO partitions are tied to the world size: DeepSpeed's universal checkpoint is not
             if accelerator.is_main_process:

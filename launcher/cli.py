@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,12 +156,11 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    if shutil.which("sbatch") is None:
-        raise RecipeError("sbatch: not found on PATH; run this on a SLURM login node, or use --dry-run")
+    sbatch = slurm.find_sbatch()  # before anything is written
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     path = run_dir / "slurm" / "job.sbatch"
     path.write_text(script)
-    job = slurm.submit(path, dry_run=False)
+    job = slurm.submit(sbatch, path)
     print(f"submitted job {job}: {recipe.name} on {options.nodes} node(s); log {run_dir}/slurm/{job}.out")
     print(f"  launcher slurm status {run_dir}")
     return 0
@@ -238,12 +236,10 @@ def _tokens_per_sample(dataset: Any) -> int:
     """Tokens in one sample of a sequence dataset (integer targets of one or more dimensions); 0 otherwise."""
     import torch
 
+    from launcher.metrics import sequence_tokens
+
     _, target = dataset[0]
-    return (
-        target.numel()
-        if isinstance(target, torch.Tensor) and target.dim() >= 1 and not target.is_floating_point()
-        else 0
-    )
+    return sequence_tokens(target[None]) if isinstance(target, torch.Tensor) else 0
 
 
 def _count_parameters(recipe: Any, model_kwargs: dict[str, Any]) -> int | None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
-from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams
+from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
 
 RECIPE_FILE = "recipe.yaml"
@@ -362,7 +362,9 @@ def train(
                     accelerator.backward(loss)
                 step_loss += loss.detach()
                 step_batches += 1
-                throughput.add(len(targets) * accelerator.num_processes, _tokens(targets) * accelerator.num_processes)
+                throughput.add(
+                    len(targets) * accelerator.num_processes, sequence_tokens(targets) * accelerator.num_processes
+                )
                 if not accelerator.sync_gradients:
                     continue
 
@@ -618,11 +620,6 @@ def _metric(values: dict[str, float], name: str, key: str) -> float:
             f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(values))})"
         )
     return values[name]
-
-
-def _tokens(targets: torch.Tensor) -> int:
-    """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
-    return targets.numel() if targets.dim() >= 2 and not targets.is_floating_point() else 0
 
 
 def _tracker_args(es: Any) -> dict[str, Any]:

@@ -15,6 +15,11 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 
 
+def sequence_tokens(targets: Any) -> int:
+    """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
+    return targets.numel() if targets.dim() >= 2 and not targets.is_floating_point() else 0
+
+
 class JsonlWriter:
     """One JSON object per line: `step` plus the same tags TensorBoard gets. Flushed per line, so a crash loses
     at most the line being written."""

@@ -624,11 +624,11 @@ def _check_strategy(recipe: Recipe) -> list[str]:
             problems.append("strategy.name: deepspeed needs the deepspeed package: pip install 'launcher[deepspeed]'")
         if ds.config is not None:
             user, problem = strategies.read_user_config(ds.config)
-            found = [problem] if problem else strategies.user_config_problems(recipe, user or {})
-            problems.extend(
-                f"strategy.deepspeed.config: {ds.config} {p}" if not problem else f"strategy.deepspeed.config: {p}"
-                for p in found
-            )
+            if problem:
+                problems.append(f"strategy.deepspeed.config: {problem}")
+            else:
+                found = strategies.user_config_problems(recipe, user or {})
+                problems.extend(f"strategy.deepspeed.config: {ds.config} {p}" for p in found)
     return problems
 
 

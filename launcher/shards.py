@@ -219,6 +219,12 @@ def load_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint_dir / DEEPSPEED_DIR}")
 
 
+def _check_plain(directory: Path) -> None:
+    """Every `.pt` file under `directory` loads with `weights_only=True` (else UnsafeCheckpoint)."""
+    for file in sorted(directory.rglob("*.pt")):
+        safe_torch_load(file, map_location="cpu")
+
+
 def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
     """DeepSpeed's universal checkpoint of a ZeRO checkpoint (one file per parameter and state, independent of the
     world size) in `out_dir/deepspeed/`, which DeepSpeed loads onto any number of processes. Every input file is
@@ -228,8 +234,7 @@ def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
 
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
-    for file in sorted((checkpoint_dir / DEEPSPEED_DIR).glob("*.pt")):
-        safe_torch_load(file, map_location="cpu")
+    _check_plain(checkpoint_dir / DEEPSPEED_DIR)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     args = Namespace(
@@ -243,8 +248,7 @@ def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
     )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
         convert(args)
-    for file in sorted(out_dir.rglob("*.pt")):
-        safe_torch_load(file, map_location="cpu")
+    _check_plain(out_dir)
 
 
 def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -252,7 +256,6 @@ def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     every file was checked to load with `weights_only=True` (that reader unpickles freely)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    for file in sorted((checkpoint_dir / DEEPSPEED_DIR).glob("*.pt")):
-        safe_torch_load(file, map_location="cpu")
+    _check_plain(checkpoint_dir / DEEPSPEED_DIR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)

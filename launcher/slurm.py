@@ -187,11 +187,16 @@ exit "$STATUS"
     return "\n".join(header) + "\n" + body
 
 
-def submit(script: Path, dry_run: bool) -> str | None:
-    """Submit with sbatch; the job id. RecipeError when sbatch is missing or refuses."""
+def find_sbatch() -> str:
+    """sbatch's path; RecipeError when it is not on PATH."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise RecipeError("sbatch: not found on PATH; run this on a SLURM login node, or use --dry-run")
+    return sbatch
+
+
+def submit(sbatch: str, script: Path) -> str:
+    """Submit with sbatch; the job id. RecipeError when sbatch refuses."""
     proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         detail = " ".join((proc.stderr or proc.stdout).split())
@@ -218,12 +223,13 @@ def status(run_dir: Path) -> dict[str, Any]:
     recipe_file = run_dir / "recipe.yaml"
     ckpt_dir = load_recipe(recipe_file).checkpoint_dir if recipe_file.is_file() else run_dir / "checkpoints"
     last_run = run_dir / "last_run.json"
+    last_checkpoint = checkpoint.latest(ckpt_dir)
     return {
         "job": job,
         "state": state or "not in the queue",
         "attempts": len(starts),
         "requeues": len(requeues),
-        "last_checkpoint": str(checkpoint.latest(ckpt_dir)) if checkpoint.latest(ckpt_dir) else None,
+        "last_checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "last_run": json.loads(last_run.read_text()) if last_run.is_file() else None,
     }
 

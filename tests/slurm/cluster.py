@@ -63,7 +63,6 @@ class LocalCluster:
         self.folder = folder
         self.conf = folder / "slurm.conf"
         self.started: list[Path] = []  # pid files of the daemons started here
-        self.munged: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -97,9 +96,7 @@ class LocalCluster:
         for pid_file in reversed(self.started):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-        self.started.clear()
-        if self.munged is not None:
-            self.munged = None  # (munged stays up: other users of the machine may rely on it)
+        self.started.clear()  # (munged stays up: other users of the machine may rely on it)
 
     def _install(self) -> None:
         missing = [
