@@ -1,152 +1,133 @@
-"""The launcher's cost per step against loops written by hand, on the same model, data, batch and optimizer.
+"""The launcher's cost per step against hand-written loops: same model, data, batch, optimizer and steps.
 
-    python bench/overhead.py [--steps 1500] [--repeats 3]
+For each workload and number of processes, every variant runs as fresh processes, the variants alternating so
+that drifts of the machine hit them alike. Each variant runs twice per repeat, for 1 step and for N steps: the
+difference of the wall times is the time of N - 1 steps without start-up or shutdown, so steps/s compare the loops
+alone. Also measured: the time from the command to the end of the first optimizer step (in the 1-step run) and
+the peak resident memory of the largest process (in the N-step run). Medians over the repeats.
 
-Variants, each a fresh process, run alternately:
-  torch       a minimal PyTorch loop (forward, backward, clip, step, a loss printed every 10 steps)
-  accelerate  the same loop written with Accelerate (prepare, accelerator.backward, clip_grad_norm_)
-  launcher    `launcher train` on the equivalent recipe, with logging every 10 steps and the progress bar on
-
-Each variant runs twice per repeat, for 1 step and for --steps steps: the difference of the wall times is the
-time of --steps - 1 steps without start-up, so steps/s compare the loops alone and the 1-step run gives the time
-from the command to the first optimizer step. Medians over the repeats.
-Workload (a): the built-in MLP (32 -> 64 -> 4) on the synthetic set, batch 32, Adam, clipping at 1.0, one process.
+Variants: `torch` (a minimal PyTorch loop; DDP with 2 processes), `accelerate` (the same loop with Accelerate),
+`lightning` (Lightning's Trainer, when installed: `pip install -e ".[bench]"`) and `launcher` (`launcher train` on
+the equivalent recipe, logging every 10 steps, progress bar on). Two processes are started by torchrun for every
+variant and meet over gloo.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
+import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from bench.workloads import REPO, Workload
 
-BATCH, FEATURES, HIDDEN, CLASSES, SAMPLES = 32, 32, 64, 4, 8192
-RECIPE = f"""\
-model: {{_component_: mlp, hidden_sizes: [{HIDDEN}]}}
-data:
-  dataset: {{_component_: synthetic_classification, num_features: {FEATURES}, num_classes: {CLASSES}}}
-  train: {{split: train, num_samples: {SAMPLES}}}
-  val: null
-optimizer: {{_component_: adam, lr: 0.001}}
-train: {{batch_size: {BATCH}, clip_grad_norm: 1.0, seed: 0}}
-checkpoint: {{save_final: false}}
-logging: {{every_steps: 10, progress_bar: true}}
-"""
+VARIANTS = ("torch", "accelerate", "lightning", "launcher")
+NAMES = {
+    "torch": "PyTorch loop",
+    "accelerate": "Accelerate loop",
+    "lightning": "Lightning Trainer",
+    "launcher": "`launcher train`",
+}
 
 
-def data_and_model() -> tuple[torch.utils.data.DataLoader, torch.nn.Module]:
-    from launcher.data.synthetic import SyntheticClassification
-    from launcher.models.mlp import MLP
-
-    torch.manual_seed(0)
-    data = SyntheticClassification(split="train", num_samples=SAMPLES, num_features=FEATURES, num_classes=CLASSES)
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
-    return loader, MLP(FEATURES, CLASSES, hidden_sizes=[HIDDEN])
+@dataclass
+class Figures:
+    rates: list[float] = field(default_factory=list)  # steps/s
+    first_step: list[float] = field(default_factory=list)  # s from the command to the first step's end
+    peak_rss: list[float] = field(default_factory=list)  # MiB, the largest process
 
 
-def batches(loader: torch.utils.data.DataLoader, steps: int):
-    done = 0
-    while True:
-        for batch in loader:
-            yield batch
-            done += 1
-            if done == steps:
-                return
+def available_variants() -> list[str]:
+    return [v for v in VARIANTS if v != "lightning" or importlib.util.find_spec("lightning") is not None]
 
 
-def torch_loop(steps: int) -> None:
-    loader, model = data_and_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for i, (x, y) in enumerate(batches(loader, steps)):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i % 10 == 0:
-            print(f"step {i} loss {loss.item():.4f}")
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def accelerate_loop(steps: int) -> None:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
-    loader, model = data_and_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    for i, (x, y) in enumerate(batches(loader, steps)):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i % 10 == 0:
-            accelerator.print(f"step {i} loss {loss.item():.4f}")
-
-
-def command(variant: str, steps: int, folder: Path) -> list[str]:
+def command(variant: str, w: Workload, steps: int, processes: int, text: Path, folder: Path) -> list[str]:
+    if processes > 1:
+        start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        start += ["--master_addr=127.0.0.1", f"--master_port={_port()}", "-m"]
+    else:
+        start = [sys.executable, "-m"]
     if variant == "launcher":
-        recipe = folder / "bench.yaml"
-        recipe.write_text(RECIPE)
-        run_dir = folder / f"run-{time.monotonic_ns()}"
-        return [
-            sys.executable,
-            "-m",
-            "launcher",
-            "train",
-            str(recipe),
-            f"run_dir={run_dir}",
-            f"train.max_steps={steps}",
-        ]
-    return [sys.executable, __file__, "--run", variant, "--steps", str(steps)]
+        recipe = folder / f"workload_{w.key}.yaml"
+        recipe.write_text(w.recipe())
+        return [*start, "launcher", "train", str(recipe), f"run_dir={folder / 'run'}", f"train.max_steps={steps}"]
+    return [*start, "bench.loops", variant, w.key, str(steps), "--text", str(text)]
 
 
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
+    """(wall seconds, seconds from start to the first step's end, peak RSS in MiB of the largest process)."""
+    mark = folder / "first_step"
+    env = {**os.environ, "BENCH_FIRST_STEP_FILE": str(mark), "BENCH_RUN_DIR": str(folder / "run")}
+    log = folder / "stderr.log"
+    with log.open("w") as err:
+        wall_start, start = time.time(), time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # wait4's usage covers the process and every descendant it waited for: the peak is the largest of them.
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    metrics = folder / "run" / "metrics.jsonl"  # the launcher's first row is written at the end of step 1
+    first = float(mark.read_text()) if mark.exists() else metrics.stat().st_mtime
+    return wall, first - wall_start, usage.ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--run", choices=["torch", "accelerate"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run:
-        {"torch": torch_loop, "accelerate": accelerate_loop}[args.run](args.steps)
-        return
+def measure(
+    w: Workload, processes: int, steps: int, repeats: int, text: Path, variants: list[str]
+) -> dict[str, Figures]:
+    figures = {v: Figures() for v in variants}
+    for _ in range(repeats):
+        for variant in variants:  # alternating
+            runs = []
+            for n in (1, steps):
+                with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
+                    runs.append(run_once(command(variant, w, n, processes, text, Path(tmp)), Path(tmp)))
+            (one, first, _), (full, _, rss) = runs
+            f = figures[variant]
+            f.rates.append((steps - 1) / max(full - one, 1e-9))
+            f.first_step.append(first)
+            f.peak_rss.append(rss)
+    return figures
 
-    variants = ["torch", "accelerate", "launcher"]
-    rates: dict[str, list[float]] = {v: [] for v in variants}
-    first: dict[str, list[float]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
-            for variant in variants:  # alternating, so drifts of the machine hit every variant alike
-                one = timed(command(variant, 1, Path(tmp)))
-                full = timed(command(variant, args.steps, Path(tmp)))
-                first[variant].append(one)
-                rates[variant].append((args.steps - 1) / max(full - one, 1e-9))
-    base = statistics.median(rates["torch"])
-    print(
-        f"workload (a): MLP {FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH}, Adam, {args.steps} steps, 1 process; "
-        f"medians of {args.repeats}; torch {torch.__version__}"
-    )
-    print("| variant | steps/s | samples/s | vs PyTorch | overhead per step | command to first step |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for variant in variants:
-        rate = statistics.median(rates[variant])
-        overhead_ms = (1 / rate - 1 / base) * 1000
-        print(
-            f"| {variant} | {rate:,.0f} | {rate * BATCH:,.0f} | {rate / base:.2f}x | {overhead_ms:+.3f} ms | "
-            f"{statistics.median(first[variant]):.2f} s |"
+
+def table(w: Workload, processes: int, steps: int, repeats: int, figures: dict[str, Figures]) -> str:
+    base = statistics.median(figures["torch"].rates)
+    lines = [
+        f"Workload ({w.key}), {processes} process{'es' if processes > 1 else ''}: {w.title}; "
+        f"{steps} steps, medians of {repeats}.",
+        "",
+        "| variant | steps/s | samples/s | vs PyTorch | overhead per step | command to first step | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant, f in figures.items():
+        rate = statistics.median(f.rates)
+        lines.append(
+            f"| {NAMES[variant]} | {rate:,.1f} | {rate * w.batch_size * processes:,.0f} | {rate / base:.2f}x | "
+            f"{(1 / rate - 1 / base) * 1000:+.2f} ms | {statistics.median(f.first_step):.1f} s | "
+            f"{statistics.median(f.peak_rss):,.0f} MiB |"
         )
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+def ratios(figures: dict[str, Figures]) -> dict[str, float]:
+    base = statistics.median(figures["torch"].rates)
+    return {v: statistics.median(f.rates) / base for v, f in figures.items()}
+
+
+def dump(path: Path, results: dict[str, dict[str, Figures]]) -> None:
+    """The raw figures of every run, to look at their spread."""
+    path.write_text(json.dumps({k: {v: vars(f) for v, f in r.items()} for k, r in results.items()}, indent=1))

@@ -2,15 +2,14 @@
 
 A checkpoint is a directory `step_00000400/` holding the model and optimizer state, `scheduler.pt`, `scaler.pt`
 (fp16), `rng.pt` (every rank's RNG), `recipe.yaml` and, written last, `trainer_state.json`. The model and optimizer
-are `model.safetensors` + `optimizer.pt`, written by the main process alone (DDP, one process), or each process's
-shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see `shards.py`. The directory is built under a hidden
-temporary name, synced to disk and renamed into place, so a crash at any moment leaves either the whole directory
-or none of it.
+are `model.safetensors` + `optimizer.safetensors`, written by the main process alone (DDP, one process), or each
+process's shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see `shards.py`. The directory is built under a
+hidden temporary name, synced to disk and renamed into place, so a crash at any moment leaves either the whole
+directory or none of it.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -21,6 +20,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,13 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from launcher import shards
+from launcher import shards, statefile
 from launcher.errors import RunFailed
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OLD_OPTIMIZER_FILE = "optimizer.pt"  # written by launcher 0.1.0 before optimizer.safetensors
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -157,15 +159,18 @@ class Writer:
         if accelerator.is_main_process:
             self.wait()
             scaler = accelerator.scaler
-            weights = weights_snapshot(accelerator.unwrap_model(model))
+            # A background write needs copies that later steps cannot change; a synchronous one writes the live
+            # tensors (copied only off an accelerator), which spares a copy of the whole state.
+            copy = self.background
+            weights = weights_snapshot(accelerator.unwrap_model(model), copy=copy)
+            optimizer_state = _host_copy(optimizer.state_dict(), copy)
             snapshot = {
-                "optimizer.pt": _host_copy(optimizer.state_dict()),
-                "scheduler.pt": _host_copy(scheduler.state_dict()),
+                "scheduler.pt": _host_copy(scheduler.state_dict(), copy),
                 "rng.pt": {"ranks": rng_states},
-                **({"scaler.pt": _host_copy(scaler.state_dict())} if scaler is not None else {}),
+                **({"scaler.pt": _host_copy(scaler.state_dict(), copy)} if scaler is not None else {}),
             }
             state = {**trainer_state, "world_size": accelerator.num_processes, "format": "full"}
-            job = functools.partial(_write_full, path, weights, snapshot, state, recipe_text, after)
+            job = functools.partial(_write_full, path, weights, optimizer_state, snapshot, state, recipe_text, after)
             if self.background:
                 self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
                 self.thread.start()
@@ -219,15 +224,17 @@ class Writer:
 def _write_full(
     path: Path,
     weights: tuple[dict[str, torch.Tensor], dict[str, str]],
+    optimizer_state: dict[str, Any],
     snapshot: dict[str, Any],
     trainer_state: dict[str, Any],
     recipe_text: str,
     after: Callable[[], None],
 ) -> None:
-    """A checkpoint of the main process alone: the weights file, then the rest (`_complete`)."""
+    """A checkpoint of the main process alone: the weights and optimizer files, then the rest (`_complete`)."""
     tmp = _fresh_tmp(path)
     kept, aliases = weights
     save_file(kept, str(tmp / WEIGHTS_FILE), metadata={"aliases": json.dumps(aliases)})
+    statefile.save(optimizer_state, tmp / OPTIMIZER_FILE)
     _complete(path, snapshot, trainer_state, recipe_text, after)
 
 
@@ -263,15 +270,16 @@ def _fresh_tmp(path: Path) -> Path:
     return tmp
 
 
-def _host_copy(value: Any) -> Any:
-    """A copy in host memory that later training steps cannot change."""
+def _host_copy(value: Any, copy: bool = True) -> Any:
+    """`value` in host memory: a copy that later training steps cannot change, or (`copy=False`) its tensors
+    copied only where they are not in host memory already."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=copy)
     if isinstance(value, dict):
-        return {k: _host_copy(v) for k, v in value.items()}
+        return {k: _host_copy(v, copy) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(v) for v in value)
-    return copy.deepcopy(value)
+        return type(value)(_host_copy(v, copy) for v in value)
+    return deepcopy(value) if copy else value
 
 
 def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
@@ -354,7 +362,7 @@ def load(
         raise RunFailed(message, exit_code=2) from None
     try:
         if fmt == "full":
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(load_optimizer_state(path))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if accelerator.scaler is not None and (path / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -362,6 +370,8 @@ def load(
     except pickle.UnpicklingError as e:
         message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
         raise RunFailed(message.splitlines()[0], exit_code=2) from None
+    except statefile.Unreadable as e:
+        raise RunFailed(f"error: resume: {path}: {e}", exit_code=2) from None
     # A rank beyond those that saved (resuming on more processes) keeps its freshly seeded RNG.
     if accelerator.process_index < len(rng_states):
         rng = rng_states[accelerator.process_index]
@@ -397,9 +407,9 @@ def _as_tuple(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- weights
 
 
-def weights_snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict copied to host memory, tensors that share memory (tied embeddings) kept once, and
-    the other names of each as aliases."""
+def weights_snapshot(model: torch.nn.Module, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict in host memory (copied, or with `copy=False` only where it is elsewhere), tensors
+    that share memory (tied embeddings) kept once, and the other names of each as aliases."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[tuple, str] = {}
@@ -409,7 +419,7 @@ def weights_snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], d
             aliases[name] = first_name[where]
         else:
             first_name[where] = name
-            kept[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            kept[name] = tensor.detach().to("cpu", copy=copy).contiguous()
     return kept, aliases
 
 
@@ -421,6 +431,13 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
     for alias, name in aliases.items():
         state[alias] = state[name]
     return state
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The optimizer state of a `full` checkpoint (either file format)."""
+    if (path / OPTIMIZER_FILE).is_file():
+        return statefile.load(path / OPTIMIZER_FILE)
+    return torch.load(path / OLD_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: torch.nn.Module, file: Path) -> None:

@@ -37,6 +37,7 @@ from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
 from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
+from launcher.stepping import Stepper
 
 RECIPE_FILE = "recipe.yaml"
 ENV_FILE = "env.json"
@@ -230,7 +231,8 @@ def train(
     samples_per_batch = t.batch_size * accelerator.num_processes  # one micro-batch on every rank
     samples_per_epoch = len(train_loader) * samples_per_batch
     total_steps = plan.total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
-    scheduler = make_scheduler(recipe, optimizer, total_steps)
+    stepper = Stepper(accelerator, model, optimizer, strategy)
+    scheduler = make_scheduler(recipe, stepper.optimizer, total_steps)
 
     state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
     if resume_from is not None:
@@ -359,7 +361,7 @@ def train(
                     if fsdp_sharded:  # FSDP2 has no no_sync(): reduce-scatter only on the update's last micro-batch
                         model.set_requires_gradient_sync(accelerator.sync_gradients)
                     loss = compute_loss(loss_fn, model(inputs), targets)
-                    accelerator.backward(loss)
+                    stepper.backward(loss)
                 step_loss += loss.detach()
                 step_batches += 1
                 throughput.add(
@@ -371,7 +373,7 @@ def train(
                 # A step boundary: gradients are synchronised. The norm is the global one, after unscaling (inf
                 # measures without clipping); it is logged as it was before clipping.
                 # DeepSpeed clips inside its step (its config has the recipe's clip_grad_norm) and reports the norm.
-                grad_norm = _plain_norm(accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm or math.inf))
+                grad_norm = stepper.clip(t.clip_grad_norm)
                 # fp16's loss scaler skips overflowing steps itself; there only a non-finite loss is divergence.
                 nonfinite = ~torch.isfinite(step_loss)
                 if t.mixed_precision != "fp16":
@@ -384,11 +386,11 @@ def train(
                     if accelerator.scaler is not None:
                         accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
                 else:
-                    optimizer.step()
+                    stepper.step()
                     state.nonfinite_streak = 0
                     loss_sum += step_loss
                     loss_count += step_batches
-                optimizer.zero_grad(set_to_none=True)
+                stepper.zero_grad()
                 step_loss.zero_()
                 step_batches = 0
                 scheduler.step()
@@ -409,7 +411,8 @@ def train(
                         **throughput.rates(),
                     }
                     log(values)
-                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}")
+                    # Shown at the bar's next redraw: forcing one here would write a line to a log file each time.
+                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
                 if state.nonfinite_streak >= t.max_nonfinite_steps:
                     stop_reason = "diverged"
                     break
@@ -495,16 +498,6 @@ def train(
         metrics=last_eval,
         run_dir=run_dir,
     )
-
-
-def _plain_norm(norm: Any) -> torch.Tensor:
-    """The gradient norm as a plain tensor: FSDP's is a replicated DTensor, DeepSpeed's a float (None before its
-    first step)."""
-    if norm is None:
-        return torch.tensor(math.nan)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return torch.as_tensor(norm).detach().float()
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
 
-def test_the_overhead_harness_runs_and_reports_every_variant():
+def test_the_harness_runs_every_variant_and_puts_its_tables_between_the_markers(tmp_path: Path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text(
+        "# Benchmarks\n\nwritten by hand\n\n<!-- bench:begin -->\nold figures\n<!-- bench:end -->\n\nnotes\n"
+    )
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "overhead.py"), "--steps", "3", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "bench", "--parts", "loops", "checkpoint", "--workloads", "a", "--processes", "1",
+         "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| torch", "| accelerate", "| launcher"], proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nwritten by hand\n\n<!-- bench:begin -->\nMeasured ")
+    assert text.endswith("<!-- bench:end -->\n\nnotes\n") and "old figures" not in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    loops = [row for row in rows if row in ("| PyTorch loop", "| Accelerate loop", "| `launcher train`")]
+    assert loops == ["| PyTorch loop", "| Accelerate loop", "| `launcher train`"], text
+    ways = [line for line in text.splitlines() if line.startswith(("| save | ", "| load | ")) and " s | " in line]
+    assert len(ways) == 8, text  # 5 ways to save, 3 to load
+    assert "| background (`checkpoint.async_save: true`) |" in text

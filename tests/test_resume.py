@@ -139,7 +139,7 @@ def test_only_the_main_process_writes(tiny_recipe: Path, tmp_path: Path):
     final = main_dir / "checkpoints" / "step_00000040"
     assert sorted(p.name for p in final.iterdir()) == [
         "model.safetensors",
-        "optimizer.pt",
+        "optimizer.safetensors",
         "recipe.yaml",
         "rng.pt",
         "scheduler.pt",
@@ -163,7 +163,7 @@ with open(sys.argv[1], "wb") as f:
 def test_a_checkpoint_with_a_pickle_payload_is_refused_not_run(tiny_recipe: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     assert run_cli("train", str(tiny_recipe), f"run_dir={run_dir}", cwd=tmp_path).returncode == 0
-    target = run_dir / "checkpoints" / "step_00000040" / "optimizer.pt"
+    target = run_dir / "checkpoints" / "step_00000040" / "scheduler.pt"
     witness = tmp_path / "payload-ran"
     (tmp_path / "evil.py").write_text(PAYLOAD)
     subprocess.run([sys.executable, str(tmp_path / "evil.py"), str(target), str(witness)], check=True)

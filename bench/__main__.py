@@ -1,0 +1,116 @@
+"""python -m bench: every figure in docs/benchmarks.md, in one run.
+
+    python -m bench                                  everything; prints the Markdown
+    python -m bench --out docs/benchmarks.md         ... and puts it into that file, between its bench markers
+    python -m bench --parts loops --workloads a --processes 1 --quick    a part, a smoke run
+
+Parts: `loops` (the launcher against hand-written PyTorch, Accelerate and Lightning loops: workloads (a) and (b),
+1 and 2 processes; see bench/overhead.py) and `checkpoint` (save and load of a 100M-parameter model with AdamW
+state against one plain write, and the stall of background saving; see bench/checkpoint_io.py). Run it on an
+otherwise idle machine: anything else running skews the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import accelerate
+import torch
+
+from bench import checkpoint_io, overhead
+from bench.workloads import SHAKESPEARE, workloads
+
+# (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
+PLAN = {("a", 1): (2000, 5), ("b", 1): (100, 5), ("a", 2): (1000, 3), ("b", 2): (60, 3)}
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:  # Linux: the model name is there
+        names = re.findall(r"model name\s*:\s*(.+)", f.read())
+    cpu = names[0] if names else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = f"torch {torch.__version__}, accelerate {accelerate.__version__}"
+    try:
+        import lightning
+
+        versions += f", lightning {lightning.__version__}"
+    except ImportError:
+        pass
+    python = platform.python_version()
+    return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, no GPU used; Python {python}, {versions}"
+
+
+def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
+    sections, headline, raw = [], {}, {}
+    variants = [v for v in overhead.available_variants() if v in args.variants]
+    if "lightning" in args.variants and "lightning" not in variants:
+        sections.append('Lightning is not installed (`pip install -e ".[bench]"`): its rows are left out.')
+    for processes in args.processes:
+        for key in args.workloads:
+            if key == "b" and not args.text.is_file():
+                sections.append(f"Workload (b) left out: {args.text} does not exist (give --text FILE).")
+                continue
+            steps, repeats = (3, 1) if args.quick else PLAN[key, processes]
+            w = workloads(args.text)[key]
+            print(f"measuring workload ({key}), {processes} process(es), {steps} steps x {repeats}", file=sys.stderr)
+            figures = overhead.measure(w, processes, steps, repeats, args.text, variants)
+            sections.append(overhead.table(w, processes, steps, repeats, figures))
+            raw[f"{key}/{processes}"] = figures
+            for variant, ratio in overhead.ratios(figures).items():
+                headline[f"({key}) {processes}p {variant}"] = ratio
+    if args.raw:
+        overhead.dump(args.raw, raw)
+    return "\n\n".join(sections), headline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=["loops", "checkpoint"], default=["loops", "checkpoint"])
+    parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"])
+    parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
+    parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, 2M parameters: a smoke run")
+    parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
+    parser.add_argument("--params-millions", type=float, default=100.0)
+    parser.add_argument("--out", type=Path, help="a Markdown file to put the results into, between its markers")
+    parser.add_argument("--raw", type=Path, help="a JSON file for every run's figures")
+    args = parser.parse_args()
+
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    parts = [
+        f"Measured {datetime.date.today().isoformat()} by `{command.strip()}` on {machine()}.",
+    ]
+    headline: dict[str, float] = {}
+    if "loops" in args.parts:
+        text, headline = loops(args)
+        parts += ["### The launcher against hand-written loops", text]
+    if "checkpoint" in args.parts:
+        print("measuring checkpoints", file=sys.stderr)
+        millions = 2.0 if args.quick else args.params_millions
+        with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+            text = checkpoint_io.run(millions, 1 if args.quick else 5, Path(tmp))
+        parts += ["### Checkpoints", text]
+    report = "\n\n".join(parts) + "\n"
+    print(report)
+    if headline:
+        print("headline ratios (steps/s against the PyTorch loop):", json.dumps(headline, indent=1), file=sys.stderr)
+    if args.out:
+        old = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
+        if BEGIN not in old or END not in old:
+            raise SystemExit(f"error: {args.out}: no {BEGIN} ... {END} markers to put the results between")
+        head, rest = old.split(BEGIN, 1)
+        args.out.write_text(f"{head}{BEGIN}\n{report}{END}{rest.split(END, 1)[1]}")
+
+
+if __name__ == "__main__":
+    main()

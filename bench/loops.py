@@ -1,0 +1,152 @@
+"""The hand-written loops the launcher is measured against, one process of one variant per run:
+
+    python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS [--text FILE]
+
+Each is the loop a user would write for the workload: forward, backward, clip to norm 1.0, step, zero the
+gradients, the loss printed every 10 steps. Started by torchrun with 2 processes, each runs DDP over gloo. At its
+first optimizer step each writes the time to $BENCH_FIRST_STEP_FILE, if set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, loss_of, workloads
+
+
+def first_step_done() -> None:
+    path = os.environ.get("BENCH_FIRST_STEP_FILE")
+    if path:
+        Path(path).write_text(repr(time.time()))
+
+
+def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    done, epoch = 0, 0
+    while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        epoch += 1
+
+
+def torch_loop(w: Workload, steps: int) -> None:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    data = w.data()
+    model = w.model(data)
+    optimizer = w.optimizer(model.parameters())
+    sampler = DistributedSampler(data, shuffle=True, seed=0) if distributed else None
+    loader = DataLoader(data, batch_size=w.batch_size, shuffle=sampler is None, sampler=sampler)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    main = not distributed or torch.distributed.get_rank() == 0
+    model.train()
+    for i, (x, y) in enumerate(batches(loader, steps)):
+        loss = loss_of(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i % LOG_EVERY == 0:
+            value = loss.detach()
+            if distributed:
+                torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+            if main:
+                print(f"step {i} loss {value.item():.4f}", flush=True)
+        if i == 0 and main:
+            first_step_done()
+    if distributed:
+        torch.distributed.destroy_process_group()
+
+
+def accelerate_loop(w: Workload, steps: int) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    data = w.data()
+    model = w.model(data)
+    optimizer = w.optimizer(model.parameters())
+    loader = DataLoader(data, batch_size=w.batch_size, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+    for i, (x, y) in enumerate(batches(loader, steps)):
+        loss = loss_of(model(x), y)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i % LOG_EVERY == 0:
+            accelerator.print(f"step {i} loss {accelerator.reduce(loss.detach(), 'mean').item():.4f}", flush=True)
+        if i == 0 and accelerator.is_main_process:
+            first_step_done()
+    accelerator.end_training()
+
+
+def lightning_loop(w: Workload, steps: int) -> None:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = loss_of(self.model(batch[0]), batch[1])
+            self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return w.optimizer(self.parameters())
+
+        def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+            if self.global_step == 1 and self.trainer.is_global_zero:
+                first_step_done()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(0)
+    data = w.data()
+    module = Module(w.model(data))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        max_steps=steps,
+        gradient_clip_val=CLIP,
+        log_every_n_steps=LOG_EVERY,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=os.environ.get("BENCH_RUN_DIR", "."),
+    )
+    trainer.fit(module, DataLoader(data, batch_size=w.batch_size, shuffle=True))
+
+
+VARIANTS = {"torch": torch_loop, "accelerate": accelerate_loop, "lightning": lightning_loop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("workload", choices=["a", "b"])
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--text", type=Path, default=SHAKESPEARE)
+    args = parser.parse_args()
+    VARIANTS[args.variant](workloads(args.text)[args.workload], args.steps)
+
+
+if __name__ == "__main__":
+    main()

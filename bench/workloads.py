@@ -1,0 +1,108 @@
+"""The workloads every variant trains: the same model, data, batch size, optimizer and clipping.
+
+(a) a tiny MLP on the built-in synthetic set, where the cost per step of the loop itself dominates;
+(b) the char transformer of `recipes/charlm.yaml` on Tiny Shakespeare, where compute dominates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+CLIP = 1.0
+LOG_EVERY = 10  # every variant reports its loss every 10 steps
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    batch_size: int  # per process
+    data: Callable[[], Dataset]
+    model: Callable[[Dataset], torch.nn.Module]
+    optimizer: Callable[..., torch.optim.Optimizer]  # given the parameters
+    recipe: Callable[[], str]  # the launcher's recipe for the same run (YAML)
+
+
+def _mlp_data() -> Dataset:
+    from launcher.data.synthetic import SyntheticClassification
+
+    return SyntheticClassification(split="train", num_samples=8192, num_features=32, num_classes=4)
+
+
+def _mlp_model(data: Dataset) -> torch.nn.Module:
+    from launcher.models.mlp import MLP
+
+    return MLP(32, 4, hidden_sizes=[64])
+
+
+def _char_data(text: Path) -> Dataset:
+    from launcher.data.text import CharText
+
+    return CharText(str(text), split="train", block_size=64)
+
+
+def _char_model(data: Dataset) -> torch.nn.Module:
+    from launcher.models.gpt import GPT
+
+    return GPT(**data.model_kwargs, n_layer=4, n_head=4, n_embd=128, dropout=0.1)  # type: ignore[attr-defined]
+
+
+def _recipe(model: str, dataset: str, optimizer: str, batch_size: int) -> str:
+    return f"""\
+model: {model}
+data:
+  dataset: {dataset}
+  val: null
+optimizer: {optimizer}
+train: {{batch_size: {batch_size}, clip_grad_norm: {CLIP}, seed: 0}}
+checkpoint: {{save_final: false}}
+logging: {{every_steps: {LOG_EVERY}, progress_bar: true}}
+"""
+
+
+def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
+    return {
+        "a": Workload(
+            key="a",
+            title="tiny MLP (32-64-4, 2.4k parameters) on the synthetic set, batch 32, Adam",
+            batch_size=32,
+            data=_mlp_data,
+            model=_mlp_model,
+            optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+            recipe=lambda: _recipe(
+                "{_component_: mlp, hidden_sizes: [64]}",
+                "{_component_: synthetic_classification, num_features: 32, num_classes: 4, num_samples: 8192}",
+                "{_component_: adam, lr: 0.001}",
+                32,
+            ),
+        ),
+        "b": Workload(
+            key="b",
+            title="char transformer (4 layers, 128 wide, 0.8M parameters) on Tiny Shakespeare, batch 16 x 64, AdamW",
+            batch_size=16,
+            data=functools.partial(_char_data, text),
+            model=_char_model,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+            recipe=lambda: _recipe(
+                "{_component_: gpt, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.1}",
+                f"{{_component_: char_text, path: '{text}', block_size: 64}}",
+                "{_component_: adamw, lr: 0.001, betas: [0.9, 0.99], weight_decay: 0.1}",
+                16,
+            ),
+        ),
+    }
+
+
+def loss_of(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; sequence outputs are flattened, as the launcher does."""
+    if output.dim() > 2:
+        return torch.nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return torch.nn.functional.cross_entropy(output, targets)
