@@ -20,12 +20,10 @@ import platform
 import re
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
-import accelerate
-import torch
-
-from bench import checkpoint_io, overhead
+from bench import overhead  # not torch: the runs' peak memory would start from this process's
 from bench.workloads import SHAKESPEARE, workloads
 
 # (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
@@ -39,13 +37,11 @@ def machine() -> str:
         names = re.findall(r"model name\s*:\s*(.+)", f.read())
     cpu = names[0] if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = f"torch {torch.__version__}, accelerate {accelerate.__version__}"
-    try:
-        import lightning
-
-        versions += f", lightning {lightning.__version__}"
-    except ImportError:
-        pass
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("torch", "accelerate", "lightning")
+        if name != "lightning" or overhead.available_variants().count("lightning")
+    )
     python = platform.python_version()
     return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, no GPU used; Python {python}, {versions}"
 
@@ -60,7 +56,7 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
             if key == "b" and not args.text.is_file():
                 sections.append(f"Workload (b) left out: {args.text} does not exist (give --text FILE).")
                 continue
-            steps, repeats = (3, 1) if args.quick else PLAN[key, processes]
+            steps, repeats = (20, 1) if args.quick else PLAN[key, processes]
             w = workloads(args.text)[key]
             print(f"measuring workload ({key}), {processes} process(es), {steps} steps x {repeats}", file=sys.stderr)
             figures = overhead.measure(w, processes, steps, repeats, args.text, variants)
@@ -79,7 +75,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"])
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, 2M parameters: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
     parser.add_argument("--params-millions", type=float, default=100.0)
     parser.add_argument("--out", type=Path, help="a Markdown file to put the results into, between its markers")
@@ -95,6 +91,8 @@ def main() -> None:
         text, headline = loops(args)
         parts += ["### The launcher against hand-written loops", text]
     if "checkpoint" in args.parts:
+        from bench import checkpoint_io  # (imports torch: after the loops)
+
         print("measuring checkpoints", file=sys.stderr)
         millions = 2.0 if args.quick else args.params_millions
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:

@@ -3,13 +3,15 @@
     python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS [--text FILE]
 
 Each is the loop a user would write for the workload: forward, backward, clip to norm 1.0, step, zero the
-gradients, the loss printed every 10 steps. Started by torchrun with 2 processes, each runs DDP over gloo. At its
-first optimizer step each writes the time to $BENCH_FIRST_STEP_FILE, if set.
+gradients, the loss printed every 10 steps. Started by torchrun with 2 processes, each runs DDP over gloo. For the
+harness, the main process writes the time of its first optimizer step to $BENCH_FIRST_STEP_FILE, and at every
+10th step a line `{"step": N, "time": T}` to $BENCH_STEPS_FILE (as the launcher's metrics.jsonl has them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -21,10 +23,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, loss_of, workloads
 
 
-def first_step_done() -> None:
-    path = os.environ.get("BENCH_FIRST_STEP_FILE")
-    if path:
-        Path(path).write_text(repr(time.time()))
+def step_done(step: int) -> None:
+    """For the harness: the time of the first step, and of every 10th."""
+    if step == 1 and os.environ.get("BENCH_FIRST_STEP_FILE"):
+        Path(os.environ["BENCH_FIRST_STEP_FILE"]).write_text(repr(time.time()))
+    if step % LOG_EVERY == 0 and os.environ.get("BENCH_STEPS_FILE"):
+        with open(os.environ["BENCH_STEPS_FILE"], "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
 
 
 def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -60,14 +65,14 @@ def torch_loop(w: Workload, steps: int) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i % LOG_EVERY == 0:
+        if (i + 1) % LOG_EVERY == 0:
             value = loss.detach()
             if distributed:
                 torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
             if main:
-                print(f"step {i} loss {value.item():.4f}", flush=True)
-        if i == 0 and main:
-            first_step_done()
+                print(f"step {i + 1} loss {value.item():.4f}", flush=True)
+        if main:
+            step_done(i + 1)
     if distributed:
         torch.distributed.destroy_process_group()
 
@@ -89,10 +94,10 @@ def accelerate_loop(w: Workload, steps: int) -> None:
         accelerator.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i % LOG_EVERY == 0:
-            accelerator.print(f"step {i} loss {accelerator.reduce(loss.detach(), 'mean').item():.4f}", flush=True)
-        if i == 0 and accelerator.is_main_process:
-            first_step_done()
+        if (i + 1) % LOG_EVERY == 0:
+            accelerator.print(f"step {i + 1} loss {accelerator.reduce(loss.detach(), 'mean').item():.4f}", flush=True)
+        if accelerator.is_main_process:
+            step_done(i + 1)
     accelerator.end_training()
 
 
@@ -113,8 +118,8 @@ def lightning_loop(w: Workload, steps: int) -> None:
             return w.optimizer(self.parameters())
 
         def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-            if self.global_step == 1 and self.trainer.is_global_zero:
-                first_step_done()
+            if self.trainer.is_global_zero:
+                step_done(self.global_step)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)

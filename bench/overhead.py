@@ -1,10 +1,12 @@
 """The launcher's cost per step against hand-written loops: same model, data, batch, optimizer and steps.
 
 For each workload and number of processes, every variant runs as fresh processes, the variants alternating so
-that drifts of the machine hit them alike. Each variant runs twice per repeat, for 1 step and for N steps: the
-difference of the wall times is the time of N - 1 steps without start-up or shutdown, so steps/s compare the loops
-alone. Also measured: the time from the command to the end of the first optimizer step (in the 1-step run) and
-the peak resident memory of the largest process (in the N-step run). Medians over the repeats.
+that drifts of the machine hit them alike. Each variant runs twice per repeat:
+- for N steps: steps/s are those from step 10 to step N, timed by the run itself (the launcher's metrics.jsonl
+  rows carry the time they were written; the hand-written loops write the same rows for the harness), so start-up,
+  the first steps' warm-up and shutdown stay out of them; and the peak resident memory of the largest process;
+- for 1 step: the time from the command to the end of the first optimizer step.
+Medians over the repeats.
 
 Variants: `torch` (a minimal PyTorch loop; DDP with 2 processes), `accelerate` (the same loop with Accelerate),
 `lightning` (Lightning's Trainer, when installed: `pip install -e ".[bench]"`) and `launcher` (`launcher train` on
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import statistics
@@ -68,27 +71,42 @@ def command(variant: str, w: Workload, steps: int, processes: int, text: Path, f
 
 
 def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
-    """(wall seconds, seconds from start to the first step's end, peak RSS in MiB of the largest process)."""
-    mark = folder / "first_step"
-    env = {**os.environ, "BENCH_FIRST_STEP_FILE": str(mark), "BENCH_RUN_DIR": str(folder / "run")}
+    """(steps/s from step 10 to the last, seconds from the command to the first step's end, peak RSS in MiB of
+    the largest process)."""
+    mark, steps_file = folder / "first_step", folder / "steps.jsonl"
+    env = {
+        **os.environ,
+        "BENCH_FIRST_STEP_FILE": str(mark),
+        "BENCH_STEPS_FILE": str(steps_file),
+        "BENCH_RUN_DIR": str(folder / "run"),
+    }
     log = folder / "stderr.log"
     with log.open("w") as err:
-        wall_start, start = time.time(), time.perf_counter()
+        start = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         # wait4's usage covers the process and every descendant it waited for: the peak is the largest of them.
         _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-    metrics = folder / "run" / "metrics.jsonl"  # the launcher's first row is written at the end of step 1
-    first = float(mark.read_text()) if mark.exists() else metrics.stat().st_mtime
-    return wall, first - wall_start, usage.ru_maxrss / 1024
+    if not steps_file.exists():  # the launcher: its own metrics rows (a hand-written loop's 1-step run: none)
+        steps_file = folder / "run" / "metrics.jsonl"
+    rows = steps_file.read_text().splitlines() if steps_file.exists() else []
+    times = {row["step"]: row["time"] for row in map(json.loads, rows)}
+    rate = math.nan
+    if len(times) >= 2:
+        first_row, last_row = min(times), max(times)
+        rate = (last_row - first_row) / max(times[last_row] - times[first_row], 1e-9)
+    # The launcher's 1-step run writes its one row at the end of step 1.
+    first = float(mark.read_text()) if mark.exists() else times[min(times)]
+    return rate, first - start, usage.ru_maxrss / 1024
 
 
 def measure(
     w: Workload, processes: int, steps: int, repeats: int, text: Path, variants: list[str]
 ) -> dict[str, Figures]:
+    if "torch" in sys.modules:
+        raise RuntimeError("bench: torch is imported in the harness: every run's peak memory would include its size")
     figures = {v: Figures() for v in variants}
     for _ in range(repeats):
         for variant in variants:  # alternating
@@ -96,9 +114,9 @@ def measure(
             for n in (1, steps):
                 with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
                     runs.append(run_once(command(variant, w, n, processes, text, Path(tmp)), Path(tmp)))
-            (one, first, _), (full, _, rss) = runs
+            (_, first, _), (rate, _, rss) = runs
             f = figures[variant]
-            f.rates.append((steps - 1) / max(full - one, 1e-9))
+            f.rates.append(rate)
             f.first_step.append(first)
             f.peak_rss.append(rss)
     return figures

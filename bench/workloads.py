@@ -2,6 +2,9 @@
 
 (a) a tiny MLP on the built-in synthetic set, where the cost per step of the loop itself dominates;
 (b) the char transformer of `recipes/charlm.yaml` on Tiny Shakespeare, where compute dominates.
+
+torch is imported only where a model or optimizer is built: the harness that starts the runs stays small, since a
+child process's peak memory as the kernel reports it starts from its parent's.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import Dataset
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -27,7 +32,7 @@ class Workload:
     batch_size: int  # per process
     data: Callable[[], Dataset]
     model: Callable[[Dataset], torch.nn.Module]
-    optimizer: Callable[..., torch.optim.Optimizer]  # given the parameters
+    optimizer: Callable[[Any], torch.optim.Optimizer]  # given the parameters
     recipe: Callable[[], str]  # the launcher's recipe for the same run (YAML)
 
 
@@ -55,6 +60,18 @@ def _char_model(data: Dataset) -> torch.nn.Module:
     return GPT(**data.model_kwargs, n_layer=4, n_head=4, n_embd=128, dropout=0.1)  # type: ignore[attr-defined]
 
 
+def _adam(params: Any) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+
 def _recipe(model: str, dataset: str, optimizer: str, batch_size: int) -> str:
     return f"""\
 model: {model}
@@ -76,7 +93,7 @@ def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
             batch_size=32,
             data=_mlp_data,
             model=_mlp_model,
-            optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+            optimizer=_adam,
             recipe=lambda: _recipe(
                 "{_component_: mlp, hidden_sizes: [64]}",
                 "{_component_: synthetic_classification, num_features: 32, num_classes: 4, num_samples: 8192}",
@@ -90,7 +107,7 @@ def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
             batch_size=16,
             data=functools.partial(_char_data, text),
             model=_char_model,
-            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+            optimizer=_adamw,
             recipe=lambda: _recipe(
                 "{_component_: gpt, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.1}",
                 f"{{_component_: char_text, path: '{text}', block_size: 64}}",
@@ -103,6 +120,8 @@ def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
 
 def loss_of(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy; sequence outputs are flattened, as the launcher does."""
+    import torch
+
     if output.dim() > 2:
         return torch.nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
     return torch.nn.functional.cross_entropy(output, targets)

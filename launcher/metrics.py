@@ -21,14 +21,14 @@ def sequence_tokens(targets: Any) -> int:
 
 
 class JsonlWriter:
-    """One JSON object per line: `step` plus the same tags TensorBoard gets. Flushed per line, so a crash loses
-    at most the line being written."""
+    """One JSON object per line: `step`, `time` (Unix seconds, when the line was written) and the same tags
+    TensorBoard gets. Flushed per line, so a crash loses at most the line being written."""
 
     def __init__(self, path: Path):
         self.file = path.open("a", encoding="utf-8")
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}}
+        row = {"step": step, "time": round(time.time(), 3), **{k: _finite_or_none(v) for k, v in values.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
