@@ -42,10 +42,11 @@ class Verdict:
 
 def agree(accelerator: Accelerator, stop: int | bool, nonfinite: torch.Tensor | bool) -> Verdict:
     """The step's verdict, the same on every rank: one all-reduce (max) of the flags, one host sync."""
+    if accelerator.num_processes == 1:  # nothing to agree on: the flags as they are
+        return Verdict(stop_code=int(stop), skip_step=bool(nonfinite))
     flags = torch.stack([torch.as_tensor(int(stop)), torch.as_tensor(nonfinite).to(torch.int64)])
     flags = flags.to(accelerator.device, torch.int32)
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     stop_code, skip_any = flags.tolist()
     return Verdict(stop_code=stop_code, skip_step=bool(skip_any))
 

@@ -38,6 +38,7 @@ from launcher.errors import RecipeError, RunFailed
 from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
 from launcher.stepping import Stepper
+from launcher.trackers import trackers
 
 RECIPE_FILE = "recipe.yaml"
 ENV_FILE = "env.json"
@@ -149,7 +150,7 @@ def make_accelerator(recipe: Recipe, resume_from: Path | None = None) -> Acceler
     cuda = torch.cuda.is_available()
     common: dict[str, Any] = {
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "log_with": [name for name in recipe.logging.trackers if name != "jsonl"] or None,
+        "log_with": trackers(recipe.logging.trackers, recipe.run_dir),
         "project_config": ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         "step_scheduler_with_optimizer": False,
@@ -357,7 +358,7 @@ def train(
             for inputs, targets in batches:
                 state.samples_in_epoch += samples_per_batch
                 waiting_for = "the gradient all-reduce"
-                with accelerator.accumulate(model):
+                with stepper.accumulate():
                     if fsdp_sharded:  # FSDP2 has no no_sync(): reduce-scatter only on the update's last micro-batch
                         model.set_requires_gradient_sync(accelerator.sync_gradients)
                     loss = compute_loss(loss_fn, model(inputs), targets)
@@ -375,9 +376,9 @@ def train(
                 # DeepSpeed clips inside its step (its config has the recipe's clip_grad_norm) and reports the norm.
                 grad_norm = stepper.clip(t.clip_grad_norm)
                 # fp16's loss scaler skips overflowing steps itself; there only a non-finite loss is divergence.
-                nonfinite = ~torch.isfinite(step_loss)
-                if t.mixed_precision != "fp16":
-                    nonfinite |= ~torch.isfinite(grad_norm.to(step_loss.device))
+                # (A sum is finite only if both terms are: one check instead of two.)
+                watched = step_loss if t.mixed_precision == "fp16" else step_loss + grad_norm.to(step_loss.device)
+                nonfinite = ~torch.isfinite(watched)
                 waiting_for = "the other processes' step verdict"
                 verdict = consensus.agree(accelerator, stop=stop_requests.code(), nonfinite=nonfinite)
                 if verdict.skip_step:

@@ -1,15 +1,18 @@
-"""The mechanics of one update for the loop: backward, clip (returning the global norm), step, zero the gradients.
+"""The mechanics of one update for the loop: the accumulation context, backward, clip (returning the global
+norm), step, zero the gradients.
 
 Accelerate's wrappers do real work for DeepSpeed (its engine owns backward, clipping and the step), for FSDP
 (DTensor-aware clipping) and for fp16 (the loss scaler). For everything else (one process, or DDP, in full
 precision or bf16 autocast) they add only a fixed cost to every step: package look-ups in the optimizer's `step`,
-signature inspection in its `zero_grad`, a division of the loss by 1. On a small model that is a sizeable share of
-the step, so there the same calls go straight to torch. The results are the same bit for bit: after DDP's
+signature inspection in its `zero_grad`, a division of the loss by 1, an accumulation context where every
+micro-batch is an update. On a small model that is a sizeable share of the step, so there the same calls go
+straight to torch. The results are the same bit for bit: after DDP's
 all-reduce every rank holds the global gradient, and torch's own clipping is what Accelerate calls in the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -29,6 +32,13 @@ class Stepper:
         self.optimizer = optimizer.optimizer if self.direct else optimizer
         self.accumulation = accelerator.gradient_accumulation_steps
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
+        """Accelerate's accumulation context (which syncs gradients only on an update's last micro-batch), or
+        nothing where every micro-batch is an update."""
+        if self.direct and self.accumulation == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.accumulate(self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
         if not self.direct:
