@@ -1,13 +1,20 @@
 """Every decision that could differ between ranks goes through one collective here, so all ranks act alike.
 
-Per-rank facts (a signal arrived, the wall-time budget ran out, this rank's loss or gradient norm is not finite)
-are reduced into one verdict at each step boundary by a single all-reduce of a few flags; every rank then acts on
-the same verdict at the same step. Signal handlers only record the request; all work happens in the loop.
+Per-rank facts are reduced into one verdict that every rank then acts on at the same step:
+- a non-finite loss rides on the gradient all-reduce the step does anyway: a rank whose loss is not finite makes
+  its gradients NaN (`poison_nonfinite`), so the synchronised gradients, and the global norm every rank computes
+  from them, are not finite on every rank, and every rank skips the update;
+- requests to stop (a signal, the wall-time budget, a stop file) are reduced by an all-reduce of a few flags,
+  about once a second at a step every rank knows in advance (`StopChecks`): at every step it would cost a small
+  model's loop a sizeable share of its speed. With fp16, whose loss scaler makes overflowing gradients normal,
+  the loss's own flag goes into that all-reduce, at every step.
+Signal handlers only record the request; all work happens in the loop.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ STOP_FILE = "STOP"  # created in a run dir (by hand, or by a SLURM job warned of
 class Verdict:
     stop_code: int  # why some rank was asked to stop (an index into STOP_REASONS); 0: nobody was
     skip_step: bool  # some rank saw a non-finite loss or gradient norm: no rank applies this update
+    next_check_in: int = 1  # steps until the ranks next agree on stopping
 
     @property
     def stop(self) -> bool:
@@ -40,15 +48,59 @@ class Verdict:
         return STOP_REASONS[self.stop_code]
 
 
-def agree(accelerator: Accelerator, stop: int | bool, nonfinite: torch.Tensor | bool) -> Verdict:
-    """The step's verdict, the same on every rank: one all-reduce (max) of the flags, one host sync."""
+def agree(
+    accelerator: Accelerator, stop: int | bool, nonfinite: torch.Tensor | bool, next_check_in: int = 1
+) -> Verdict:
+    """The verdict, the same on every rank: one all-reduce (max) of the flags, one host sync. `next_check_in` is
+    this rank's proposal; the verdict's is the smallest any rank proposed."""
     if accelerator.num_processes == 1:  # nothing to agree on: the flags as they are
-        return Verdict(stop_code=int(stop), skip_step=bool(nonfinite))
-    flags = torch.stack([torch.as_tensor(int(stop)), torch.as_tensor(nonfinite).to(torch.int64)])
-    flags = flags.to(accelerator.device, torch.int32)
+        return Verdict(stop_code=int(stop), skip_step=bool(nonfinite), next_check_in=next_check_in)
+    flags = torch.tensor([int(stop), 0, -next_check_in], dtype=torch.int64)
+    flags[1] = torch.as_tensor(nonfinite).to("cpu", torch.int64)
+    flags = flags.to(accelerator.device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    stop_code, skip_any = flags.tolist()
-    return Verdict(stop_code=stop_code, skip_step=bool(skip_any))
+    stop_code, skip_any, next_check_in = flags.tolist()
+    return Verdict(stop_code=stop_code, skip_step=bool(skip_any), next_check_in=-next_check_in)
+
+
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` to call backward on: itself times 1 (the same gradients, bit for bit) where it is finite, times NaN
+    where it is not, so that every gradient it reaches is NaN however the loss went wrong, and the gradient
+    all-reduce carries the news to every rank."""
+    factor = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan).to(loss.dtype)
+    return loss * factor
+
+
+class StopChecks:
+    """When the ranks next agree on stopping: after as many steps as this rank's recent pace fits in `every_s`
+    seconds (each agreement takes the smallest proposal, so every rank knows the step). A stop is acted on within
+    about `every_s` seconds plus a step."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s = every_s
+        self.next_step = 0
+        self.since: tuple[int, float] | None = None  # (step, time) of the last agreement
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def proposal(self, step: int) -> int:
+        now = time.monotonic()
+        last, self.since = self.since, (step, now)
+        if last is None or step <= last[0]:
+            return 1
+        seconds_per_step = (now - last[1]) / (step - last[0])
+        return steps_within(self.every_s, seconds_per_step)
+
+    def agreed(self, step: int, next_check_in: int) -> None:
+        self.next_step = step + next_check_in
+
+
+def steps_within(seconds: float, seconds_per_step: float, most: int = 1000) -> int:
+    """How many steps fit in `seconds` at the given pace: at least 1, at most `most`."""
+    if seconds_per_step <= 0:
+        return most
+    return max(1, min(most, int(seconds / seconds_per_step)))
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

@@ -311,6 +311,10 @@ def train(
         mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
     )
     throughput = Throughput()
+    fp16 = t.mixed_precision == "fp16"
+    # One process reads its stop requests at every step; several agree on them about once a second (at every step
+    # with fp16, whose divergence verdict needs the agreement).
+    stop_checks = consensus.StopChecks(every_s=1.0 if accelerator.num_processes > 1 and not fp16 else 0.0)
     loss_sum = torch.zeros((), device=accelerator.device)  # over the updates since the last log line
     loss_count = 0
     step_loss = torch.zeros((), device=accelerator.device)  # over the micro-batches of the current update
@@ -362,7 +366,9 @@ def train(
                     if fsdp_sharded:  # FSDP2 has no no_sync(): reduce-scatter only on the update's last micro-batch
                         model.set_requires_gradient_sync(accelerator.sync_gradients)
                     loss = compute_loss(loss_fn, model(inputs), targets)
-                    stepper.backward(loss)
+                    # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's
+                    # (fp16's loss scaler skips overflowing gradients itself: there the loss goes into the verdict).
+                    stepper.backward(loss if fp16 else consensus.poison_nonfinite(loss))
                 step_loss += loss.detach()
                 step_batches += 1
                 throughput.add(
@@ -375,12 +381,17 @@ def train(
                 # measures without clipping); it is logged as it was before clipping.
                 # DeepSpeed clips inside its step (its config has the recipe's clip_grad_norm) and reports the norm.
                 grad_norm = stepper.clip(t.clip_grad_norm)
-                # fp16's loss scaler skips overflowing steps itself; there only a non-finite loss is divergence.
-                # (A sum is finite only if both terms are: one check instead of two.)
-                watched = step_loss if t.mixed_precision == "fp16" else step_loss + grad_norm.to(step_loss.device)
-                nonfinite = ~torch.isfinite(watched)
-                waiting_for = "the other processes' step verdict"
-                verdict = consensus.agree(accelerator, stop=stop_requests.code(), nonfinite=nonfinite)
+                # The norm of the synchronised gradients is the same on every rank, and not finite on every rank if
+                # any rank's loss or gradients were not. With fp16 only a non-finite loss is divergence, and only
+                # this rank's: it goes into the agreement, which then happens at every step.
+                nonfinite = ~torch.isfinite(step_loss if fp16 else grad_norm)
+                if stop_checks.due(state.step):
+                    waiting_for = "the other processes' step verdict"
+                    proposal = stop_checks.proposal(state.step)
+                    verdict = consensus.agree(accelerator, stop_requests.code(), nonfinite, proposal)
+                    stop_checks.agreed(state.step, verdict.next_check_in)
+                else:
+                    verdict = consensus.Verdict(stop_code=0, skip_step=bool(nonfinite))
                 if verdict.skip_step:
                     state.skipped_steps += 1
                     state.nonfinite_streak += 1

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
 
 import pytest
+import torch
 
 from launcher import guards
-from launcher.consensus import STOP_REASONS, StopRequests
+from launcher.consensus import STOP_REASONS, StopChecks, StopRequests, poison_nonfinite, steps_within
 
 
 def test_a_clean_launch_has_no_problems():
@@ -81,3 +83,38 @@ def test_the_wall_time_budget_becomes_a_stop_request():
     assert not requests.requested()
     time.sleep(0.06)
     assert requests.requested() and requests.reason == "max_time_s reached"
+
+
+def test_ranks_agree_on_stopping_about_once_a_second_whatever_the_pace():
+    assert steps_within(1.0, 0.001) == 1000  # a fast loop: every 1000 steps
+    assert steps_within(1.0, 0.25) == 4
+    assert steps_within(1.0, 30.0) == 1  # slow steps: at every one
+    assert steps_within(0.0, 0.001) == 1  # one process (or fp16): at every step
+    assert steps_within(1.0, 1e-6) == 1000  # never fewer checks than one per 1000 steps
+
+
+def test_stop_checks_fall_at_the_steps_agreed_on():
+    checks = StopChecks(every_s=1.0)
+    assert checks.due(0) and checks.proposal(0) == 1  # no pace known yet: agree again at the next step
+    checks.agreed(0, 1)
+    assert not checks.due(0) and checks.due(1)
+    time.sleep(0.05)
+    proposal = checks.proposal(1)  # one step took about 0.05 s
+    assert 1 <= proposal <= 20  # (fewer if the machine stalled the sleep)
+    checks.agreed(1, 7)  # another rank proposed fewer steps: that is what every rank uses
+    assert [step for step in range(2, 12) if checks.due(step)] == [8, 9, 10, 11]
+
+
+def test_a_nonfinite_loss_makes_every_gradient_nan_and_a_finite_one_changes_nothing():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    model(x).pow(2).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    poison_nonfinite(model(x).pow(2).mean()).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters(), strict=True))  # bit for bit
+    for bad in (math.nan, math.inf, -math.inf):
+        model.zero_grad()
+        poison_nonfinite(model(x).pow(2).mean() * 0 + bad).backward()  # the gradient alone would be finite (0)
+        assert all(p.grad.isnan().all() for p in model.parameters()), bad
