@@ -57,6 +57,7 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
                 sections.append(f"Workload (b) left out: {args.text} does not exist (give --text FILE).")
                 continue
             steps, repeats = (20, 1) if args.quick else PLAN[key, processes]
+            repeats = args.repeats or repeats
             w = workloads(args.text)[key]
             print(f"measuring workload ({key}), {processes} process(es), {steps} steps x {repeats}", file=sys.stderr)
             figures = overhead.measure(w, processes, steps, repeats, args.text, variants)
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")
+    parser.add_argument("--repeats", type=int, help="repeats of every run (default: as planned, 3 to 7)")
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
     parser.add_argument("--params-millions", type=float, default=100.0)
     parser.add_argument("--out", type=Path, help="a Markdown file to put the results into, between its markers")
@@ -96,7 +98,7 @@ def main() -> None:
         print("measuring checkpoints", file=sys.stderr)
         millions = 2.0 if args.quick else args.params_millions
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
-            text = checkpoint_io.run(millions, 1 if args.quick else 5, Path(tmp))
+            text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
     report = "\n\n".join(parts) + "\n"
     print(report)
