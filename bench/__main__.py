@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -37,11 +38,8 @@ def machine() -> str:
         names = re.findall(r"model name\s*:\s*(.+)", f.read())
     cpu = names[0] if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = ", ".join(
-        f"{name} {metadata.version(name)}"
-        for name in ("torch", "accelerate", "lightning")
-        if name != "lightning" or overhead.available_variants().count("lightning")
-    )
+    installed = [name for name in ("torch", "accelerate", "lightning") if importlib.util.find_spec(name)]
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in installed)
     python = platform.python_version()
     return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, no GPU used; Python {python}, {versions}"
 

@@ -55,9 +55,8 @@ def agree(
     this rank's proposal; the verdict's is the smallest any rank proposed."""
     if accelerator.num_processes == 1:  # nothing to agree on: the flags as they are
         return Verdict(stop_code=int(stop), skip_step=bool(nonfinite), next_check_in=next_check_in)
-    flags = torch.tensor([int(stop), 0, -next_check_in], dtype=torch.int64)
-    flags[1] = torch.as_tensor(nonfinite).to("cpu", torch.int64)
-    flags = flags.to(accelerator.device)
+    flags = torch.tensor([int(stop), 0, -next_check_in], dtype=torch.int64, device=accelerator.device)
+    flags[1] = torch.as_tensor(nonfinite, device=accelerator.device)  # stays on the device: one host sync, below
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     stop_code, skip_any, next_check_in = flags.tolist()
     return Verdict(stop_code=stop_code, skip_step=bool(skip_any), next_check_in=-next_check_in)
@@ -98,6 +97,8 @@ class StopChecks:
 
 def steps_within(seconds: float, seconds_per_step: float, most: int = 1000) -> int:
     """How many steps fit in `seconds` at the given pace: at least 1, at most `most`."""
+    if seconds <= 0:
+        return 1
     if seconds_per_step <= 0:
         return most
     return max(1, min(most, int(seconds / seconds_per_step)))
