@@ -28,7 +28,7 @@ from bench import overhead  # not torch: the runs' peak memory would start from 
 from bench.workloads import SHAKESPEARE, workloads
 
 # (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
-PLAN = {("a", 1): (2000, 7), ("b", 1): (100, 5), ("a", 2): (1000, 5), ("b", 2): (60, 3)}
+PLAN = {("a", 1): (3000, 7), ("b", 1): (300, 5), ("a", 2): (2000, 5), ("b", 2): (100, 3)}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -60,6 +60,7 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
             print(f"measuring workload ({key}), {processes} process(es), {steps} steps x {repeats}", file=sys.stderr)
             figures = overhead.measure(w, processes, steps, repeats, args.text, variants)
             sections.append(overhead.table(w, processes, steps, repeats, figures))
+            print(sections[-1], file=sys.stderr, flush=True)  # as it comes: a long run shows its progress
             raw[f"{key}/{processes}"] = figures
             for variant, ratio in overhead.ratios(figures).items():
                 headline[f"({key}) {processes}p {variant}"] = ratio

@@ -181,6 +181,8 @@ def make_accelerator(recipe: Recipe, resume_from: Path | None = None) -> Acceler
     fsdp_sharded = s.name == "fsdp" and _launched_world() > 1
     return Accelerator(
         cpu=not cuda,
+        # On CPU, models and batches are where they belong already: placing them would only cost time per batch.
+        device_placement=cuda,
         mixed_precision="no" if fsdp_sharded else t.mixed_precision,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=s.find_unused_parameters),
@@ -315,9 +317,11 @@ def train(
     # One process reads its stop requests at every step; several agree on them about once a second (at every step
     # with fp16, whose divergence verdict needs the agreement).
     stop_checks = consensus.StopChecks(every_s=1.0 if accelerator.num_processes > 1 and not fp16 else 0.0)
-    loss_sum = torch.zeros((), device=accelerator.device)  # over the updates since the last log line
-    loss_count = 0
-    step_loss = torch.zeros((), device=accelerator.device)  # over the micro-batches of the current update
+    # A rank whose loss is not finite must tell the others (see below); a single process sees it itself.
+    poison = accelerator.num_processes > 1 and not fp16
+    step_losses: list[torch.Tensor] = []  # of the updates applied since the last log line
+    loss_count = 0  # their micro-batches
+    step_loss = torch.zeros((), device=accelerator.device)  # summed over the micro-batches of the current update
     step_batches = 0
     grad_norm = torch.zeros(())
     last_eval: dict[str, float] = {}
@@ -368,8 +372,8 @@ def train(
                     loss = compute_loss(loss_fn, model(inputs), targets)
                     # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's
                     # (fp16's loss scaler skips overflowing gradients itself: there the loss goes into the verdict).
-                    stepper.backward(loss if fp16 else consensus.poison_nonfinite(loss))
-                step_loss += loss.detach()
+                    stepper.backward(consensus.poison_nonfinite(loss) if poison else loss)
+                step_loss = loss.detach() if step_batches == 0 else step_loss + loss.detach()
                 step_batches += 1
                 throughput.add(
                     len(targets) * accelerator.num_processes, sequence_tokens(targets) * accelerator.num_processes
@@ -383,8 +387,9 @@ def train(
                 grad_norm = stepper.clip(t.clip_grad_norm)
                 # The norm of the synchronised gradients is the same on every rank, and not finite on every rank if
                 # any rank's loss or gradients were not. With fp16 only a non-finite loss is divergence, and only
-                # this rank's: it goes into the agreement, which then happens at every step.
-                nonfinite = ~torch.isfinite(step_loss if fp16 else grad_norm)
+                # this rank's: it goes into the agreement, which then happens at every step. A single process
+                # watches its loss and norm together (one sum is finite only if both are).
+                nonfinite = ~torch.isfinite(step_loss if fp16 else grad_norm if poison else grad_norm + step_loss)
                 if stop_checks.due(state.step):
                     waiting_for = "the other processes' step verdict"
                     proposal = stop_checks.proposal(state.step)
@@ -400,10 +405,9 @@ def train(
                 else:
                     stepper.step()
                     state.nonfinite_streak = 0
-                    loss_sum += step_loss
+                    step_losses.append(step_loss)
                     loss_count += step_batches
                 stepper.zero_grad()
-                step_loss.zero_()
                 step_batches = 0
                 scheduler.step()
                 state.step += 1
@@ -411,8 +415,9 @@ def train(
 
                 if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
                     waiting_for = "the loss all-reduce for logging"
+                    loss_sum = torch.stack(step_losses).sum() if step_losses else step_loss.new_zeros(())
                     train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-                    loss_sum.zero_()
+                    step_losses.clear()
                     loss_count = 0
                     values = {
                         "train/loss": train_loss,

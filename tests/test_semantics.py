@@ -220,6 +220,35 @@ def test_consecutive_nans_stop_every_rank_with_the_last_good_state(tmp_path: Pat
     assert state["skipped_steps"] == 3 and len(set(state["replica_checksums"])) == 1
 
 
+INF_LOSS = """\
+import torch
+
+
+class InfAtCalls(torch.nn.Module):
+    \"\"\"Cross-entropy plus a constant infinity from the `first`-th call to the `last`-th: the loss is not finite
+    while every gradient is.\"\"\"
+
+    def __init__(self, first: int, last: int):
+        super().__init__()
+        self.first, self.last, self.calls = first, last, 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        bad = self.first <= self.calls <= self.last
+        return torch.nn.functional.cross_entropy(output, target) + (float("inf") if bad else 0.0)
+"""
+
+
+def test_one_process_skips_an_update_whose_loss_is_not_finite_though_its_gradients_are(tmp_path: Path):
+    (tmp_path / "infloss.py").write_text(INF_LOSS)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE + "loss: {_component_: infloss.InfAtCalls, first: 3, last: 4}\n")
+    run = run_cli("train", str(recipe), f"run_dir={tmp_path / 'run'}", "train.max_steps=6", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "run") if "train/loss" in r}
+    assert [skipped[s] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
+
+
 def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
