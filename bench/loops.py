@@ -98,6 +98,9 @@ def accelerate_loop(w: Workload, steps: int) -> None:
             accelerator.print(f"step {i + 1} loss {accelerator.reduce(loss.detach(), 'mean').item():.4f}", flush=True)
         if accelerator.is_main_process:
             step_done(i + 1)
+    # DDP's reducer freed after its process group is destroyed can abort the process at exit (gloo): free first.
+    del model, optimizer, loader
+    accelerator.free_memory()
     accelerator.end_training()
 
 

@@ -16,6 +16,7 @@ variant and meet over gloo.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +104,20 @@ def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
     return rate, first - start, usage.ru_maxrss / 1024
 
 
+def run_retrying(make_command: Callable[[Path], list[str]], tries: int = 2) -> tuple[float, float, float]:
+    """A run, started again if it fails (a crash of a hand-written loop at exit should not lose an hour of
+    figures); the last failure if every try fails."""
+    for attempt in range(tries):
+        with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
+            try:
+                return run_once(make_command(Path(tmp)), Path(tmp))
+            except RuntimeError as e:
+                if attempt == tries - 1:
+                    raise
+                print(f"bench: a run failed, starting it again: {str(e).splitlines()[0]}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def measure(
     w: Workload, processes: int, steps: int, repeats: int, text: Path, variants: list[str]
 ) -> dict[str, Figures]:
@@ -112,8 +128,7 @@ def measure(
         for variant in variants:  # alternating
             runs = []
             for n in (1, steps):
-                with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
-                    runs.append(run_once(command(variant, w, n, processes, text, Path(tmp)), Path(tmp)))
+                runs.append(run_retrying(functools.partial(command, variant, w, n, processes, text)))
             (_, first, _), (rate, _, rss) = runs
             f = figures[variant]
             f.rates.append(rate)

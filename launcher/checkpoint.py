@@ -106,6 +106,11 @@ def resolve(path: Path) -> Path:
     return found if found is not None else path
 
 
+def saved_step(path: Path) -> int:
+    """The step a complete checkpoint was written at."""
+    return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
 def saved_world_size(path: Path) -> int:
     """The number of processes that wrote a complete checkpoint."""
     return int(json.loads((path / STATE_FILE).read_text()).get("world_size", 1))

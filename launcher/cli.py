@@ -52,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     slurm_status = slurm_verbs.add_parser("status", help="the job, its requeues and the last checkpoint of a run")
     slurm_status.add_argument("run_dir")
 
+    report = verbs.add_parser("report", help="what runs did and what is wrong with them; plots with --out")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (several: compared)")
+    report.add_argument("--out", help="folder to write PNG plots into (several runs are overlaid)")
+    report.add_argument("--json", action="store_true", help="the figures and findings as JSON instead of text")
+
     tokenize = verbs.add_parser("tokenize", help="a text file as byte-level token files for token_memmap")
     tokenize.add_argument("text", help="a UTF-8 (or any) text file")
     tokenize.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
@@ -73,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return slurm_submit_command(args)
         if args.verb == "slurm":
             return slurm_status_command(args.run_dir)
+        if args.verb == "report":
+            return report_command(args.run_dirs, args.out, args.json)
         if args.verb == "tokenize":
             return tokenize_command(args.text, args.out, args.val_fraction)
         if args.verb == "ckpt" and args.ckpt_verb == "info":
@@ -176,6 +183,24 @@ def slurm_status_command(run_dir: str) -> int:
         f"job {info['job']} ({info['state']}): {info['attempts']} attempt(s), {info['requeues']} requeue(s); "
         f"last attempt ended: {ended}; last checkpoint: {info['last_checkpoint'] or 'none'}"
     )
+    return 0
+
+
+def report_command(run_dirs: Sequence[str], out_text: str | None, as_json: bool) -> int:
+    import json
+
+    from launcher import plots, report
+
+    out = Path(out_text) if out_text else None
+    if out is not None and not plots.available():
+        raise RecipeError(f"--out: {plots.INSTALL_HINT}")
+    if out is not None and out.exists() and not out.is_dir():
+        raise RecipeError(f"--out: {out} exists and is not a folder")
+    runs, text, records = report.report([Path(p) for p in run_dirs])
+    print(json.dumps(records, indent=2) if as_json else text)
+    if out is not None:
+        written = plots.plot(runs, out)
+        print(f"plots: {', '.join(str(p) for p in written) or 'none (nothing logged to draw)'}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -35,10 +36,18 @@ from tqdm.auto import tqdm
 from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
-from launcher.metrics import METRICS_FILE, JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
+from launcher.metrics import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    JsonlWriter,
+    Throughput,
+    environment,
+    flat_hparams,
+    sequence_tokens,
+)
 from launcher.recipe import Recipe, dump
 from launcher.stepping import Stepper
-from launcher.trackers import trackers
+from launcher.trackers import tracker_options, trackers, write_pending
 
 RECIPE_FILE = "recipe.yaml"
 ENV_FILE = "env.json"
@@ -150,7 +159,9 @@ def make_accelerator(recipe: Recipe, resume_from: Path | None = None) -> Acceler
     cuda = torch.cuda.is_available()
     common: dict[str, Any] = {
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "log_with": trackers(recipe.logging.trackers, recipe.run_dir),
+        "log_with": trackers(
+            recipe.logging.trackers, recipe.run_dir, None if resume_from is None else checkpoint.saved_step(resume_from)
+        ),
         "project_config": ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         "step_scheduler_with_optimizer": False,
@@ -268,11 +279,16 @@ def train(
         )
         env["strategy"] = strategy
         (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
+        started = {"step": state.step, "resumed_from": str(resume_from) if resume_from else None}
+        record(run_dir, "start", **started, world_size=accelerator.num_processes)
         if "jsonl" in recipe.logging.trackers:
             if resume_from is not None:
                 roll_back_metrics(run_dir, state.step)
             jsonl = JsonlWriter(run_dir / METRICS_FILE)
-    accelerator.init_trackers("tensorboard", config=flat_hparams(recipe.to_dict()))
+    # The recipe's name is the wandb project and MLflow experiment; the run dir's name, the run's.
+    accelerator.init_trackers(
+        recipe.name or "launcher", config=flat_hparams(recipe.to_dict()), init_kwargs=tracker_options(run_dir)
+    )
 
     def log(values: dict[str, float]) -> None:
         accelerator.log(values, step=state.step)
@@ -303,6 +319,7 @@ def train(
             after=lambda: checkpoint.prune(recipe.checkpoint_dir, ckpt.keep_last, best),
         )
         last_save_step = state.step
+        write_pending(accelerator.trackers)
 
     progress = tqdm(
         total=total_steps,
@@ -415,7 +432,8 @@ def train(
 
                 if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
                     waiting_for = "the loss all-reduce for logging"
-                    loss_sum = torch.stack(step_losses).sum() if step_losses else step_loss.new_zeros(())
+                    # NaN when every update since the last line was skipped: there is no loss to show.
+                    loss_sum = torch.stack(step_losses).sum() if step_losses else step_loss.new_full((), math.nan)
                     train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
                     step_losses.clear()
                     loss_count = 0
@@ -489,6 +507,7 @@ def train(
         # How this attempt ended, for whatever runs it next (the SLURM job script requeues a stopped run).
         outcome = {"stop_reason": stop_reason, "step": state.step, "total_steps": total_steps, **last_eval}
         (run_dir / LAST_RUN_FILE).write_text(json.dumps(outcome) + "\n")
+        record(run_dir, "end", step=state.step, stop_reason=stop_reason)
     if stop_reason == "diverged" and strategy == "deepspeed":
         raise RunFailed(
             f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "
@@ -515,6 +534,12 @@ def train(
         metrics=last_eval,
         run_dir=run_dir,
     )
+
+
+def record(run_dir: Path, event: str, **values: Any) -> None:
+    """A line in the run's history: when an attempt started (and from which checkpoint) or ended, and how."""
+    with (run_dir / HISTORY_FILE).open("a") as f:
+        f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+HISTORY_FILE = "history.jsonl"  # one line per attempt's start and end: what `launcher report` counts resumes by
 
 
 def sequence_tokens(targets: Any) -> int:

@@ -166,6 +166,7 @@ class Recipe:
 
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+BUILT_IN_TRACKERS = ("jsonl", "tensorboard")  # the others are their own packages, installed by the user
 
 # ---------------------------------------------------------------------------------------------------- loading
 
@@ -590,6 +591,12 @@ def check_values(recipe: Recipe, check_files: bool = True) -> list[str]:
     at_least("logging.every_steps", lg.every_steps, 1)
     for name in lg.trackers:
         need(name in TRACKERS, "logging.trackers", f"unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
+        if check_files and name in TRACKERS and name not in BUILT_IN_TRACKERS:
+            need(
+                importlib.util.find_spec(name) is not None,
+                "logging.trackers",
+                f"{name} is not installed here (pip install {name.replace('_', '-')}), or leave it out of the list",
+            )
 
     resume = recipe.resume
     by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()

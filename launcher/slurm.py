@@ -221,7 +221,9 @@ def status(run_dir: Path) -> dict[str, Any]:
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
         state = proc.stdout.strip() or None
     recipe_file = run_dir / "recipe.yaml"
-    ckpt_dir = load_recipe(recipe_file).checkpoint_dir if recipe_file.is_file() else run_dir / "checkpoints"
+    ckpt_dir = run_dir / "checkpoints"
+    if recipe_file.is_file():
+        ckpt_dir = load_recipe(recipe_file, check_files=False).checkpoint_dir
     last_run = run_dir / "last_run.json"
     last_checkpoint = checkpoint.latest(ckpt_dir)
     return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import time
+from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, on_main_process
@@ -20,8 +21,11 @@ FLUSH_SECS = 10.0
 
 
 class TensorBoard(TensorBoardTracker):
-    def __init__(self, logging_dir: str):
-        super().__init__("tensorboard", logging_dir, max_queue=1000, flush_secs=3600)
+    def __init__(self, logging_dir: str, resumed_at: int | None = None):
+        # A resumed run continues after `resumed_at`: TensorBoard's reader drops what an earlier attempt logged
+        # after that step (it was rolled back), so every step has the values of the attempt that went on from it.
+        purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}
+        super().__init__("tensorboard", logging_dir, max_queue=1000, flush_secs=3600, **purge)
         self.pending: list[tuple[Any, int | None, float]] = []  # (summary, step, wall time)
         self.last_write = time.monotonic()
 
@@ -39,6 +43,18 @@ class TensorBoard(TensorBoardTracker):
         elif time.monotonic() - self.last_write >= FLUSH_SECS:
             self.write_pending()
 
+    @on_main_process
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        """The recipe as TensorBoard HPARAMS, in the run's own event file, with train and val loss as its metrics
+        (Accelerate's writes them into a separate run of their own, apart from the scalars they describe)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams(values, {"train/loss": 0.0, "val/loss": 0.0}):
+            file_writer.add_summary(summary)
+        self.writer.flush()
+
+    @on_main_process
     def write_pending(self) -> None:
         file_writer = self.writer._get_file_writer()  # torch's SummaryWriter (tensorboard is a dependency)
         for summary, step, wall_time in self.pending:
@@ -57,7 +73,24 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def trackers(names: tuple[str, ...], logging_dir: str) -> list[str | GeneralTracker] | None:
+def trackers(
+    names: tuple[str, ...], logging_dir: str, resumed_at: int | None = None
+) -> list[str | GeneralTracker] | None:
     """What `Accelerator(log_with=...)` gets for the recipe's `logging.trackers` (`jsonl` is the loop's own)."""
-    out: list[str | GeneralTracker] = [TensorBoard(logging_dir) if name == "tensorboard" else name for name in names]
+    out: list[str | GeneralTracker] = [
+        TensorBoard(logging_dir, resumed_at) if name == "tensorboard" else name for name in names
+    ]
     return [t for t in out if t != "jsonl"] or None
+
+
+def tracker_options(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Accelerate's `init_kwargs` per tracker: runs named after their run dir, wandb's files kept inside it."""
+    return {"wandb": {"name": run_dir.name, "dir": str(run_dir)}, "mlflow": {"run_name": run_dir.name}}
+
+
+def write_pending(active: list[GeneralTracker]) -> None:
+    """Hand what the TensorBoard tracker holds to disk now: at a checkpoint, so that a run killed later and
+    resumed from it has every step up to there in TensorBoard too."""
+    for tracker in active:
+        if isinstance(tracker, TensorBoard):
+            tracker.write_pending()

@@ -1,0 +1,71 @@
+"""PNG plots of one or more runs against step: loss (train solid, validation dashed with markers), learning
+rate, gradient norm and throughput, every run in each plot, for comparing them. Needs matplotlib (the `plots`
+extra); nothing here imports it until a plot is drawn."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.report import Run
+
+INSTALL_HINT = "plots need matplotlib: pip install matplotlib (or the launcher's extra: pip install 'launcher[plots]')"
+
+# (file, title, y label, [(metrics.jsonl key, line style, label suffix)], logarithmic y)
+PLOTS = (
+    ("loss.png", "Loss", "loss", [("train/loss", "-", "train"), ("val/loss", "--o", "val")], True),
+    ("lr.png", "Learning rate", "lr", [("lr", "-", "")], False),
+    ("grad_norm.png", "Gradient norm (before clipping)", "global norm", [("grad_norm", "-", "")], True),
+    ("throughput.png", "Throughput", "samples/s", [("throughput/samples_per_s", "-", "")], False),
+)
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    """Draw every plot with at least one value into `out`; the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = _labels(runs)
+    written = []
+    for file, title, ylabel, keys, log_y in PLOTS:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        drawn = 0
+        for i, run in enumerate(runs):
+            color = f"C{i % 10}"
+            for key, style, suffix in keys:
+                points = run.series(key)
+                if not points:
+                    continue
+                steps, values = zip(*points, strict=True)
+                label = " ".join(x for x in (names[i], suffix) if x)
+                marker = "o" if "o" in style else None
+                ax.plot(steps, values, style.replace("o", ""), color=color, marker=marker, markersize=3, label=label)
+                drawn += 1
+        if drawn:
+            if log_y and all(v > 0 for run in runs for k, _, _ in keys for _, v in run.series(k)):
+                ax.set_yscale("log")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            fig.savefig(out / file)
+            written.append(out / file)
+        plt.close(fig)
+    return written
+
+
+def _labels(runs: list[Run]) -> list[str]:
+    """Run dir names, or their paths where two share a name."""
+    names = [r.name for r in runs]
+    return names if len(set(names)) == len(names) else [str(r.path) for r in runs]

@@ -1,0 +1,323 @@
+"""`launcher report`: what a run did and what its curves say, read from its run dir alone.
+
+A run dir holds everything needed: `metrics.jsonl` (every logged value, one line per step, rolled back to the
+checkpoint a resumed attempt continued from), `recipe.yaml`, `env.json`, `history.jsonl` (each attempt's start
+and end), `last_run.json`, the checkpoints and, under SLURM, `slurm/attempts.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.diagnosis import Curves, Finding, diagnose
+from launcher.errors import RecipeError
+from launcher.metrics import HISTORY_FILE, METRICS_FILE
+
+
+@dataclass
+class Run:
+    path: Path
+    rows: list[dict[str, Any]]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    last_run: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    slurm_events: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    best_checkpoints: list[list[float]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every row that logged `key` with a finite value."""
+        return [
+            (r["step"], float(r[key]))
+            for r in self.rows
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
+
+    def curves(self) -> Curves:
+        logged_norms = [r for r in self.rows if "grad_norm" in r]
+        skipped = [r["train/skipped_steps"] for r in self.rows if isinstance(r.get("train/skipped_steps"), int)]
+        return Curves(
+            train_loss=self.series("train/loss"),
+            val_loss=self.series("val/loss"),
+            lr=self.series("lr"),
+            grad_norm=self.series("grad_norm"),
+            skipped_steps=max(skipped, default=0),
+            nonfinite_grad_norms=sum(r["grad_norm"] is None for r in logged_norms),
+            stop_reason=str(self.last_run.get("stop_reason", "")),
+            clip_grad_norm=(self.recipe.get("train") or {}).get("clip_grad_norm"),
+        )
+
+
+def read_run(path: Path) -> Run:
+    """Everything `report` shows of one run dir; RecipeError if it is not one."""
+    if not path.is_dir():
+        raise RecipeError(f"{path}: no such run dir")
+    metrics = path / METRICS_FILE
+    if not metrics.is_file():
+        raise RecipeError(
+            f"{path}: no {METRICS_FILE}; not a run dir, or a run logged without the jsonl tracker (logging.trackers)"
+        )
+    run = Run(path=path, rows=_jsonl(metrics))
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file():
+        try:
+            run.recipe = yaml.safe_load(recipe_file.read_text()) or {}
+        except yaml.YAMLError:
+            run.recipe = {}
+    run.env = _json(path / "env.json")
+    run.last_run = _json(path / "last_run.json")
+    run.history = _jsonl(path / HISTORY_FILE)
+    run.slurm_events = _jsonl(path / "slurm" / "attempts.jsonl")
+    ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / "checkpoints")
+    if ckpt_dir.is_dir():
+        run.checkpoints = sorted(
+            int(d.name[5:])
+            for d in ckpt_dir.iterdir()
+            if d.name.startswith("step_") and d.name[5:].isdigit() and (d / "trainer_state.json").is_file()
+        )
+        if run.checkpoints:
+            state = _json(ckpt_dir / f"step_{run.checkpoints[-1]:08d}" / "trainer_state.json")
+            run.best_checkpoints = state.get("best_checkpoints") or []
+    return run
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a JSON-lines file that parse (a line cut short by a crash is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- facts
+
+
+def hyperparameters(recipe: dict[str, Any], env: dict[str, Any]) -> list[tuple[str, str]]:
+    """The recipe's key settings, as (name, value) pairs."""
+    train = recipe.get("train") or {}
+    out = [
+        ("model", _component(recipe.get("model"))),
+        ("optimizer", _component(recipe.get("optimizer"))),
+        ("scheduler", _component(recipe.get("scheduler"))),
+        ("batch size", _batch(train, env)),
+        ("length", _length(train)),
+        ("clip_grad_norm", str(train.get("clip_grad_norm"))),
+        ("mixed precision", str(train.get("mixed_precision", "no"))),
+        ("strategy", f"{(recipe.get('strategy') or {}).get('name', 'ddp')}, {env.get('world_size', '?')} process(es)"),
+        ("seed", str(train.get("seed"))),
+    ]
+    return [(k, v) for k, v in out if v not in ("", "None")]
+
+
+def _component(spec: Any) -> str:
+    if not isinstance(spec, dict):
+        return "" if spec is None else str(spec)
+    name = spec.get("_component_", "?")
+    kwargs = ", ".join(f"{k}={_short(v)}" for k, v in spec.items() if k != "_component_")
+    return f"{name}({kwargs})"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _batch(train: dict[str, Any], env: dict[str, Any]) -> str:
+    size, accumulation = train.get("batch_size"), train.get("gradient_accumulation_steps", 1) or 1
+    world = env.get("world_size")
+    if size is None:
+        return ""
+    text = f"{size} per process"
+    if accumulation > 1:
+        text += f" x {accumulation} accumulated"
+    if isinstance(world, int):
+        text += f" = {size * accumulation * world} per update"
+    return text
+
+
+def _length(train: dict[str, Any]) -> str:
+    parts = [f"{k}={train[k]}" for k in ("max_steps", "max_epochs", "max_time_s") if train.get(k) is not None]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    start_step: int
+    end_step: int | None
+    seconds: float | None
+    stop_reason: str  # "" if it left no end (killed, crashed)
+
+
+def attempts(history: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[Attempt]:
+    """Each attempt's steps and time, from the history; one that left no end line (it was killed) ends at the
+    last metrics row logged before the next attempt started."""
+    starts = [i for i, e in enumerate(history) if e.get("event") == "start"]
+    out = []
+    for n, i in enumerate(starts):
+        start = history[i]
+        following = history[i + 1 : starts[n + 1] if n + 1 < len(starts) else len(history)]
+        end = next((e for e in following if e.get("event") == "end"), None)
+        begin = float(start.get("time", 0.0))
+        if end is not None:
+            out.append(Attempt(start.get("step", 0), end.get("step"), end["time"] - begin, end.get("stop_reason", "")))
+            continue
+        until = float(history[starts[n + 1]]["time"]) if n + 1 < len(starts) else math.inf
+        during = [r for r in rows if isinstance(r.get("time"), (int, float)) and begin <= r["time"] < until]
+        last = during[-1] if during else None
+        out.append(
+            Attempt(
+                start.get("step", 0),
+                last["step"] if last else None,
+                (last["time"] - begin) if last else None,
+                "",
+            )
+        )
+    return out
+
+
+def summary(run: Run) -> dict[str, Any]:
+    """The facts `report` prints, as plain values (also what `--json` writes)."""
+    rows = run.rows
+    last_step = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
+    epochs = [r["epoch"] for r in rows if isinstance(r.get("epoch"), (int, float))]
+    checkpoint = run.recipe.get("checkpoint") or {}
+    monitor, mode = checkpoint.get("monitor", "val/loss"), checkpoint.get("mode", "min")
+    val_loss = run.series("val/loss")
+    train_loss = run.series("train/loss")
+    samples = [v for _, v in run.series("throughput/samples_per_s")]
+    tokens = [v for _, v in run.series("throughput/tokens_per_s")]
+    tries = attempts(run.history, rows)
+    seconds = [a.seconds for a in tries if a.seconds is not None]
+    times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
+    out: dict[str, Any] = {
+        "run_dir": str(run.path),
+        "name": run.recipe.get("name") or run.name,
+        "steps": last_step,
+        "total_steps": run.last_run.get("total_steps"),
+        "epochs": round(epochs[-1], 3) if epochs else None,
+        "stop_reason": run.last_run.get("stop_reason"),
+        "final_train_loss": train_loss[-1][1] if train_loss else None,
+        "final_val_loss": val_loss[-1][1] if val_loss else None,
+        "best_val_loss": _best(val_loss, "min"),
+        "monitor": monitor,
+        "best_monitor": _best(run.series(monitor), mode) if monitor != "val/loss" else None,
+        "samples_per_s": statistics.median(samples) if samples else None,
+        "tokens_per_s": statistics.median(tokens) if tokens else None,
+        "train_seconds": sum(seconds) if seconds else (times[-1] - times[0] if len(times) > 1 else None),
+        "attempts": len(tries) or None,
+        "resumes": max(len(tries) - 1, 0),
+        "requeues": sum(e.get("event") == "requeue" for e in run.slurm_events),
+        "checkpoints": run.checkpoints,
+        "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],
+        "skipped_steps": run.curves().skipped_steps,
+    }
+    return out
+
+
+def _best(series: list[tuple[int, float]], mode: str) -> dict[str, float] | None:
+    if not series:
+        return None
+    step, value = (min if mode == "min" else max)(series, key=lambda p: p[1])
+    return {"step": step, "value": value}
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def render(run: Run, findings: list[Finding]) -> str:
+    s = summary(run)
+    lines = [f"run {s['name']}  ({run.path})", ""]
+    width = max(len(k) for k, _ in hyperparameters(run.recipe, run.env)) if run.recipe else 0
+    for key, value in hyperparameters(run.recipe, run.env):
+        lines.append(f"  {key:<{width}}  {value}")
+    lines.append("")
+    total = f"/{s['total_steps']}" if s["total_steps"] else ""
+    epochs = f", {s['epochs']:g} epochs" if s["epochs"] is not None else ""
+    ended = f"; ended: {s['stop_reason']}" if s["stop_reason"] else "; no end recorded (running, or killed)"
+    lines.append(f"  progress      step {s['steps']}{total}{epochs}{ended}")
+    lines.append(f"  train/loss    {_num(s['final_train_loss'])} at the end")
+    if s["final_val_loss"] is not None:
+        best = s["best_val_loss"]
+        at_end = _num(s["final_val_loss"])
+        lines.append(f"  val/loss      {at_end} at the end; best {_num(best['value'])} at step {best['step']}")
+    if s["best_monitor"]:
+        best = s["best_monitor"]
+        lines.append(f"  {s['monitor']:<13} best {_num(best['value'])} at step {best['step']}")
+    if s["skipped_steps"]:
+        lines.append(f"  skipped       {s['skipped_steps']} update(s) with a non-finite loss or gradient norm")
+    speed = []
+    if s["samples_per_s"] is not None:
+        speed.append(f"{s['samples_per_s']:,.0f} samples/s")
+    if s["tokens_per_s"] is not None:
+        speed.append(f"{s['tokens_per_s']:,.0f} tokens/s")
+    if speed:
+        lines.append(f"  throughput    {', '.join(speed)} (median of the logged values)")
+    if s["train_seconds"] is not None:
+        lines.append(f"  time          {_duration(s['train_seconds'])} of training")
+    if s["attempts"]:
+        lines.append(f"  attempts      {s['attempts']} ({s['resumes']} resume(s), {s['requeues']} SLURM requeue(s))")
+    ckpts = s["checkpoints"]
+    if ckpts:
+        best = f"; best: {', '.join(map(str, s['best_checkpoints']))}" if s["best_checkpoints"] else ""
+        lines.append(f"  checkpoints   {len(ckpts)} at step(s) {', '.join(map(str, ckpts))}{best}")
+    else:
+        lines.append("  checkpoints   none")
+    lines.append("")
+    if not findings:
+        lines.append("diagnosis: nothing wrong found in the curves")
+    for f in findings:
+        lines.append(f"diagnosis: {f.title}")
+        lines.extend(f"  - {e}" for e in f.evidence)
+        if f.suggestions:
+            lines.append("  try: " + "; ".join(f.suggestions))
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    h, rest = divmod(round(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def report(paths: list[Path]) -> tuple[list[Run], str, list[dict[str, Any]]]:
+    """Read every run dir first (a bad one is refused before anything is printed or drawn)."""
+    runs = [read_run(p) for p in paths]
+    texts, records = [], []
+    for run in runs:
+        findings = diagnose(run.curves())
+        texts.append(render(run, findings))
+        records.append({**summary(run), "findings": [f.__dict__ for f in findings]})
+    return runs, "\n\n".join(texts), records
