@@ -74,6 +74,8 @@ def torch_loop(w: Workload, steps: int) -> None:
         if main:
             step_done(i + 1)
     if distributed:
+        # DDP's reducer freed after its process group is destroyed can abort the process at exit (gloo): free first.
+        del model, optimizer
         torch.distributed.destroy_process_group()
 
 

@@ -25,6 +25,7 @@ from launcher.metrics import HISTORY_FILE, METRICS_FILE
 class Run:
     path: Path
     rows: list[dict[str, Any]]
+    rolled_back: list[dict[str, Any]] = field(default_factory=list)  # logged by attempts after their checkpoint
     recipe: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
     last_run: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +70,7 @@ def read_run(path: Path) -> Run:
         raise RecipeError(
             f"{path}: no {METRICS_FILE}; not a run dir, or a run logged without the jsonl tracker (logging.trackers)"
         )
-    run = Run(path=path, rows=_jsonl(metrics))
+    run = Run(path=path, rows=_jsonl(metrics), rolled_back=_jsonl(path / "metrics.rolled_back.jsonl"))
     recipe_file = path / "recipe.yaml"
     if recipe_file.is_file():
         try:
@@ -176,8 +177,8 @@ class Attempt:
 
 
 def attempts(history: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[Attempt]:
-    """Each attempt's steps and time, from the history; one that left no end line (it was killed) ends at the
-    last metrics row logged before the next attempt started."""
+    """Each attempt's steps and time, from the history; one that left no end line (it was killed, or failed)
+    ends at the last metrics row it logged (`rows` with the rolled-back ones: the time was spent)."""
     starts = [i for i, e in enumerate(history) if e.get("event") == "start"]
     out = []
     for n, i in enumerate(starts):
@@ -190,7 +191,7 @@ def attempts(history: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[
             continue
         until = float(history[starts[n + 1]]["time"]) if n + 1 < len(starts) else math.inf
         during = [r for r in rows if isinstance(r.get("time"), (int, float)) and begin <= r["time"] < until]
-        last = during[-1] if during else None
+        last = max(during, key=lambda r: r["time"]) if during else None
         out.append(
             Attempt(
                 start.get("step", 0),
@@ -213,7 +214,11 @@ def summary(run: Run) -> dict[str, Any]:
     train_loss = run.series("train/loss")
     samples = [v for _, v in run.series("throughput/samples_per_s")]
     tokens = [v for _, v in run.series("throughput/tokens_per_s")]
-    tries = attempts(run.history, rows)
+    tries = attempts(run.history, rows + run.rolled_back)
+    # How the run ended: the last attempt's end line, if it wrote one (last_run.json may be an earlier attempt's).
+    ended = tries[-1].stop_reason if tries else run.last_run.get("stop_reason")
+    if tries and tries[-1].end_step is not None and tries[-1].stop_reason:
+        last_step = max(last_step, tries[-1].end_step)
     seconds = [a.seconds for a in tries if a.seconds is not None]
     times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
     out: dict[str, Any] = {
@@ -222,7 +227,7 @@ def summary(run: Run) -> dict[str, Any]:
         "steps": last_step,
         "total_steps": run.last_run.get("total_steps"),
         "epochs": round(epochs[-1], 3) if epochs else None,
-        "stop_reason": run.last_run.get("stop_reason"),
+        "stop_reason": ended or None,
         "final_train_loss": train_loss[-1][1] if train_loss else None,
         "final_val_loss": val_loss[-1][1] if val_loss else None,
         "best_val_loss": _best(val_loss, "min"),
@@ -260,7 +265,11 @@ def render(run: Run, findings: list[Finding]) -> str:
     lines.append("")
     total = f"/{s['total_steps']}" if s["total_steps"] else ""
     epochs = f", {s['epochs']:g} epochs" if s["epochs"] is not None else ""
-    ended = f"; ended: {s['stop_reason']}" if s["stop_reason"] else "; no end recorded (running, or killed)"
+    ended = (
+        f"; ended: {s['stop_reason']}"
+        if s["stop_reason"]
+        else "; no end recorded (still running, or stopped by a kill or an error)"
+    )
     lines.append(f"  progress      step {s['steps']}{total}{epochs}{ended}")
     lines.append(f"  train/loss    {_num(s['final_train_loss'])} at the end")
     if s["final_val_loss"] is not None:
