@@ -299,27 +299,28 @@ def train(
 
     def save_step() -> None:
         nonlocal last_save_step
-        ckpt = recipe.checkpoint
-        # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
-        # (Sharded strategies hold different shards by design: nothing to compare.)
-        checksums = [] if recipe.strategy.sharded else consensus.replica_checksums(accelerator, model)
-        if len(set(checksums)) > 1 and main:
-            progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
-        value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
-        monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": value}
-        trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
-        best = [list(b) for b in state.best_checkpoints]
-        writer.save(
-            recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
-            model,
-            optimizer,
-            scheduler,
-            trainer_state,
-            dump(recipe),
-            after=lambda: checkpoint.prune(recipe.checkpoint_dir, ckpt.keep_last, best),
-        )
-        last_save_step = state.step
-        write_pending(accelerator.trackers)
+        with throughput.paused():
+            ckpt = recipe.checkpoint
+            # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
+            # (Sharded strategies hold different shards by design: nothing to compare.)
+            checksums = [] if recipe.strategy.sharded else consensus.replica_checksums(accelerator, model)
+            if len(set(checksums)) > 1 and main:
+                progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
+            value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
+            monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": value}
+            trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
+            best = [list(b) for b in state.best_checkpoints]
+            writer.save(
+                recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
+                model,
+                optimizer,
+                scheduler,
+                trainer_state,
+                dump(recipe),
+                after=lambda: checkpoint.prune(recipe.checkpoint_dir, ckpt.keep_last, best),
+            )
+            last_save_step = state.step
+            write_pending(accelerator.trackers)
 
     progress = tqdm(
         total=total_steps,
@@ -350,7 +351,8 @@ def train(
         """Evaluate, log, keep the best checkpoint; True when early stopping says stop (same on all ranks)."""
         nonlocal last_eval, last_eval_step
         assert val_loader is not None
-        last_eval = evaluate(accelerator, model, val_loader, loss_fn, recipe.eval.max_batches)
+        with throughput.paused():
+            last_eval = evaluate(accelerator, model, val_loader, loss_fn, recipe.eval.max_batches)
         last_eval_step = state.step
         log(last_eval)
         if main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ def _finite_or_none(v: float) -> float | None:
 
 
 class Throughput:
-    """Samples and tokens per second since the last `rates()` call."""
+    """Samples and tokens per second of training since the last `rates()` call."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -53,6 +55,15 @@ class Throughput:
     def add(self, samples: int, tokens: int) -> None:
         self.samples += samples
         self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) is not training time: it stays out of the rates."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def rates(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)

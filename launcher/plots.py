@@ -13,13 +13,14 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "plots need matplotlib: pip install matplotlib (or the launcher's extra: pip install 'launcher[plots]')"
 
-# (file, title, y label, [(metrics.jsonl key, line style, label suffix)], logarithmic y)
+# (file, title, y label, [(metrics.jsonl key, line style, label suffix)])
 PLOTS = (
-    ("loss.png", "Loss", "loss", [("train/loss", "-", "train"), ("val/loss", "--o", "val")], True),
-    ("lr.png", "Learning rate", "lr", [("lr", "-", "")], False),
-    ("grad_norm.png", "Gradient norm (before clipping)", "global norm", [("grad_norm", "-", "")], True),
-    ("throughput.png", "Throughput", "samples/s", [("throughput/samples_per_s", "-", "")], False),
+    ("loss.png", "Loss", "loss", [("train/loss", "-", "train"), ("val/loss", "--o", "val")]),
+    ("lr.png", "Learning rate", "lr", [("lr", "-", "")]),
+    ("grad_norm.png", "Gradient norm (before clipping)", "global norm", [("grad_norm", "-", "")]),
+    ("throughput.png", "Throughput (training only)", "samples/s", [("throughput/samples_per_s", "-", "")]),
 )
+LOG_SCALE_ABOVE = 100.0  # a logarithmic y axis where the values drawn span more than this factor
 
 
 def available() -> bool:
@@ -36,7 +37,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     names = _labels(runs)
     written = []
-    for file, title, ylabel, keys, log_y in PLOTS:
+    for file, title, ylabel, keys in PLOTS:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         drawn = 0
         for i, run in enumerate(runs):
@@ -51,7 +52,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
                 ax.plot(steps, values, style.replace("o", ""), color=color, marker=marker, markersize=3, label=label)
                 drawn += 1
         if drawn:
-            if log_y and all(v > 0 for run in runs for k, _, _ in keys for _, v in run.series(k)):
+            values = [v for run in runs for k, _, _ in keys for _, v in run.series(k)]
+            if min(values) > 0 and max(values) / min(values) > LOG_SCALE_ABOVE:
                 ax.set_yscale("log")
             ax.set_title(title)
             ax.set_xlabel("step")
