@@ -197,7 +197,10 @@ def report_command(run_dirs: Sequence[str], out_text: str | None, as_json: bool)
     if out is not None and out.exists() and not out.is_dir():
         raise RecipeError(f"--out: {out} exists and is not a folder")
     runs, text, records = report.report([Path(p) for p in run_dirs])
-    print(json.dumps(records, indent=2) if as_json else text)
+    try:
+        print(json.dumps(records, indent=2) if as_json else text, flush=True)
+    except BrokenPipeError:  # `launcher report ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out is not None:
         written = plots.plot(runs, out)
         print(f"plots: {', '.join(str(p) for p in written) or 'none (nothing logged to draw)'}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from launcher.diagnosis import Curves, Finding, diagnose
+from launcher.diagnosis import MIN_TRAIN_POINTS, Curves, Finding, diagnose
 from launcher.errors import RecipeError
 from launcher.metrics import HISTORY_FILE, METRICS_FILE
 
@@ -121,7 +121,9 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def hyperparameters(recipe: dict[str, Any], env: dict[str, Any]) -> list[tuple[str, str]]:
-    """The recipe's key settings, as (name, value) pairs."""
+    """The recipe's key settings, as (name, value) pairs (none without a recipe)."""
+    if not recipe:
+        return []
     train = recipe.get("train") or {}
     out = [
         ("model", _component(recipe.get("model"))),
@@ -259,10 +261,10 @@ def _best(series: list[tuple[int, float]], mode: str) -> dict[str, float] | None
 def render(run: Run, findings: list[Finding]) -> str:
     s = summary(run)
     lines = [f"run {s['name']}  ({run.path})", ""]
-    width = max(len(k) for k, _ in hyperparameters(run.recipe, run.env)) if run.recipe else 0
-    for key, value in hyperparameters(run.recipe, run.env):
-        lines.append(f"  {key:<{width}}  {value}")
-    lines.append("")
+    settings = hyperparameters(run.recipe, run.env)
+    width = max((len(k) for k, _ in settings), default=0)
+    lines.extend(f"  {key:<{width}}  {value}" for key, value in settings)
+    lines.append("" if settings else "  (no recipe.yaml: settings unknown)\n")
     total = f"/{s['total_steps']}" if s["total_steps"] else ""
     epochs = f", {s['epochs']:g} epochs" if s["epochs"] is not None else ""
     ended = (
@@ -299,7 +301,10 @@ def render(run: Run, findings: list[Finding]) -> str:
     else:
         lines.append("  checkpoints   none")
     lines.append("")
-    if not findings:
+    logged = len(run.series("train/loss"))
+    if not findings and logged < MIN_TRAIN_POINTS:
+        lines.append(f"diagnosis: too few training losses logged to judge ({logged}; needs {MIN_TRAIN_POINTS})")
+    elif not findings:
         lines.append("diagnosis: nothing wrong found in the curves")
     for f in findings:
         lines.append(f"diagnosis: {f.title}")

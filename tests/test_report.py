@@ -127,6 +127,14 @@ def test_plots_overlay_the_runs(runs: dict[str, Path], tmp_path: Path):
         assert close.sum() > 100, color  # more than its legend entry (about 40 pixels) alone
 
 
+def test_a_run_that_logged_almost_nothing_is_not_called_healthy(tmp_path: Path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "time": 1.0, "train/loss": 1.2}\n')
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "diagnosis: too few training losses logged to judge (1; needs 5)" in proc.stdout
+    assert "(no recipe.yaml: settings unknown)" in proc.stdout
+
+
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path: Path):
     proc = run_cli("report", str(tmp_path))
     assert proc.returncode == 2
