@@ -181,9 +181,11 @@ def underfitting(c: Curves) -> Finding | None:
         return None
     moved = f"fell only {_share(start, end)}" if end < start else "did not fall"
     evidence = [f"train/loss {moved}: {start:.4g} -> {end:.4g}"]
-    val = [v for _, v in c.val_loss]
-    if val:
-        evidence.append(f"val/loss at the last evaluation: {val[-1]:.4g}")
+    if c.val_loss:
+        step, val = c.val_loss[-1]
+        train = _at(c.train_loss, step)
+        gap = f" ({val - train:+.3g} against train/loss there: no better on what it trained on)" if train else ""
+        evidence.append(f"val/loss at the last evaluation: {val:.4g}{gap}")
     still_falling = _still_falling(values)
     suggestions = ["a larger model (more layers or width)", "a higher learning rate (optimizer.lr)"]
     if still_falling:
@@ -211,8 +213,9 @@ def lr_too_low(c: Curves) -> Finding | None:
 
 
 def _head(values: Sequence[float]) -> float:
-    """The starting level: the median of the first tenth (at least one value, at most ten)."""
-    return statistics.median(values[: min(10, max(1, len(values) // 10))])
+    """The starting level: the median of the first three values (fewer in a run of fewer than 30), close to the
+    start however long the run."""
+    return statistics.median(values[: min(3, max(1, len(values) // 10))])
 
 
 def _tail(values: Sequence[float]) -> float:
