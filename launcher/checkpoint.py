@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import random
-import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -32,32 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from launcher import shards, statefile
 from launcher.errors import RunFailed
+from launcher.layout import RECIPE_FILE, STATE_FILE, STEP_DIR, complete_steps, is_complete, step_dir_name
 
-STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OLD_OPTIMIZER_FILE = "optimizer.pt"  # written by launcher 0.1.0 before optimizer.safetensors
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file()
-
-
-def complete_steps(ckpt_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints under `ckpt_dir`, oldest first; partial or foreign dirs are ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    steps = []
-    for child in ckpt_dir.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and is_complete(child):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
 
 
 def latest(ckpt_dir: Path) -> Path | None:
@@ -255,7 +233,7 @@ def _complete(
     tmp = _tmp_dir(path)
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
-    (tmp / "recipe.yaml").write_text(recipe_text)
+    (tmp / RECIPE_FILE).write_text(recipe_text)
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _sync(tmp)  # on disk before the rename makes the directory count as complete
     _replace_dir(tmp, path)
@@ -395,7 +373,7 @@ def incomplete(ckpt_dir: Path) -> list[Path]:
         child
         for child in ckpt_dir.iterdir()
         if child.is_dir()
-        and (child.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(child.name) and not is_complete(child)))
+        and (child.name.startswith((".tmp-", ".old-")) or (STEP_DIR.match(child.name) and not is_complete(child)))
     )
 
 
@@ -488,7 +466,7 @@ def summary(path: Path) -> dict[str, Any]:
             monitor=state.get("monitor"),
             skipped_steps=state.get("skipped_steps"),
         )
-        recipe_file = path / "recipe.yaml"
+        recipe_file = path / RECIPE_FILE
         if recipe_file.is_file():
             import yaml
 

@@ -36,22 +36,11 @@ from tqdm.auto import tqdm
 from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed
-from launcher.metrics import (
-    HISTORY_FILE,
-    METRICS_FILE,
-    JsonlWriter,
-    Throughput,
-    environment,
-    flat_hparams,
-    sequence_tokens,
-)
+from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
+from launcher.metrics import JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
 from launcher.stepping import Stepper
 from launcher.trackers import tracker_options, trackers, write_pending
-
-RECIPE_FILE = "recipe.yaml"
-ENV_FILE = "env.json"
-LAST_RUN_FILE = "last_run.json"
 
 
 @dataclass
@@ -279,8 +268,8 @@ def train(
         )
         env["strategy"] = strategy
         (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
-        started = {"step": state.step, "resumed_from": str(resume_from) if resume_from else None}
-        record(run_dir, "start", **started, world_size=accelerator.num_processes)
+        resumed_from = str(resume_from) if resume_from else None
+        record(run_dir, "start", step=state.step, resumed_from=resumed_from, world_size=accelerator.num_processes)
         if "jsonl" in recipe.logging.trackers:
             if resume_from is not None:
                 roll_back_metrics(run_dir, state.step)
@@ -572,7 +561,7 @@ def roll_back_metrics(run_dir: Path, step: int) -> None:
             after = True  # a line cut short by the crash
         (drop if after else keep).append(line)
     if drop:
-        with (run_dir / "metrics.rolled_back.jsonl").open("a") as f:
+        with (run_dir / ROLLED_BACK_FILE).open("a") as f:
             f.writelines(drop)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))

@@ -14,9 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-HISTORY_FILE = "history.jsonl"  # one line per attempt's start and end: what `launcher report` counts resumes by
-
 
 def sequence_tokens(targets: Any) -> int:
     """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""

@@ -18,7 +18,17 @@ import yaml
 
 from launcher.diagnosis import MIN_TRAIN_POINTS, Curves, Finding, diagnose
 from launcher.errors import RecipeError
-from launcher.metrics import HISTORY_FILE, METRICS_FILE
+from launcher.layout import (
+    ENV_FILE,
+    HISTORY_FILE,
+    LAST_RUN_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    ROLLED_BACK_FILE,
+    STATE_FILE,
+    complete_steps,
+    step_dir_name,
+)
 
 
 @dataclass
@@ -46,15 +56,21 @@ class Run:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
         ]
 
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped for non-finite values, in all (the logged counter is cumulative)."""
+        return max(
+            (r["train/skipped_steps"] for r in self.rows if isinstance(r.get("train/skipped_steps"), int)), default=0
+        )
+
     def curves(self) -> Curves:
         logged_norms = [r for r in self.rows if "grad_norm" in r]
-        skipped = [r["train/skipped_steps"] for r in self.rows if isinstance(r.get("train/skipped_steps"), int)]
         return Curves(
             train_loss=self.series("train/loss"),
             val_loss=self.series("val/loss"),
             lr=self.series("lr"),
             grad_norm=self.series("grad_norm"),
-            skipped_steps=max(skipped, default=0),
+            skipped_steps=self.skipped_steps,
             nonfinite_grad_norms=sum(r["grad_norm"] is None for r in logged_norms),
             stop_reason=str(self.last_run.get("stop_reason", "")),
             clip_grad_norm=(self.recipe.get("train") or {}).get("clip_grad_norm"),
@@ -70,27 +86,22 @@ def read_run(path: Path) -> Run:
         raise RecipeError(
             f"{path}: no {METRICS_FILE}; not a run dir, or a run logged without the jsonl tracker (logging.trackers)"
         )
-    run = Run(path=path, rows=_jsonl(metrics), rolled_back=_jsonl(path / "metrics.rolled_back.jsonl"))
-    recipe_file = path / "recipe.yaml"
+    run = Run(path=path, rows=_jsonl(metrics), rolled_back=_jsonl(path / ROLLED_BACK_FILE))
+    recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
         try:
             run.recipe = yaml.safe_load(recipe_file.read_text()) or {}
         except yaml.YAMLError:
             run.recipe = {}
-    run.env = _json(path / "env.json")
-    run.last_run = _json(path / "last_run.json")
+    run.env = _json(path / ENV_FILE)
+    run.last_run = _json(path / LAST_RUN_FILE)
     run.history = _jsonl(path / HISTORY_FILE)
     run.slurm_events = _jsonl(path / "slurm" / "attempts.jsonl")
     ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / "checkpoints")
-    if ckpt_dir.is_dir():
-        run.checkpoints = sorted(
-            int(d.name[5:])
-            for d in ckpt_dir.iterdir()
-            if d.name.startswith("step_") and d.name[5:].isdigit() and (d / "trainer_state.json").is_file()
-        )
-        if run.checkpoints:
-            state = _json(ckpt_dir / f"step_{run.checkpoints[-1]:08d}" / "trainer_state.json")
-            run.best_checkpoints = state.get("best_checkpoints") or []
+    run.checkpoints = complete_steps(ckpt_dir)
+    if run.checkpoints:
+        state = _json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)
+        run.best_checkpoints = state.get("best_checkpoints") or []
     return run
 
 
@@ -172,7 +183,6 @@ def _length(train: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Attempt:
-    start_step: int
     end_step: int | None
     seconds: float | None
     stop_reason: str  # "" if it left no end (killed, crashed)
@@ -189,19 +199,12 @@ def attempts(history: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[
         end = next((e for e in following if e.get("event") == "end"), None)
         begin = float(start.get("time", 0.0))
         if end is not None:
-            out.append(Attempt(start.get("step", 0), end.get("step"), end["time"] - begin, end.get("stop_reason", "")))
+            out.append(Attempt(end.get("step"), end["time"] - begin, end.get("stop_reason", "")))
             continue
         until = float(history[starts[n + 1]]["time"]) if n + 1 < len(starts) else math.inf
         during = [r for r in rows if isinstance(r.get("time"), (int, float)) and begin <= r["time"] < until]
         last = max(during, key=lambda r: r["time"]) if during else None
-        out.append(
-            Attempt(
-                start.get("step", 0),
-                last["step"] if last else None,
-                (last["time"] - begin) if last else None,
-                "",
-            )
-        )
+        out.append(Attempt(last["step"] if last else None, (last["time"] - begin) if last else None, ""))
     return out
 
 
@@ -243,7 +246,7 @@ def summary(run: Run) -> dict[str, Any]:
         "requeues": sum(e.get("event") == "requeue" for e in run.slurm_events),
         "checkpoints": run.checkpoints,
         "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],
-        "skipped_steps": run.curves().skipped_steps,
+        "skipped_steps": run.skipped_steps,
     }
     return out
 
@@ -258,8 +261,8 @@ def _best(series: list[tuple[int, float]], mode: str) -> dict[str, float] | None
 # ---------------------------------------------------------------------------------------------------- text
 
 
-def render(run: Run, findings: list[Finding]) -> str:
-    s = summary(run)
+def render(run: Run, s: dict[str, Any], findings: list[Finding]) -> str:
+    """The report of one run: its `summary` and its findings, as text."""
     lines = [f"run {s['name']}  ({run.path})", ""]
     settings = hyperparameters(run.recipe, run.env)
     width = max((len(k) for k, _ in settings), default=0)
@@ -331,7 +334,7 @@ def report(paths: list[Path]) -> tuple[list[Run], str, list[dict[str, Any]]]:
     runs = [read_run(p) for p in paths]
     texts, records = [], []
     for run in runs:
-        findings = diagnose(run.curves())
-        texts.append(render(run, findings))
-        records.append({**summary(run), "findings": [f.__dict__ for f in findings]})
+        facts, findings = summary(run), diagnose(run.curves())
+        texts.append(render(run, facts, findings))
+        records.append({**facts, "findings": [f.__dict__ for f in findings]})
     return runs, "\n\n".join(texts), records

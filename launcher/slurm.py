@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError
+from launcher.layout import LAST_RUN_FILE, RECIPE_FILE
 
 ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per start of the job, and per requeue
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -220,11 +221,11 @@ def status(run_dir: Path) -> dict[str, Any]:
     if job and shutil.which("squeue"):
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
         state = proc.stdout.strip() or None
-    recipe_file = run_dir / "recipe.yaml"
+    recipe_file = run_dir / RECIPE_FILE
     ckpt_dir = run_dir / "checkpoints"
     if recipe_file.is_file():
         ckpt_dir = load_recipe(recipe_file, check_files=False).checkpoint_dir
-    last_run = run_dir / "last_run.json"
+    last_run = run_dir / LAST_RUN_FILE
     last_checkpoint = checkpoint.latest(ckpt_dir)
     return {
         "job": job,

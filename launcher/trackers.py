@@ -4,8 +4,9 @@ TensorBoard is Accelerate's own tracker with a cheaper `log`. Accelerate's write
 at every call, which hands the events to TensorBoard's writer thread and waits for it: with its pure-Python
 checksums that thread then competes with training for the interpreter, and logging every 10 steps cost a fast
 loop several percent of its speed. Here each call keeps its scalars as one event in memory, and the events go to
-the writer together every `FLUSH_SECS` and when the run ends (so a killed run's TensorBoard view may lack its last
-seconds; `metrics.jsonl` is flushed per line). Every other tracker is Accelerate's, by name.
+the writer together every `FLUSH_SECS`, at every checkpoint and when the run ends (so a killed run's TensorBoard
+view may lack its last seconds, never a step its checkpoint holds; `metrics.jsonl` is flushed per line). Every
+other tracker is Accelerate's, by name.
 """
 
 from __future__ import annotations
