@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import RecipeError, RunFailed
+from launcher.errors import RecipeError, RunFailed, say
 
 EXIT_BAD_INPUT = 2
 
@@ -89,11 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return validate_command(args.recipe, args.overrides)
     except RecipeError as e:
         for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
+            say(f"error: {line}")
         return EXIT_BAD_INPUT
     except RunFailed as e:
         if e.message:
-            print(e.message, file=sys.stderr, flush=True)
+            say(e.message)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

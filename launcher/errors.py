@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class RecipeError(Exception):
     """Bad input, found before anything is built.
@@ -25,3 +27,13 @@ class RunFailed(Exception):
         self.message = message
         self.exit_code = exit_code
         super().__init__(message)
+
+
+def say(line: str) -> None:
+    """Print one line to stderr in a single write.
+
+    `print` writes the text and its newline separately; with PYTHONUNBUFFERED (common under SLURM and in CI) those
+    are two writes, and two ranks refusing the same recipe at once interleave into one garbled line.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
 from launcher.early_stopping import Tracker
-from launcher.errors import RecipeError, RunFailed
+from launcher.errors import RecipeError, RunFailed, say
 from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
 from launcher.metrics import JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
@@ -92,7 +92,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
     if recipe.resume == "auto":
         if env.get("RANK", "0") == "0":
             for path in checkpoint.incomplete(recipe.checkpoint_dir):
-                print(f"warning: ignoring {path}: an interrupted save left it incomplete", file=sys.stderr)
+                say(f"warning: ignoring {path}: an interrupted save left it incomplete")
         return checkpoint.latest(recipe.checkpoint_dir)
     if recipe.resume != "none":
         path = checkpoint.resolve(Path(recipe.resume))
@@ -217,7 +217,7 @@ def train(
         except ValueError as e:
             raise RunFailed(f"error: {e}", exit_code=2) from None
     elif strategy == "fsdp" and main:
-        print("note: strategy fsdp with one process: nothing to shard; checkpoints are still DCP", file=sys.stderr)
+        say("note: strategy fsdp with one process: nothing to shard; checkpoints are still DCP")
     loss_fn = components.instantiate("loss", recipe.loss)
     optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
