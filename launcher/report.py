@@ -25,8 +25,11 @@ from launcher.layout import (
     METRICS_FILE,
     RECIPE_FILE,
     ROLLED_BACK_FILE,
+    SLURM_ATTEMPTS_FILE,
     STATE_FILE,
     complete_steps,
+    read_json,
+    read_jsonl,
     step_dir_name,
 )
 
@@ -86,46 +89,23 @@ def read_run(path: Path) -> Run:
         raise RecipeError(
             f"{path}: no {METRICS_FILE}; not a run dir, or a run logged without the jsonl tracker (logging.trackers)"
         )
-    run = Run(path=path, rows=_jsonl(metrics), rolled_back=_jsonl(path / ROLLED_BACK_FILE))
+    run = Run(path=path, rows=read_jsonl(metrics), rolled_back=read_jsonl(path / ROLLED_BACK_FILE))
     recipe_file = path / RECIPE_FILE
     if recipe_file.is_file():
         try:
             run.recipe = yaml.safe_load(recipe_file.read_text()) or {}
         except yaml.YAMLError:
             run.recipe = {}
-    run.env = _json(path / ENV_FILE)
-    run.last_run = _json(path / LAST_RUN_FILE)
-    run.history = _jsonl(path / HISTORY_FILE)
-    run.slurm_events = _jsonl(path / "slurm" / "attempts.jsonl")
+    run.env = read_json(path / ENV_FILE)
+    run.last_run = read_json(path / LAST_RUN_FILE)
+    run.history = read_jsonl(path / HISTORY_FILE)
+    run.slurm_events = read_jsonl(path / "slurm" / SLURM_ATTEMPTS_FILE)
     ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / "checkpoints")
     run.checkpoints = complete_steps(ckpt_dir)
     if run.checkpoints:
-        state = _json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)
+        state = read_json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)
         run.best_checkpoints = state.get("best_checkpoints") or []
     return run
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    """The lines of a JSON-lines file that parse (a line cut short by a crash is skipped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- facts

@@ -9,7 +9,6 @@ requeued job continues with `resume=auto`. Rendering is a pure function of the r
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -20,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError
-from launcher.layout import LAST_RUN_FILE, RECIPE_FILE
+from launcher.layout import LAST_RUN_FILE, RECIPE_FILE, read_json, read_jsonl
+from launcher.layout import SLURM_ATTEMPTS_FILE as ATTEMPTS_FILE
 
-ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per start of the job, and per requeue
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -213,10 +212,11 @@ def status(run_dir: Path) -> dict[str, Any]:
     attempts_file = run_dir / "slurm" / ATTEMPTS_FILE
     if not attempts_file.is_file():
         raise RecipeError(f"{run_dir}: no SLURM job has run here (no slurm/{ATTEMPTS_FILE})")
-    events = [json.loads(line) for line in attempts_file.read_text().splitlines() if line.strip()]
+    events = read_jsonl(attempts_file)  # a line cut short by a node dying mid-append is skipped
     starts = [e for e in events if e.get("event") == "start"]
     requeues = [e for e in events if e.get("event") == "requeue"]
-    job = str(events[-1]["job"]) if events else None
+    job = events[-1].get("job") if events else None
+    job = None if job is None else str(job)
     state = None
     if job and shutil.which("squeue"):
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
@@ -225,7 +225,6 @@ def status(run_dir: Path) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     if recipe_file.is_file():
         ckpt_dir = load_recipe(recipe_file, check_files=False).checkpoint_dir
-    last_run = run_dir / LAST_RUN_FILE
     last_checkpoint = checkpoint.latest(ckpt_dir)
     return {
         "job": job,
@@ -233,7 +232,7 @@ def status(run_dir: Path) -> dict[str, Any]:
         "attempts": len(starts),
         "requeues": len(requeues),
         "last_checkpoint": str(last_checkpoint) if last_checkpoint else None,
-        "last_run": json.loads(last_run.read_text()) if last_run.is_file() else None,
+        "last_run": read_json(run_dir / LAST_RUN_FILE) or None,
     }
 
 

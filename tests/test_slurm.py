@@ -232,3 +232,17 @@ def test_slurm_time_formats():
     for bad in ("", "1h", "1:2:3:4", " 10:00", "-5"):
         with pytest.raises(ValueError):
             parse_time(bad)
+
+
+def test_status_reads_past_a_line_cut_short_by_a_dying_node(tmp_path: Path):
+    # A node killed mid-append leaves half a line; `slurm status` must still say which job runs the run.
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "attempts.jsonl").write_text(
+        '{"event": "start", "job": 41, "restart": 0, "node": "n1", "time": "t"}\n'
+        '{"event": "requeue", "job": 41, "restart": 0, "node": "n1", "time": "t"}\n'
+        '{"event": "start", "job": 41, "restart": 1, "node": "n2", "time": "t"}\n'
+        '{"event": "requeue", "jo'
+    )
+    proc = run_cli("slurm", "status", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "job 41 " in proc.stdout and "2 attempt(s), 1 requeue(s)" in proc.stdout
