@@ -203,7 +203,7 @@ def report_command(run_dirs: Sequence[str], out_text: str | None, as_json: bool)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out is not None:
         written = plots.plot(runs, out)
-        print(f"plots: {', '.join(str(p) for p in written) or 'none (nothing logged to draw)'}", file=sys.stderr)
+        say(f"plots: {', '.join(str(p) for p in written) or 'none (nothing logged to draw)'}")
     return 0
 
 

@@ -84,9 +84,9 @@ def divergence(c: Curves) -> Finding | None:
         evidence.append(f"{c.skipped_steps} update(s) skipped for a non-finite loss or gradient norm")
     elif c.nonfinite_grad_norms:
         evidence.append(f"{c.nonfinite_grad_norms} logged gradient norm(s) were not finite")
-    values = [v for _, v in c.train_loss]
-    if len(values) >= MIN_TRAIN_POINTS:
-        start, end = _head(values), _tail(values)
+    levels = _levels(c)
+    if levels:
+        start, end = levels
         if end > start * RISE:
             evidence.append(f"train loss ended above where it started: {start:.4g} -> {end:.4g}")
         spikes = _spikes(c.train_loss, start)
@@ -125,10 +125,10 @@ def divergence(c: Curves) -> Finding | None:
 
 
 def lr_too_high(c: Curves) -> Finding | None:
-    values = [v for _, v in c.train_loss]
-    if len(values) < MIN_TRAIN_POINTS:
+    levels = _levels(c)
+    if levels is None:
         return None
-    start, end = _head(values), _tail(values)
+    start, end = levels
     if end <= start * RISE:
         return None
     return Finding(
@@ -173,10 +173,10 @@ def overfitting(c: Curves) -> Finding | None:
 
 
 def underfitting(c: Curves) -> Finding | None:
-    values = [v for _, v in c.train_loss]
-    if len(values) < MIN_TRAIN_POINTS:
+    levels = _levels(c)
+    if levels is None:
         return None
-    start, end = _head(values), _tail(values)
+    start, end = levels
     if start <= 0 or (start - end) / start >= UNDERFIT_PROGRESS:
         return None
     moved = f"fell only {_share(start, end)}" if end < start else "did not fall"
@@ -186,7 +186,7 @@ def underfitting(c: Curves) -> Finding | None:
         train = _at(c.train_loss, step)
         gap = f" ({val - train:+.3g} against train/loss there: no better on what it trained on)" if train else ""
         evidence.append(f"val/loss at the last evaluation: {val:.4g}{gap}")
-    still_falling = _still_falling(values)
+    still_falling = _still_falling([v for _, v in c.train_loss])
     suggestions = ["a larger model (more layers or width)", "a higher learning rate (optimizer.lr)"]
     if still_falling:
         evidence.append("it was still falling when the run ended")
@@ -197,10 +197,10 @@ def underfitting(c: Curves) -> Finding | None:
 
 
 def lr_too_low(c: Curves) -> Finding | None:
-    values = [v for _, v in c.train_loss]
-    if len(values) < MIN_TRAIN_POINTS:
+    levels = _levels(c)
+    if levels is None:
         return None
-    start, end = _head(values), _tail(values)
+    start, end = levels
     if start <= 0 or abs(start - end) / start >= LOW_LR_PROGRESS:
         return None
     steps = c.train_loss[-1][0] - c.train_loss[0][0]
@@ -210,6 +210,14 @@ def lr_too_low(c: Curves) -> Finding | None:
         (f"the loss barely moved: {start:.4g} -> {end:.4g} in {steps} steps{_lr_text(c)}",),
         ("raise optimizer.lr by 10x (or run a short sweep)",),
     )
+
+
+def _levels(c: Curves) -> tuple[float, float] | None:
+    """Train/loss at the start and at the end (`_head`, `_tail`); None where too few were logged to judge."""
+    values = [v for _, v in c.train_loss]
+    if len(values) < MIN_TRAIN_POINTS:
+        return None
+    return _head(values), _tail(values)
 
 
 def _head(values: Sequence[float]) -> float:

@@ -207,10 +207,9 @@ def train(
     fsdp_sharded = strategy == "fsdp" and accelerator.num_processes > 1
     if fsdp_sharded:
         if main and not torch.cuda.is_available():
-            print(
+            say(
                 "note: strategy fsdp on CPU: Accelerate's FSDP needs a GPU, so the model is sharded with torch's "
-                "fully_shard over gloo, as the launcher does on GPUs too",
-                file=sys.stderr,
+                "fully_shard over gloo, as the launcher does on GPUs too"
             )
         try:
             model = strategies.fsdp_shard(model, recipe, accelerator.device)

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError
-from launcher.layout import LAST_RUN_FILE, RECIPE_FILE, read_json, read_jsonl
-from launcher.layout import SLURM_ATTEMPTS_FILE as ATTEMPTS_FILE
+from launcher.layout import LAST_RUN_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -151,7 +150,7 @@ rm -f "$RUN_DIR/last_run.json"
 RESTART=${{SLURM_RESTART_COUNT:-0}}
 log_event() {{  # a JSON line per start and requeue
     printf '{{"event": "%s", "job": %s, "restart": %s, %s"time": "%s"}}\\n' \\
-        "$1" "$SLURM_JOB_ID" "$RESTART" "$2" "$(date -Is)" >> "$RUN_DIR/slurm/{ATTEMPTS_FILE}"
+        "$1" "$SLURM_JOB_ID" "$RESTART" "$2" "$(date -Is)" >> "$RUN_DIR/slurm/{SLURM_ATTEMPTS_FILE}"
 }}
 log_event start "\\"nodes\\": \\"$SLURM_JOB_NODELIST\\", "
 
@@ -209,9 +208,9 @@ def status(run_dir: Path) -> dict[str, Any]:
     from launcher import checkpoint
     from launcher.recipe import load_recipe
 
-    attempts_file = run_dir / "slurm" / ATTEMPTS_FILE
+    attempts_file = run_dir / "slurm" / SLURM_ATTEMPTS_FILE
     if not attempts_file.is_file():
-        raise RecipeError(f"{run_dir}: no SLURM job has run here (no slurm/{ATTEMPTS_FILE})")
+        raise RecipeError(f"{run_dir}: no SLURM job has run here (no slurm/{SLURM_ATTEMPTS_FILE})")
     events = read_jsonl(attempts_file)  # a line cut short by a node dying mid-append is skipped
     starts = [e for e in events if e.get("event") == "start"]
     requeues = [e for e in events if e.get("event") == "requeue"]

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_RECIPE, read_metrics, run_cli
 
+from launcher.layout import complete_steps
+
 SCENARIO = """\
 model: {{_component_: mlp, hidden_sizes: {hidden}}}
 data:
@@ -205,8 +207,7 @@ def start(recipe: Path, run_dir: Path, *extra: str, env: dict[str, str] | None =
 
 
 def latest_checkpoint(run_dir: Path) -> int:
-    done = [int(d.name[5:]) for d in (run_dir / "checkpoints").glob("step_*") if (d / "trainer_state.json").exists()]
-    return max(done, default=0)
+    return max(complete_steps(run_dir / "checkpoints"), default=0)
 
 
 def wait_for_checkpoint(run_dir: Path, past: int, proc: subprocess.Popen, timeout: float = 120) -> int:
