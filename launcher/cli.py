@@ -124,8 +124,7 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
     from launcher import loop
 
     try:
-        resume_from = loop.preflight(recipe, os.environ)
-        loop.run(recipe, resume_from)
+        loop.run(recipe, loop.preflight(recipe, os.environ))
     except RecipeError as e:
         raise RecipeError([f"{path}: {p}" for p in e.problems]) from None
     return 0

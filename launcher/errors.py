@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 
 
 class RecipeError(Exception):
@@ -37,3 +39,26 @@ def say(line: str) -> None:
     """
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+class Throttled:
+    """Lines of one kind, at most one every `every_s` seconds: a warning that can repeat at every step (a skipped
+    update) is said when it happens, without flooding the log; a line after a quiet spell counts those held back."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self.last: float | None = None
+        self.held_back = 0
+
+    def say(self, line: str, write: Callable[[str], None] = say) -> bool:
+        """Say `line` unless one was said less than `every_s` ago; True if it was said."""
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s:
+            self.held_back += 1
+            return False
+        if self.held_back:
+            line += f" (and {self.held_back} more like it since the last such line)"
+        write(line)
+        self.last, self.held_back = now, 0
+        return True

@@ -17,6 +17,8 @@ METRICS_FILE = "metrics.jsonl"
 ROLLED_BACK_FILE = "metrics.rolled_back.jsonl"  # rows a failed attempt logged after its last checkpoint
 HISTORY_FILE = "history.jsonl"  # one line per attempt's start and end: what `launcher report` counts resumes by
 SLURM_ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per start of the job, and per requeue
+LOCK_FILE = ".lock"  # held by a live run's main process: one run per run dir (see runlock.py)
+LOCK_HOLDER_FILE = ".lock_holder.json"  # who holds it: host, pid, SLURM job
 STATE_FILE = "trainer_state.json"  # in a checkpoint, written last: its presence makes the checkpoint complete
 STEP_DIR = re.compile(r"^step_(\d+)$")
 

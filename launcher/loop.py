@@ -24,19 +24,30 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.tracking import filter_trackers
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    gather_object,
     set_seed,
 )
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from launcher import checkpoint, components, consensus, guards, plan, schedules, strategies
+from launcher import checkpoint, components, consensus, guards, plan, runlock, schedules, strategies
 from launcher.early_stopping import Tracker
-from launcher.errors import RecipeError, RunFailed, say
-from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
+from launcher.errors import RecipeError, RunFailed, Throttled, say
+from launcher.layout import (
+    ENV_FILE,
+    HISTORY_FILE,
+    LAST_RUN_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    ROLLED_BACK_FILE,
+    read_json,
+)
 from launcher.metrics import JsonlWriter, Throughput, environment, flat_hparams, sequence_tokens
 from launcher.recipe import Recipe, dump
 from launcher.stepping import Stepper
@@ -52,6 +63,10 @@ class TrainState:
     samples_in_epoch: int = 0  # samples of `epoch` already trained on, by all ranks: independent of world size
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     nonfinite_streak: int = 0  # of them, how many in a row up to now
+    schedule_total: int = 0  # updates the learning-rate schedule spans (see plan.Budget)
+    schedule_batch: int = 0  # samples one of them stands for; 0: the run counts updates (train.max_steps)
+    schedule_position: float = 0.0  # the schedule's step at `step`
+    log_windows: list[dict[str, Any]] = field(default_factory=list)  # per rank: losses not logged yet (see save)
     early_stopping: Tracker = field(default_factory=Tracker)
     best_checkpoints: list[list[float]] = field(default_factory=list)  # [step, metric], best first
 
@@ -74,11 +89,18 @@ class RunResult:
     run_dir: Path
 
 
-def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
-    """Refuse, before any process group starts or file is written, what would fail or destroy work later.
+@dataclass
+class Start:
+    """What `preflight` found: the checkpoint to resume from, and the run dir's lock (held by the main process)."""
 
-    Returns the checkpoint to resume from, if any.
-    """
+    resume_from: Path | None = None
+    lock: FileLock | None = None
+    in_use: bool = False  # another run holds the run dir: every rank of this launch refuses together (see `run`)
+
+
+def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
+    """Refuse, before any process group starts or file is written, what would fail or destroy work later; take
+    the run dir's lock (main process), so that nothing below races another run on the same run dir."""
     t = recipe.train
     problems = guards.launch_problems(env, t.mixed_precision, recipe.strategy.name, t.gradient_accumulation_steps)
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -86,18 +108,50 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
     if problems:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
-    if env.get("RANK", "0") == "0":
+    if env.get("RANK", "0") != "0":
+        return Start(resume_from=_resume_point(recipe, env))
+    existed = run_dir.is_dir()
+    lock = runlock.acquire(run_dir)
+    if lock is None:
+        if int(env.get("WORLD_SIZE", "1") or 1) == 1:
+            raise RecipeError(runlock.in_use_message(run_dir))
+        return Start(in_use=True)  # the other ranks are waiting for this one to start the process group
+    try:
         # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
         (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
+        return Start(resume_from=_resume_point(recipe, env), lock=lock)
+    except BaseException:
+        runlock.release(lock, remove_dir=not existed)
+        raise
+
+
+def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to start a new run over an old one."""
+    run_dir = Path(recipe.run_dir)
     if recipe.resume == "auto":
-        if env.get("RANK", "0") == "0":
+        main = env.get("RANK", "0") == "0"
+        if main:
             for path in checkpoint.incomplete(recipe.checkpoint_dir):
                 say(f"warning: ignoring {path}: an interrupted save left it incomplete")
-        return checkpoint.latest(recipe.checkpoint_dir)
+        # Every rank checks the same files, so all pick the same checkpoint without a word between them.
+        found, passed_over = checkpoint.latest_intact(recipe.checkpoint_dir)
+        if main:
+            for line in passed_over:
+                say(f"warning: passing over {line}")
+        if found is None and passed_over:  # starting anew would train over the run's checkpoints
+            raise RecipeError(
+                f"resume: every checkpoint in {recipe.checkpoint_dir} is damaged, the newest: {passed_over[0]}"
+            )
+        return found
     if recipe.resume != "none":
         path = checkpoint.resolve(Path(recipe.resume))
         if not checkpoint.is_complete(path):
             raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
+        if checkpoint.interrupted(path):
+            raise RecipeError(f"resume: {path} is not a complete checkpoint (a save interrupted before its rename)")
+        problem = checkpoint.damage(path)
+        if problem:
+            raise RecipeError(f"resume: {path}: damaged: {problem}")
         return path
     if (run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir):
         raise RecipeError(
@@ -107,16 +161,34 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
     return None
 
 
-def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
+def run(recipe: Recipe, start: Start) -> RunResult:
     """Train `recipe` on this process's share of the work; every rank of a launch calls this alike."""
     t = recipe.train
-    accelerator = make_accelerator(recipe, resume_from)
+    resume_from = start.resume_from
+    try:
+        accelerator = make_accelerator(recipe, resume_from)
+    except BaseException:
+        runlock.release(start.lock)
+        raise
     stop_requests = consensus.StopRequests(t.max_time_s, Path(recipe.run_dir) / consensus.STOP_FILE)
     stop_requests.install()
     try:
         problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
         if problem:
             raise RunFailed(f"error: {problem}", exit_code=2)
+        # Whether another run holds the run dir is known to the main process alone; all refuse together.
+        if consensus.any_rank(accelerator, start.in_use):
+            message = runlock.in_use_message(Path(recipe.run_dir)) if start.in_use else ""
+            raise RunFailed(f"error: {message}" if message else "", exit_code=2)
+        # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
+        accelerator.log_with = filter_trackers(
+            trackers(
+                recipe.logging.trackers,
+                recipe.run_dir,
+                None if resume_from is None else checkpoint.saved_step(resume_from),
+            ),
+            recipe.run_dir,
+        )
         return train(accelerator, recipe, resume_from, stop_requests)
     finally:
         stop_requests.uninstall()
@@ -127,6 +199,7 @@ def run(recipe: Recipe, resume_from: Path | None = None) -> RunResult:
         accelerator.free_memory()
         gc.collect()
         accelerator.end_training()
+        runlock.release(start.lock)
 
 
 def _free_port() -> int:
@@ -148,9 +221,6 @@ def make_accelerator(recipe: Recipe, resume_from: Path | None = None) -> Acceler
     cuda = torch.cuda.is_available()
     common: dict[str, Any] = {
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "log_with": trackers(
-            recipe.logging.trackers, recipe.run_dir, None if resume_from is None else checkpoint.saved_step(resume_from)
-        ),
         "project_config": ProjectConfiguration(project_dir=recipe.run_dir, logging_dir=recipe.run_dir),
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         "step_scheduler_with_optimizer": False,
@@ -229,31 +299,37 @@ def train(
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
 
-    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     samples_per_batch = t.batch_size * accelerator.num_processes  # one micro-batch on every rank
     samples_per_epoch = len(train_loader) * samples_per_batch
-    total_steps = plan.total_steps(steps_per_epoch, t.max_steps, t.max_epochs)
     stepper = Stepper(accelerator, model, optimizer, strategy)
-    scheduler = make_scheduler(recipe, stepper.optimizer, total_steps)
+    _check_equal_lengths(accelerator, train_loader, val_loader, recipe.eval.max_batches)
 
     state = TrainState(early_stopping=Tracker(**_tracker_args(recipe.early_stopping)))
+    saved: dict[str, Any] | None = None
     if resume_from is not None:
-        saved = checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, strategy)
+        saved = read_json(resume_from / checkpoint.STATE_FILE)
         state = TrainState.from_state_dict(saved)
+        if saved.get("world_size", accelerator.num_processes) != accelerator.num_processes:
+            # Another world size splits the epoch into other global batches: continue at the last whole one.
+            state.samples_in_epoch = state.samples_in_epoch // samples_per_batch * samples_per_batch
+        saved = {**saved, "batches_done": state.samples_in_epoch // samples_per_batch}
+    budget = plan.budget(
+        len(train_loader),
+        t.gradient_accumulation_steps,
+        samples_per_batch * t.gradient_accumulation_steps,
+        t.max_steps,
+        t.max_epochs,
+        saved,
+    )
+    total_steps = budget.total_steps
+    state.schedule_total, state.schedule_batch = budget.schedule_total, budget.schedule_batch
+    scheduler = make_scheduler(recipe, stepper.optimizer, budget)
+    if resume_from is not None and saved is not None:
+        checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, strategy)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         saved_world = saved.get("world_size", accelerator.num_processes)
-        if saved_world != accelerator.num_processes:
-            # Another world size splits the epoch into other global batches: continue at the last whole one.
-            aligned = state.samples_in_epoch // samples_per_batch * samples_per_batch
-            fresh = saved_world < accelerator.num_processes
-            accelerator.print(
-                f"warning: written by {saved_world} processes, resumed by {accelerator.num_processes}: the model, "
-                f"optimizer and schedule are exact; the data continues at sample {aligned} of epoch {state.epoch} "
-                f"(saved at {state.samples_in_epoch})"
-                + (f"; processes beyond {saved_world} start from fresh RNG states" if fresh else "")
-            )
-            state.samples_in_epoch = aligned
-
+        if saved_world != accelerator.num_processes and main:
+            say(_world_change_note(saved, state, budget, recipe, accelerator.num_processes))
     # Files. Every rank has reached this point (the barrier below), so nothing is written before all passed
     # preflight.
     run_dir = Path(recipe.run_dir)
@@ -296,6 +372,8 @@ def train(
                 progress.write(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
             value = last_eval.get(ckpt.monitor) if last_eval_step == state.step else None
             monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": value}
+            state.schedule_position = float(budget.position(state.step))
+            state.log_windows = _log_windows(accelerator, step_losses, loss_count)
             trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
             best = [list(b) for b in state.best_checkpoints]
             writer.save(
@@ -325,8 +403,10 @@ def train(
     stop_checks = consensus.StopChecks(every_s=1.0 if accelerator.num_processes > 1 and not fp16 else 0.0)
     # A rank whose loss is not finite must tell the others (see below); a single process sees it itself.
     poison = accelerator.num_processes > 1 and not fp16
-    step_losses: list[torch.Tensor] = []  # of the updates applied since the last log line
-    loss_count = 0  # their micro-batches
+    # The updates applied since the last log line, and their micro-batches; a resumed run gets those its checkpoint
+    # was saved with, so its next line averages the same steps as a run that never stopped.
+    step_losses, loss_count = _restored_log_window(state, saved, accelerator)
+    skipped_notices = Throttled(every_s=10.0)
     step_loss = torch.zeros((), device=accelerator.device)  # summed over the micro-batches of the current update
     step_batches = 0
     grad_norm = torch.zeros(())
@@ -407,6 +487,13 @@ def train(
                 if verdict.skip_step:
                     state.skipped_steps += 1
                     state.nonfinite_streak += 1
+                    if main:
+                        skipped_notices.say(
+                            f"warning: step {state.step + 1}: update skipped: the loss or gradient norm is not "
+                            f"finite ({state.nonfinite_streak} in a row; {t.max_nonfinite_steps} in a row stop the "
+                            "run)",
+                            write=lambda line: progress.write(line, file=sys.stderr),
+                        )
                     if accelerator.scaler is not None:
                         accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
                 else:
@@ -526,6 +613,78 @@ def train(
     )
 
 
+def _world_change_note(
+    saved: dict[str, Any], state: TrainState, budget: plan.Budget, recipe: Recipe, world: int
+) -> str:
+    """What a resume on another number of processes keeps and what it changes, in one line."""
+    saved_world = saved.get("world_size", world)
+    how = (
+        f"the epoch budget is kept: {budget.total_steps - state.step} updates of "
+        f"{recipe.train.batch_size * world * recipe.train.gradient_accumulation_steps} samples remain, and the "
+        f"learning-rate schedule follows the samples trained"
+        if budget.remapped
+        else "the model, optimizer and schedule are exact"
+    )
+    if budget.remapped and recipe.scheduler.short_name not in schedules.SCHEDULES:
+        how += f" (but {recipe.scheduler.target} counts updates: its curve is stretched to the new count)"
+    fresh = f"; processes beyond {saved_world} start from fresh RNG states" if saved_world < world else ""
+    return (
+        f"warning: written by {saved_world} processes, resumed by {world}: {how}; the data continues at sample "
+        f"{state.samples_in_epoch} of epoch {state.epoch} (saved at {saved.get('samples_in_epoch')}){fresh}"
+    )
+
+
+def _log_windows(accelerator: Accelerator, losses: list[torch.Tensor], batches: int) -> list[dict[str, Any]]:
+    """Every rank's losses not logged yet, for the checkpoint (float32 values are exact as JSON numbers)."""
+    window = {
+        "losses": torch.stack(losses).tolist() if losses else [],
+        "dtype": str(losses[0].dtype).removeprefix("torch.") if losses else "float32",
+        "batches": batches,
+    }
+    return list(gather_object([window])) if accelerator.num_processes > 1 else [window]
+
+
+def _restored_log_window(
+    state: TrainState, saved: dict[str, Any] | None, accelerator: Accelerator
+) -> tuple[list[torch.Tensor], int]:
+    """This rank's losses not logged when the checkpoint was saved; none on another world size (the ranks' shares
+    of the data differ, and so do the rows)."""
+    windows = state.log_windows
+    state.log_windows = []
+    rank = accelerator.process_index
+    same_world = saved is not None and saved.get("world_size") == accelerator.num_processes
+    if not same_world or rank >= len(windows):
+        return [], 0
+    window = windows[rank]
+    dtype = getattr(torch, window["dtype"])
+    losses = [torch.tensor(v, dtype=dtype, device=accelerator.device) for v in window["losses"]]
+    return losses, int(window["batches"])
+
+
+def _check_equal_lengths(
+    accelerator: Accelerator, train_loader: DataLoader, val_loader: DataLoader | None, max_batches: int | None
+) -> None:
+    """Refuse, before the first step, data that gives the processes different numbers of batches (a dataset that
+    shards itself unevenly): the longer ones would wait at a collective for the shorter ones until the timeout."""
+    if accelerator.num_processes == 1:
+        return
+    val = 0 if val_loader is None else len(val_loader)
+    mine = (len(train_loader), val if max_batches is None else min(val, max_batches))
+    lengths = gather_object([mine])
+    if len(set(lengths)) == 1:
+        return
+    key, which = ("data.train", 0) if len({n[0] for n in lengths}) > 1 else ("data.val", 1)
+    counts = ", ".join(f"rank {rank}: {n[which]}" for rank, n in enumerate(lengths))
+    raise RunFailed(
+        f"error: {key}: the processes have different numbers of batches ({counts}); every process must get as "
+        "many (a dataset that shards itself must give each rank the same length), or they would wait for each "
+        "other forever"
+        if accelerator.is_main_process
+        else "",
+        exit_code=2,
+    )
+
+
 def record(run_dir: Path, event: str, **values: Any) -> None:
     """A line in the run's history: when an attempt started (and from which checkpoint) or ended, and how."""
     with (run_dir / HISTORY_FILE).open("a") as f:
@@ -582,12 +741,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: boo
     )
 
 
-def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """A built-in schedule becomes a LambdaLR over its pure function; any other is built with the optimizer."""
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, budget: plan.Budget) -> Any:
+    """A built-in schedule becomes a LambdaLR over its pure function, at the budget's position for each update;
+    any other is built with the optimizer."""
     spec = recipe.scheduler
     if spec.short_name in schedules.SCHEDULES:
-        factor = schedules.build(spec.short_name, total_steps, **dict(spec.kwargs))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        factor = schedules.build(spec.short_name, budget.schedule_total, **dict(spec.kwargs))
+        # A plain function, not an object: LambdaLR's state dict would carry an object's attributes.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(budget.position(step)))
     return components.instantiate("scheduler", spec, optimizer)
 
 

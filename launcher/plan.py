@@ -33,6 +33,78 @@ def total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | N
     return min(limits)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How long a run is and where its learning-rate schedule stands.
+
+    With an epoch budget the run's length is a number of samples, fixed at its start: the schedule spans the
+    updates planned then (`schedule_total`, of `schedule_batch` samples each), an epoch being `schedule_total /
+    max_epochs` of them. A run resumed on another number of processes moves through the schedule by the epochs it
+    trains: from the resume point (`origin_*`) to the end of its epoch (`boundary_*`) evenly over the updates left
+    in that epoch, then `rate` planned updates per update. So a change of world size changes neither the learning
+    rate at the resume step nor where the run ends: the remaining samples simply take more, smaller updates (or
+    fewer, larger ones). With `train.max_steps` the run counts updates (`schedule_batch` 0)."""
+
+    total_steps: int  # updates in the run, at this world size
+    schedule_total: int
+    schedule_batch: int = 0
+    origin_step: int = 0
+    origin_position: float = 0.0
+    boundary_step: int = 0
+    boundary_position: float = 0.0
+    rate: float = 1.0
+
+    @property
+    def remapped(self) -> bool:
+        """Whether updates here move the schedule otherwise than one step each (a resume changed the batch)."""
+        same_pace = self.boundary_position - self.origin_position == self.boundary_step - self.origin_step
+        return not (self.rate == 1.0 and self.origin_position == self.origin_step and same_pace)
+
+    def position(self, step: int) -> float:
+        """The schedule's step for update `step`: `step` itself unless a resume changed the batch."""
+        if not self.remapped:
+            return step  # exactly as a run that never changed its world size
+        if step <= self.boundary_step:
+            span = self.boundary_step - self.origin_step
+            share = (step - self.origin_step) / span if span else 1.0
+            return self.origin_position + share * (self.boundary_position - self.origin_position)
+        return self.boundary_position + (step - self.boundary_step) * self.rate
+
+
+def budget(
+    batches_per_epoch: int,
+    accumulation: int,
+    samples_per_update: int,
+    max_steps: int | None,
+    max_epochs: int | None,
+    saved: dict | None = None,
+) -> Budget:
+    """The run's budget at this world size; `saved` is the trainer state of the checkpoint resumed from (its
+    `step`, `epoch` and `batches_done` in that epoch at this world's batches, and the schedule it followed)."""
+    steps_per_epoch = max(math.ceil(batches_per_epoch / accumulation), 1)
+    planned = total_steps(steps_per_epoch, max_steps, max_epochs)
+    by_samples = max_epochs is not None and planned == max_epochs * steps_per_epoch
+    if not by_samples:
+        return Budget(planned, planned)
+    if not saved or not saved.get("schedule_batch") or max_epochs is None:
+        return Budget(planned, planned, samples_per_update)  # a new run, or a checkpoint that kept no budget
+    step, epoch, schedule_total = int(saved["step"]), int(saved["epoch"]), int(saved["schedule_total"])
+    left_in_epoch = math.ceil(max(batches_per_epoch - int(saved["batches_done"]), 0) / accumulation)
+    total = step + left_in_epoch + (max_epochs - epoch - 1) * steps_per_epoch
+    epoch_span = schedule_total / max_epochs
+    return Budget(
+        total_steps=min(total, max_steps) if max_steps is not None else total,
+        schedule_total=schedule_total,
+        schedule_batch=int(saved["schedule_batch"]),
+        origin_step=step,
+        origin_position=float(saved.get("schedule_position", step)),
+        boundary_step=step + left_in_epoch,
+        boundary_position=(epoch + 1) * epoch_span,
+        # Padding of the last batch differs between world sizes: it must not stretch the schedule.
+        rate=epoch_span / steps_per_epoch,
+    )
+
+
 def make_plan(recipe: Recipe, train_samples: int | None, processes: int) -> Plan:
     """The plan; without the train set's length (`None`: its files are not there yet) only `train.max_steps`
     bounds the run, and the per-epoch figures are 0."""

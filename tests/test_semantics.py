@@ -194,6 +194,9 @@ def test_a_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path: Path):
     assert [rc for rc, _, _ in results] == [0, 0], results
     skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "run") if "train/loss" in r}
     assert [skipped[s] for s in range(1, 13)] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    # Said on the console once, by the main process alone.
+    assert results[0][2].count("warning: step 5: update skipped: the loss or gradient norm is not finite") == 1
+    assert "update skipped" not in results[1][2]
     # Had one rank applied step 5's update and the other not, their parameters would differ from then on.
     for step in (4, 8, 12):
         assert len(set(state_at(tmp_path / "run", step)["replica_checksums"])) == 1
@@ -247,6 +250,8 @@ def test_one_process_skips_an_update_whose_loss_is_not_finite_though_its_gradien
     assert run.returncode == 0, run.stderr
     skipped = {r["step"]: r["train/skipped_steps"] for r in read_metrics(tmp_path / "run") if "train/loss" in r}
     assert [skipped[s] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
+    # The first is said when it happens; the next, a moment later, is held back (at most one such line in 10 s).
+    assert "warning: step 3: update skipped" in run.stderr and run.stderr.count("update skipped") == 1
 
 
 def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
@@ -375,3 +380,32 @@ def test_launch_flags_that_contradict_the_recipe_are_refused(tiny_recipe: Path, 
         "drop --mixed_precision or make them agree"
     }
     assert not (tmp_path / "run").exists()
+
+
+UNEVEN = """\
+import os
+
+from launcher.data.synthetic import SyntheticClassification
+
+
+def uneven(split: str = "val"):
+    \"\"\"A validation set that shards itself unevenly: rank 1 gets twice rank 0's samples.\"\"\"
+    rank = int(os.environ.get("RANK", "0"))
+    return SyntheticClassification(split=split, num_samples=64 * (rank + 1), num_features=8, num_classes=3)
+"""
+
+
+def test_validation_sets_of_different_lengths_are_refused_before_the_first_step(tmp_path: Path):
+    (tmp_path / "uneven.py").write_text(UNEVEN)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE.replace("val: {split: val, num_samples: 256}", "val: {_component_: uneven.uneven}"))
+    run_dir = tmp_path / "run"
+    procs = start_ranks(2, "train", str(recipe), f"run_dir={run_dir}", "strategy.timeout_s=600", cwd=tmp_path)
+    results = finish(procs, 120)  # far less than the timeout: nobody waits for it
+    assert [rc for rc, _, _ in results] == [2, 2], results
+    lines = results[0][2].strip().splitlines()
+    assert lines[-1].startswith(
+        "error: data.val: the processes have different numbers of batches (rank 0: 1, rank 1: 2)"
+    )
+    assert results[1][2].strip() == ""
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
