@@ -5,20 +5,21 @@ A checkpoint is a directory `step_00000400/` holding the model and optimizer sta
 are `model.safetensors` + `optimizer.safetensors`, written by the main process alone (DDP, one process), or each
 process's shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see `shards.py`. The directory is built under a
 hidden temporary name, synced to disk and renamed into place, so a crash at any moment leaves either the whole
-directory or none of it.
+directory or none of it. `trainer_state.json` records every other file's size and checksum (`integrity.py`): a
+checkpoint damaged after it was written is refused in one line naming the file, and passed over by `resume=auto`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from launcher import shards, statefile
+from launcher import integrity, shards, statefile
 from launcher.errors import RunFailed
-from launcher.layout import RECIPE_FILE, STATE_FILE, STEP_DIR, complete_steps, is_complete, step_dir_name
+from launcher.integrity import Damaged
+from launcher.layout import RECIPE_FILE, STATE_FILE, STEP_DIR, complete_steps, is_complete, read_json, step_dir_name
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -41,6 +43,30 @@ OLD_OPTIMIZER_FILE = "optimizer.pt"  # written by launcher 0.1.0 before optimize
 def latest(ckpt_dir: Path) -> Path | None:
     steps = complete_steps(ckpt_dir)
     return ckpt_dir / step_dir_name(steps[-1]) if steps else None
+
+
+def latest_intact(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint that is intact, and a line (`<path>: damaged: <problem>`) for each newer one
+    passed over. Every rank of a launch calls this on the same files and so picks the same checkpoint."""
+    passed_over = []
+    for step in reversed(complete_steps(ckpt_dir)):
+        path = ckpt_dir / step_dir_name(step)
+        problem = integrity.problems(path)
+        if problem is None:
+            return path, passed_over
+        passed_over.append(f"{path}: damaged: {problem}")
+    return None, passed_over
+
+
+def damage(path: Path) -> str | None:
+    """What is damaged in a complete checkpoint, as one line, or None (see `integrity.problems`)."""
+    return integrity.problems(path)
+
+
+def interrupted(path: Path) -> bool:
+    """A save that did not finish: no trainer state yet, or still (or again) under a temporary name, which a crash
+    just before the final rename leaves holding a trainer state."""
+    return not is_complete(path) or path.name.startswith((".tmp-", ".old-"))
 
 
 def retained(steps: Sequence[int], keep_last: int, best: Sequence[Sequence[float]] = ()) -> set[int]:
@@ -68,7 +94,10 @@ def best(ckpt_dir: Path) -> Path | None:
     """The complete checkpoint with the best recorded metric, by the mode it was recorded with."""
     scored = []
     for step in complete_steps(ckpt_dir):
-        monitor = json.loads((ckpt_dir / step_dir_name(step) / STATE_FILE).read_text()).get("monitor") or {}
+        # A trainer state that does not parse has no metric: the checkpoint is refused when it is used.
+        monitor = read_json(ckpt_dir / step_dir_name(step) / STATE_FILE).get("monitor") or {}
+        if not isinstance(monitor, dict):
+            continue
         if monitor.get("value") is not None:
             sign = 1 if monitor.get("mode", "min") == "min" else -1
             scored.append((sign * monitor["value"], step))
@@ -234,6 +263,8 @@ def _complete(
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
     (tmp / RECIPE_FILE).write_text(recipe_text)
+    # Every file is in place (other ranks' shards too): their sizes and checksums go into the file that completes it.
+    trainer_state = {**trainer_state, integrity.MANIFEST_KEY: integrity.manifest(tmp)}
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _sync(tmp)  # on disk before the rename makes the directory count as complete
     _replace_dir(tmp, path)
@@ -309,9 +340,27 @@ def load(
     """Restore model, optimizer, scheduler, loss scaler and this rank's RNG from `path`; return the trainer state.
 
     Nothing is unpickled: weights are safetensors, the rest `torch.load(weights_only=True)`, which refuses any
-    object but tensors and plain containers (shards: see `shards.py`).
+    object but tensors and plain containers (shards: see `shards.py`). A file that does not load (a checkpoint
+    written before manifests, damaged since) is refused in one line naming it.
     """
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        return _load(accelerator, path, model, optimizer, scheduler, strategy)
+    except shards.UnsafeCheckpoint as e:
+        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
+        raise RunFailed(message.splitlines()[0], exit_code=2) from None
+    except (Damaged, statefile.Unreadable) as e:
+        raise RunFailed(f"error: resume: {path}: {e}", exit_code=2) from None
+
+
+def _load(
+    accelerator: Accelerator,
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    strategy: str,
+) -> dict[str, Any]:
+    state = integrity.read_state(path)
     fmt, wanted = checkpoint_format(path), FORMAT_OF_STRATEGY[strategy]
     if fmt != wanted:
         written_by = {v: k for k, v in FORMAT_OF_STRATEGY.items()}[fmt]
@@ -323,7 +372,9 @@ def load(
     universal = path.parent / f".universal-{path.name}"
     try:
         if fmt == "full":
-            load_weights(accelerator.unwrap_model(model), path / WEIGHTS_FILE)
+            with _reading(WEIGHTS_FILE):
+                weights = read_weights(path / WEIGHTS_FILE)
+            accelerator.unwrap_model(model).load_state_dict(weights, strict=True)
         elif fmt == "dcp":
             shards.load_dcp(path / shards.DCP_DIR, model, optimizer)
         elif state.get("world_size", 1) == accelerator.num_processes:
@@ -336,33 +387,43 @@ def load(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 shutil.rmtree(universal, ignore_errors=True)
-    except shards.UnsafeCheckpoint as e:
-        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
-        raise RunFailed(message, exit_code=2) from None
-    except RuntimeError as e:
+    except RuntimeError as e:  # what is left once the files were read: the model does not fit them
         detail = " ".join(str(e).split())[:300]
         message = f"error: resume: {path} holds a model of another shape than the recipe's: {detail}"
         raise RunFailed(message, exit_code=2) from None
-    try:
-        if fmt == "full":
+    if fmt == "full":
+        optimizer_file = OPTIMIZER_FILE if (path / OPTIMIZER_FILE).is_file() else OLD_OPTIMIZER_FILE
+        with _reading(optimizer_file):
             optimizer.load_state_dict(load_optimizer_state(path))
+    with _reading("scheduler.pt"):
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        with _reading("scaler.pt"):
             accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    with _reading("rng.pt"):
         rng_states = torch.load(path / "rng.pt", weights_only=True)["ranks"]
-    except pickle.UnpicklingError as e:
-        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
-        raise RunFailed(message.splitlines()[0], exit_code=2) from None
-    except statefile.Unreadable as e:
-        raise RunFailed(f"error: resume: {path}: {e}", exit_code=2) from None
-    # A rank beyond those that saved (resuming on more processes) keeps its freshly seeded RNG.
-    if accelerator.process_index < len(rng_states):
-        rng = rng_states[accelerator.process_index]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # A rank beyond those that saved (resuming on more processes) keeps its freshly seeded RNG.
+        if accelerator.process_index < len(rng_states):
+            rng = rng_states[accelerator.process_index]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_tuple(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Whatever goes wrong reading (or applying) checkpoint file `name` becomes one line naming it: Damaged, or
+    UnsafeCheckpoint where torch refused to unpickle an object."""
+    try:
+        yield
+    except (shards.UnsafeCheckpoint, Damaged, statefile.Unreadable):
+        raise
+    except Exception as e:
+        if shards.is_refusal(e):
+            raise shards.UnsafeCheckpoint(f"{name}: {integrity.reason(e)}") from None
+        raise Damaged(name, integrity.reason(e)) from None
 
 
 def incomplete(ckpt_dir: Path) -> list[Path]:
@@ -431,14 +492,16 @@ def load_weights(model: torch.nn.Module, file: Path) -> None:
 def export(path: Path, out: Path) -> int:
     """One plain safetensors file of the checkpoint's weights (sharded ones consolidated), every key its own
     tensor, loadable with `safetensors.torch.load_file` and `load_state_dict` and nothing else. Returns the
-    number of tensors. Raises `shards.UnsafeCheckpoint` for a file that is not plain tensors."""
+    number of tensors. Raises `shards.UnsafeCheckpoint` for a file that is not plain tensors, `Damaged` for one
+    that does not load."""
     fmt = checkpoint_format(path)
     if fmt == "dcp":
         weights = shards.dcp_weights(path / shards.DCP_DIR)
     elif fmt == "deepspeed":
         weights = shards.deepspeed_weights(path)
     else:
-        weights = read_weights(path / WEIGHTS_FILE)
+        with _reading(WEIGHTS_FILE):
+            weights = read_weights(path / WEIGHTS_FILE)
     state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in weights.items()}
     tmp = out.parent / f".tmp-{out.name}"
     save_file(state, str(tmp))
@@ -447,30 +510,48 @@ def export(path: Path, out: Path) -> int:
 
 
 def summary(path: Path) -> dict[str, Any]:
-    """What `launcher ckpt info` shows of one checkpoint directory."""
+    """What `launcher ckpt info` shows of one checkpoint directory; `problem` says what is damaged (every file's
+    checksum is verified), None when it is intact or an interrupted save (which nothing loads)."""
     files = [f for f in path.rglob("*") if f.is_file()]
     info: dict[str, Any] = {
         "checkpoint": str(path),
-        "complete": is_complete(path),
+        "complete": not interrupted(path),
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": len(files),
         "format": checkpoint_format(path),
+        "problem": None,
     }
-    if info["complete"]:
-        state = json.loads((path / STATE_FILE).read_text())
-        info.update(
-            step=state.get("step"),
-            epoch=state.get("epoch"),
-            samples_in_epoch=state.get("samples_in_epoch"),
-            world_size=state.get("world_size"),
-            monitor=state.get("monitor"),
-            skipped_steps=state.get("skipped_steps"),
-        )
-        recipe_file = path / RECIPE_FILE
-        if recipe_file.is_file():
-            import yaml
-
-            recipe = yaml.safe_load(recipe_file.read_text()) or {}
-            info["strategy"] = (recipe.get("strategy") or {}).get("name")
-            info["model"] = (recipe.get("model") or {}).get("_component_")
+    if not info["complete"]:
+        return info
+    info["problem"] = integrity.problems(path)
+    if info["problem"] is not None:
+        return info
+    state = integrity.read_state(path)
+    info.update(
+        step=state.get("step"),
+        epoch=state.get("epoch"),
+        samples_in_epoch=state.get("samples_in_epoch"),
+        world_size=state.get("world_size"),
+        monitor=state.get("monitor"),
+        skipped_steps=state.get("skipped_steps"),
+    )
+    info.update(_recipe_summary(path / RECIPE_FILE))
     return info
+
+
+def _recipe_summary(recipe_file: Path) -> dict[str, Any]:
+    """The strategy and model a checkpoint's recipe names; nothing where it has none (or, written before
+    manifests, one that no longer parses: resuming does not read it)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    if not isinstance(recipe, dict):
+        return {}
+    strategy, model = recipe.get("strategy"), recipe.get("model")
+    return {
+        "strategy": strategy.get("name") if isinstance(strategy, dict) else None,
+        "model": model.get("_component_") if isinstance(model, dict) else None,
+    }

@@ -13,6 +13,7 @@ from typing import Any
 from launcher.errors import RecipeError, RunFailed, say
 
 EXIT_BAD_INPUT = 2
+CKPT_PREFIXES = ("step_", ".tmp-step_", ".old-step_")  # checkpoints, and the saves a crash interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,33 +292,42 @@ def ckpt_info_command(path_text: str) -> int:
         raise RecipeError(f"{path_text}: no such checkpoint, checkpoints folder or run dir")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    dirs = (
-        [path]
-        if (path / checkpoint.STATE_FILE).exists() or (path / checkpoint.WEIGHTS_FILE).exists()
-        else [
-            child
-            for child in sorted(path.iterdir())
-            if child.is_dir() and child.name.startswith(("step_", ".tmp-step_"))
-        ]
-    )
+    one = _is_one_checkpoint(path)
+    dirs = [path] if one else [c for c in sorted(path.iterdir()) if c.is_dir() and c.name.startswith(CKPT_PREFIXES)]
     if not dirs:
         raise RecipeError(f"{path_text}: holds no checkpoint")
-    for d in dirs:
-        print(_format_info(checkpoint.summary(d)))
+    infos = [checkpoint.summary(d) for d in dirs]
+    if one and infos[0]["problem"]:
+        raise RecipeError(f"{path}: damaged: {infos[0]['problem']}")
+    for info in infos:
+        print(_format_info(info))
+    damaged = sum(1 for info in infos if info["problem"])
+    if damaged:
+        raise RecipeError(f"{path}: {damaged} of {len(infos)} checkpoints damaged")
     return 0
+
+
+def _is_one_checkpoint(path: Path) -> bool:
+    """A checkpoint (complete, damaged or interrupted), not a folder of them."""
+    from launcher import checkpoint, shards
+
+    held = (checkpoint.STATE_FILE, checkpoint.WEIGHTS_FILE, shards.DCP_DIR, shards.DEEPSPEED_DIR)
+    return path.name.startswith(CKPT_PREFIXES) or any((path / name).exists() for name in held)
 
 
 def _format_info(info: dict) -> str:
     if not info["complete"]:
         return f"{info['checkpoint']}: incomplete (an interrupted save; resume ignores it), {_size(info)}"
+    if info["problem"]:
+        return f"{info['checkpoint']}: damaged: {info['problem']}"
     monitor = info.get("monitor") or {}
     metric = (
         f"{monitor['name']} {monitor['value']:.6g} ({monitor['mode']})" if monitor.get("value") is not None else "-"
     )
     return (
         f"{info['checkpoint']}: step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
-        f"metric {metric}, world size {info['world_size']}, strategy {info.get('strategy', '?')}, "
-        f"model {info.get('model', '?')}, {_size(info)}, complete"
+        f"metric {metric}, world size {info['world_size']}, strategy {info.get('strategy') or '?'}, "
+        f"model {info.get('model') or '?'}, {_size(info)}, complete"
     )
 
 
@@ -330,15 +340,20 @@ def _size(info: dict) -> str:
 
 
 def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
-    from launcher import checkpoint
+    from launcher import checkpoint, integrity
 
     path, out = checkpoint.resolve(Path(path_text)), Path(out_text)
     if not checkpoint.is_complete(path):
         raise RecipeError(f"{path_text}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    if checkpoint.interrupted(path):
+        raise RecipeError(f"{path_text}: not a complete checkpoint (a save interrupted before its final rename)")
     if out.exists() and not force:
         raise RecipeError(f"--out: {out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise RecipeError(f"--out: no such folder: {out.parent}")
+    problem = integrity.problems(path)  # before anything is read into torch or written
+    if problem:
+        raise RecipeError(f"{path}: damaged: {problem}")
     _quiet_deepspeed()
     from launcher.shards import UnsafeCheckpoint
 
@@ -346,5 +361,7 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
         count = checkpoint.export(path, out)
     except UnsafeCheckpoint as e:
         raise RecipeError(f"{path_text}: holds a file that is not plain tensors; refusing to load it ({e})") from None
+    except integrity.Damaged as e:  # written before manifests, and damaged since
+        raise RecipeError(f"{path}: {e}") from None
     print(f"{out}: {count} tensors from {path}")
     return 0

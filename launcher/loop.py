@@ -328,8 +328,8 @@ def train(
         checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, strategy)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         saved_world = saved.get("world_size", accelerator.num_processes)
-        if saved_world != accelerator.num_processes and main:
-            say(_world_change_note(saved, state, budget, recipe, accelerator.num_processes))
+        if saved_world != accelerator.num_processes:
+            accelerator.print(_world_change_note(saved, state, budget, recipe, accelerator.num_processes))
     # Files. Every rank has reached this point (the barrier below), so nothing is written before all passed
     # preflight.
     run_dir = Path(recipe.run_dir)

@@ -6,6 +6,9 @@
 - DeepSpeed: the engine's own ZeRO checkpoint in `deepspeed/`, read through a checkpoint engine that loads with
   `weights_only=True` and allows DeepSpeed's plain record classes (the ZeRO stage enum, the loss scaler, the
   address of a parameter's slice in a partition).
+
+A shard that does not load (cut short, emptied, overwritten) is `integrity.Damaged`, naming the file; one that holds
+an object the loaders refuse to unpickle is `UnsafeCheckpoint`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,22 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
+from launcher.integrity import Damaged, reason
+
 DCP_DIR = "dcp"
 DEEPSPEED_DIR = "deepspeed"  # the tag of DeepSpeed's checkpoint: its files land in <checkpoint>/deepspeed/
 
 
 class UnsafeCheckpoint(Exception):
     """A checkpoint file holds something other than tensors and plain values."""
+
+
+def is_refusal(e: BaseException) -> bool:
+    """Whether `e` is an unpickler refusing what a file holds (UnsafeCheckpoint), not a file failing to load
+    (Damaged): `_MetadataUnpickler` refusing a class, or torch's weights-only unpickler refusing anything (a global,
+    or an opcode: a crafted pickle and bytes that are no pickle at all look alike to it, and both are refused)."""
+    text = str(e).lower()
+    return "unsupported global" in text or "refusing to unpickle" in text or "weights only load failed" in text
 
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
@@ -69,8 +82,8 @@ class SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        with (Path(self.path) / ".metadata").open("rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        # From bytes in memory, not the file: a length that damage made up is then "truncated", not an allocation.
+        metadata = _MetadataUnpickler(io.BytesIO((Path(self.path) / ".metadata").read_bytes())).load()
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -121,20 +134,12 @@ def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
 def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Load into this run's sharding, whatever the world size that wrote it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _dcp_state(model, optimizer)
-    try:
-        SafeReader(str(directory)).read_metadata()  # refused here, the same on every rank, before any collective
-        with _quiet_alone():
-            dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=_alone())
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
-    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a CheckpointException
-        if "unpickl" in str(e).lower() or "weights only load failed" in str(e).lower():
-            raise UnsafeCheckpoint(_short(e)) from None
-        raise RuntimeError(_short(e)) from None
+    _check_dcp(directory)  # refused here, the same on every rank, before any collective
+    with _dcp_errors(directory), _quiet_alone():
+        dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=_alone())
     set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -143,20 +148,60 @@ def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = SafeReader(str(directory))
-    try:
-        metadata = reader.read_metadata()
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
+    metadata = _check_dcp(directory)
     weights = {
         key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
     state = {"model": weights}
-    with _quiet_alone():
+    with _dcp_errors(directory), _quiet_alone():
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=True)
     return state["model"]
+
+
+def _check_dcp(directory: Path) -> Any:
+    """The checkpoint's metadata, once it unpickles safely and every shard file holds the bytes it points into;
+    UnsafeCheckpoint or Damaged otherwise. DCP reads tensors as raw bytes: a shard cut short would fail deep in
+    its reader, and only a manifest tells a shard overwritten with other bytes."""
+    name = f"{directory.name}/.metadata"
+    try:
+        metadata = SafeReader(str(directory)).read_metadata()
+    except pickle.UnpicklingError as e:
+        if is_refusal(e):
+            raise UnsafeCheckpoint(f"{directory}/.metadata: {e}") from None
+        raise Damaged(name, reason(e)) from None
+    except Exception as e:  # cut short (EOFError), emptied, overwritten (anything the unpickler makes of it)
+        raise Damaged(name, reason(e)) from None
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = info.offset + info.length
+        needed[str(info.relative_path)] = max(needed.get(str(info.relative_path), 0), end)
+    for relative, end in sorted(needed.items()):
+        file = directory / relative
+        if not file.is_file():
+            raise Damaged(f"{directory.name}/{relative}", "missing")
+        if file.stat().st_size < end:
+            raise Damaged(f"{directory.name}/{relative}", f"size {file.stat().st_size} bytes, its data ends at {end}")
+    return metadata
+
+
+@contextlib.contextmanager
+def _dcp_errors(directory: Path) -> Iterator[None]:
+    """DCP's failures sorted: a refused value (UnsafeCheckpoint), a value or file cut short (Damaged), anything
+    else a model that does not fit the checkpoint (RuntimeError)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a CheckpointException
+        failures = list(e.failures.values()) if isinstance(e, CheckpointException) else []
+        cause = failures[0][0] if failures else e  # its text is every rank's traceback; the first cause tells
+        if is_refusal(cause):
+            raise UnsafeCheckpoint(_short(cause)) from None
+        if isinstance(cause, (pickle.UnpicklingError, EOFError, OSError)):  # a value's bytes, or a file, cut short
+            raise Damaged(f"{directory.name}/", f"a shard does not load ({reason(cause)})") from None
+        raise RuntimeError(_short(cause)) from None
 
 
 def _short(e: BaseException) -> str:
@@ -176,14 +221,17 @@ def _deepspeed_globals() -> list[Any]:
 
 
 def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
-    """`torch.load(weights_only=True)`, with DeepSpeed's plain record classes allowed; anything else refused."""
+    """`torch.load(weights_only=True)`, with DeepSpeed's plain record classes allowed; anything else refused
+    (UnsafeCheckpoint). A file that does not load is Damaged, named by its folder and name."""
     try:
         with torch.serialization.safe_globals(_deepspeed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise UnsafeCheckpoint(f"{path}: {reason}") from None
+    except Exception as e:
+        if is_refusal(e):
+            lines = str(e).splitlines()
+            refused = next((line.strip() for line in lines if "Unsupported global" in line), reason(e))
+            raise UnsafeCheckpoint(f"{path}: {refused}") from None
+        raise Damaged(f"{Path(path).parent.name}/{Path(path).name}", reason(e)) from None
 
 
 class _SafeCheckpointEngine:
@@ -211,12 +259,12 @@ def load_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
         path, _ = engine.load_checkpoint(
             str(checkpoint_dir), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-    except UnsafeCheckpoint:
+    except (UnsafeCheckpoint, Damaged):
         raise
     except Exception as e:
         raise RuntimeError(_short(e)) from None
-    if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint_dir / DEEPSPEED_DIR}")
+    if path is None:  # DeepSpeed says so only in a log line: its model states file is not there
+        raise Damaged(f"{DEEPSPEED_DIR}/", "DeepSpeed found no checkpoint there (a model states file is missing)")
 
 
 def _check_plain(directory: Path) -> None:
@@ -257,5 +305,8 @@ def deepspeed_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     _check_plain(checkpoint_dir / DEEPSPEED_DIR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR)
+    except Exception as e:  # every file loads (checked above), yet they do not make one model: one is missing
+        raise Damaged(f"{DEEPSPEED_DIR}/", reason(e)) from None

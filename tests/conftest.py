@@ -29,6 +29,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def reseal(checkpoint_dir: Path) -> None:
+    """Record a checkpoint's files anew in its manifest, as whoever tampered with a file can: a test of what the
+    loaders refuse then reaches them past the checksums (which catch accidents, not attackers)."""
+    from launcher import integrity
+
+    state_file = checkpoint_dir / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state[integrity.MANIFEST_KEY] = integrity.manifest(checkpoint_dir)
+    state_file.write_text(json.dumps(state))
+
+
 TINY_RECIPE = """\
 model: {_component_: mlp, hidden_sizes: [32]}
 data:

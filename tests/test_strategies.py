@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, finish, read_metrics, run_cli, start_ranks
+from conftest import TINY_RECIPE, finish, read_metrics, reseal, run_cli, start_ranks
 from safetensors.torch import load_file
 from test_distributed import TIMEOUT
 
@@ -132,6 +132,7 @@ def test_a_tampered_shard_is_refused_not_run(runs: dict[str, Path], tmp_path: Pa
     witness = tmp_path / "payload-ran"
     (tmp_path / "evil.py").write_text(EVIL_METADATA)
     subprocess.run([sys.executable, str(tmp_path / "evil.py"), str(target), str(witness)], check=True)
+    reseal(ckpt)
 
     export = run_cli("ckpt", "export", str(ckpt), "--out", str(tmp_path / "w.safetensors"))
     assert export.returncode == 2 and not witness.exists(), export.stderr

@@ -1,0 +1,141 @@
+"""Is a checkpoint whole? Every file's size and CRC-32, recorded at save in `trainer_state.json`, checked before
+anything is loaded.
+
+A disk that fills up, a copy cut short or a file system that loses a write can leave a checkpoint whose
+`trainer_state.json` (written last) says it is complete while a file in it is not. The loaders would then fail deep
+inside safetensors, torch or DeepSpeed with a traceback, or worse, load garbage tensors without a word. The manifest
+names the damaged file in one line instead.
+
+CRC-32 guards against accidents, not attackers: whoever can change a file can change the manifest too; what keeps a
+crafted file from running code is that nothing is unpickled (`checkpoint.py`, `shards.py`).
+
+No torch here: `launcher ckpt info` checks checkpoints without loading them.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from launcher.layout import STATE_FILE
+
+MANIFEST_KEY = "files"  # in trainer_state.json: {relative path: {"size": bytes, "crc32": 8 hex digits}}
+CHUNK_BYTES = 4 << 20  # large enough that the checksum runs near memory speed, small enough to stay in cache
+
+
+class Damaged(Exception):
+    """A checkpoint file is missing, cut short or unreadable: `file` (relative to the checkpoint) and why."""
+
+    def __init__(self, file: str, reason: str):
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")
+
+
+def crc32(file: Path) -> str:
+    """The file's CRC-32 as 8 hex digits, read in chunks into one reused buffer."""
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    crc = 0
+    with file.open("rb", buffering=0) as f:
+        while read := f.readinto(buffer):
+            crc = zlib.crc32(view[:read], crc)
+    return f"{crc:08x}"
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `directory` (shards in subfolders included) but `trainer_state.json`, which holds this."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and f != directory / STATE_FILE)
+    return {
+        f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "crc32": crc32(f)}
+        for f in files  # sorted: the same manifest, byte for byte, for the same files
+    }
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state; Damaged where it is missing, not JSON, not an object or has no step."""
+    try:
+        state = json.loads((directory / STATE_FILE).read_bytes())
+    except FileNotFoundError:
+        raise Damaged(STATE_FILE, "missing") from None
+    except OSError as e:
+        raise Damaged(STATE_FILE, f"unreadable ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise Damaged(STATE_FILE, f"not JSON ({reason(e)})") from None
+    if not isinstance(state, dict):
+        raise Damaged(STATE_FILE, "not a JSON object")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise Damaged(STATE_FILE, "has no step")
+    return state
+
+
+def problems(directory: Path) -> str | None:
+    """The first thing wrong with a complete checkpoint, as one line (`<file>: <what>`), or None if it is intact.
+
+    Sizes are compared first, so a cut-short file is named before any file is read. A checkpoint written before
+    manifests were recorded has only its trainer state checked.
+    """
+    try:
+        expected = _expected(read_state(directory))
+        if expected is None:
+            return None
+        _check_sizes(directory, expected)
+        _check_checksums(directory, expected)
+    except Damaged as e:
+        return str(e)
+    return None
+
+
+def _expected(state: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The manifest in a trainer state (None for a checkpoint written without one), Damaged where it is malformed."""
+    files = state.get(MANIFEST_KEY)
+    if files is None:
+        return None
+    if not isinstance(files, dict) or not all(_is_entry(name, entry) for name, entry in files.items()):
+        raise Damaged(STATE_FILE, f"{MANIFEST_KEY}: not a manifest of files, sizes and checksums")
+    return files
+
+
+def _is_entry(name: Any, entry: Any) -> bool:
+    path = PurePosixPath(name) if isinstance(name, str) else None
+    # A name that leads out of the checkpoint would have the check read files elsewhere.
+    inside = path is not None and not path.is_absolute() and ".." not in path.parts and str(path) != "."
+    return (
+        inside
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("crc32"), str)
+    )
+
+
+def _check_sizes(directory: Path, expected: dict[str, dict[str, Any]]) -> None:
+    for name, entry in expected.items():
+        file = directory / name
+        if not file.is_file():
+            raise Damaged(name, "missing")
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise Damaged(name, f"size {size} bytes, expected {entry['size']}")
+
+
+def _check_checksums(directory: Path, expected: dict[str, dict[str, Any]]) -> None:
+    for name, entry in expected.items():
+        try:
+            actual = crc32(directory / name)
+        except OSError as e:
+            raise Damaged(name, f"unreadable ({e.strerror or e})") from None
+        if actual != entry["crc32"].lower():
+            raise Damaged(name, f"checksum differs (crc32 {actual}, expected {entry['crc32']})")
+
+
+def reason(e: BaseException) -> str:
+    """An exception as a short phrase for one line: its type and the telling part of its message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # torch's weights-only refusal opens with paragraphs of advice; the cause is on a later line.
+    telling = next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error: U"))), None)
+    text = (telling or (lines[0] if lines else "")).split(". ")[0]  # the first sentence: torch adds advice after it
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
