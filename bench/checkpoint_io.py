@@ -3,14 +3,15 @@
 One process on this machine's CPU, a model of N million parameters trained one AdamW step (weights plus both
 moments: about 12 bytes a parameter on disk). Each way is timed `repeats` times; medians are shown.
 
-- save: the launcher's synchronous save (safetensors weights, optimizer, scheduler, RNG, recipe and state, every
-  file synced, then the directory renamed into place) against `torch.save` of the model's and optimizer's state
-  dicts in one file, and safetensors' `save_file` of every tensor in one file, each followed by fsync so that all
-  three are on disk when timed (the plain writes without fsync are shown too: the page cache absorbs them);
-- load: the launcher's resume (`checkpoint.load` into the model and optimizer) against `torch.load` or
-  safetensors' `load_file` of the plain files plus `load_state_dict` (the optimizer's tensors copied out of the
-  lazily mapped file, so that every byte is read), with the page cache dropped before each load where this
-  machine lets us (root on Linux), so every read comes from the disk;
+- save: the launcher's synchronous save (safetensors weights, optimizer, scheduler, RNG, recipe, every file's size
+  and checksum in the state, every file synced, then the directory renamed into place) against `torch.save` of
+  the model's and optimizer's state dicts in one file, and safetensors' `save_file` of every tensor in one file,
+  each followed by fsync so that all three are on disk when timed (the plain writes without fsync are shown too:
+  the page cache absorbs them);
+- load: the launcher's resume (every file's size and checksum checked, then `checkpoint.load` into the model and
+  optimizer) against `torch.load` or safetensors' `load_file` of the plain files plus `load_state_dict` (the
+  optimizer's tensors copied out of the lazily mapped file, so that every byte is read), with the page cache
+  dropped before each load where this machine lets us (root on Linux), so every read comes from the disk;
 - background saving (`checkpoint.async_save`): how long training stalls, and when the checkpoint is on disk.
 """
 
@@ -120,6 +121,7 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
     sizes = {"launcher": size_of(ckpt), "torch": size_of(pt), "safetensors": size_of(st)}
 
     def launcher_load() -> None:
+        assert checkpoint.damage(ckpt) is None  # a resume checks every file's size and checksum first
         checkpoint.load(accelerator, ckpt, model, optimizer, scheduler)
 
     def torch_load() -> None:
@@ -138,7 +140,7 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
         optimizer.load_state_dict(opt_state)
 
     for name, fn in [
-        ("launcher resume (`checkpoint.load`)", launcher_load),
+        ("launcher resume (checksums checked, then `checkpoint.load`)", launcher_load),
         ("one `torch.load` + `load_state_dict`", torch_load),
         ("one safetensors `load_file` + `load_state_dict`", safetensors_load),
     ]:

@@ -135,7 +135,8 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
     from launcher import slurm
     from launcher.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    # Submitted from a login node for other machines: what this one has (a GPU, its memory) does not matter.
+    recipe = load_recipe(args.recipe, args.overrides, this_machine=False)
     defaults = recipe.slurm
     options = slurm.JobOptions(
         nodes=args.nodes if args.nodes is not None else defaults.nodes,
@@ -237,7 +238,7 @@ def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> 
     from launcher import components, plan
     from launcher.recipe import load_recipe
 
-    recipe = load_recipe(path, overrides, check_files=False)
+    recipe = load_recipe(path, overrides, check_files=False, this_machine=False)  # a plan for any machine
     processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
     if processes < 1:
         raise RecipeError(f"--processes: must be >= 1, got {processes}")

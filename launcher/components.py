@@ -11,6 +11,7 @@ import copy
 import difflib
 import importlib
 import inspect
+import math
 import os
 import types
 import typing
@@ -38,6 +39,9 @@ LOSSES = {
 }
 # Arguments of built-in datasets that name files which must exist before training starts.
 DATASET_PATH_ARGS = {"char_text": ("path",), "token_memmap": ("path",)}
+
+INT64_MAX = 2**63 - 1  # torch takes sizes, counts and steps as C int64: larger integers fail deep inside it
+SEED_LIMIT = 2**32  # numpy seeds its generator with 32-bit integers (accelerate's set_seed seeds numpy too)
 
 
 def _optimizers() -> dict[str, str]:
@@ -260,3 +264,59 @@ def instantiate(section: str, spec: Component, *args: Any, key: str | None = Non
 
 def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+# ---------------------------------------------------------------------------------------------------- value checks
+# Pure checks the built-in components' `check_args` share: each says what is wrong with a value, or None.
+
+
+def finite_number(value: Any) -> bool:
+    """A number that is finite as a float: an integer too large for a float is not (float() would overflow)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _bound(n: int) -> str:
+    return {INT64_MAX: "2**63-1", SEED_LIMIT - 1: "2**32-1"}.get(n, str(n))
+
+
+def integer_problem(value: Any, low: int, high: int = INT64_MAX) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"expected an integer, got {describe(value)}"
+    if value < low:
+        return f"must be >= {low}, got {value}"
+    if value > high:
+        return f"must be <= {_bound(high)}, got {value}"
+    return None
+
+
+def number_problem(value: Any) -> str | None:
+    return None if finite_number(value) else f"expected a finite number, got {describe(value)}"
+
+
+def fraction_problem(value: Any, zero: bool = True) -> str | None:
+    """A number in [0, 1) (or (0, 1) without `zero`)."""
+    if not finite_number(value):
+        return f"expected a number in {'[' if zero else '('}0, 1), got {describe(value)}"
+    if not (0 <= value < 1 if zero else 0 < value < 1):
+        return f"must be in {'[' if zero else '('}0, 1), got {value}"
+    return None
+
+
+def effective_args(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `fn` would run with: `kwargs` over its defaults (required ones left out unless given)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **kwargs}
+
+
+def is_built_in(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` is one of the launcher's own components, which carry a pure `check_args`."""
+    return str(getattr(fn, "__module__", "")).startswith("launcher.") and hasattr(fn, "check_args")

@@ -664,8 +664,17 @@ def _restored_log_window(
 def _check_equal_lengths(
     accelerator: Accelerator, train_loader: DataLoader, val_loader: DataLoader | None, max_batches: int | None
 ) -> None:
-    """Refuse, before the first step, data that gives the processes different numbers of batches (a dataset that
-    shards itself unevenly): the longer ones would wait at a collective for the shorter ones until the timeout."""
+    """Refuse, before the first step, data that gives no batch (an epoch would never end) or gives the processes
+    different numbers of batches (a dataset that shards itself unevenly): the longer ones would wait at a
+    collective for the shorter ones until the timeout."""
+    if len(train_loader) == 0:  # the same on every rank unless the data is uneven, which the check below names
+        raise RunFailed(
+            "error: data.train: no batch to train on (fewer samples per process than train.batch_size with "
+            "data.drop_last); give more samples, a smaller batch_size or drop_last=false"
+            if accelerator.is_main_process
+            else "",
+            exit_code=2,
+        )
     if accelerator.num_processes == 1:
         return
     val = 0 if val_loader is None else len(val_loader)

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
-import math
 import re
 import sys
 import types
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from launcher import components, schedules, strategies
+from launcher import component_checks, components, strategies
 from launcher.components import Component, describe
 from launcher.errors import RecipeError
 
@@ -215,21 +214,56 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_files: bool = True) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), check_files: bool = True, this_machine: bool = True
+) -> Recipe:
     """Read, compose, override and validate a recipe, or raise RecipeError listing every problem.
 
     The recipe's folder becomes importable, as a script's folder is, so `_component_: mymodels.Net` finds a
     `mymodels.py` kept beside the recipe. Without `check_files`, data files need not exist yet (`launcher plan`).
+    Without `this_machine`, nothing is checked against this machine (its GPU, its memory): the recipe is for
+    another one (`launcher slurm submit` on a login node, `launcher plan`).
     """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    raw = compose(path)
+    bases, overrides, base_problems = base_override(overrides, str(path))
+    raw = compose(path, bases=bases)
     raw, override_problems = apply_overrides(raw, overrides, source=str(path))
     recipe_dir = str(path.resolve().parent)
     if recipe_dir not in sys.path:
         sys.path.insert(0, recipe_dir)
-    return validate(raw, str(path), path.stem, override_problems, check_files)
+    return validate(raw, str(path), path.stem, [*base_problems, *override_problems], check_files, this_machine)
+
+
+def base_override(overrides: Sequence[str], source: str) -> tuple[list[str] | None, list[str], list[str]]:
+    """Take `base=...` (and `~base`) out of the overrides: it replaces the recipe's base chain, so it is applied
+    before composing, wherever it stands. Returns the bases (None: the recipe's own), the other overrides, and
+    problems with the base overrides."""
+    bases: list[str] | None = None
+    rest, problems = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if item == "~base":
+            bases = []
+        elif key == "base" and sep:
+            try:
+                value = parse_yaml(text) if text else None
+            except yaml.YAMLError:
+                value = {}  # refused below, as any value that is not a path
+            if value is not None and not _is_path_list(value):
+                problems.append(f"{source}: base: expected a recipe path or a list of them, got {describe(value)}")
+            else:
+                bases = [] if value is None else [value] if isinstance(value, str) else value
+        elif key.startswith(("base.", "~base.")):
+            problems.append(f"{source}: base: is a recipe path, not a section (override '{item}')")
+        else:
+            rest.append(item)
+    return bases, rest, problems
+
+
+def _is_path_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
 def read_yaml_file(path: Path) -> dict[str, Any]:
@@ -258,18 +292,20 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{where}not valid YAML ({problem}{began})"
 
 
-def compose(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The recipe with its `base:` chain deep-merged under it; a base path is relative to the file naming it."""
+def compose(path: Path, _seen: tuple[Path, ...] = (), bases: list[str] | None = None) -> dict[str, Any]:
+    """The recipe with its `base:` chain deep-merged under it; a base path is relative to the file naming it.
+    `bases` replaces the file's own `base:` (an override on the command line, relative to the file too)."""
     resolved = path.resolve()
     data = read_yaml_file(path)
     base = data.pop("base", None)
+    if bases is not None:
+        base = bases
     if base is None:
         return data
-    bases = [base] if isinstance(base, str) else base
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+    if not _is_path_list(base):
         raise RecipeError(f"{path}: base: expected a recipe path or a list of them, got {describe(base)}")
     merged: dict[str, Any] = {}
-    for b in bases:
+    for b in [base] if isinstance(base, str) else base:
         base_path = path.parent / b
         if not base_path.is_file():
             raise RecipeError(f"{path}: base: no such recipe file: {base_path}")
@@ -297,34 +333,51 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> tuple[dict[str, Any], list[str]]:
-    """Apply `a.b=c` overrides; the value is read as YAML (`3e-4`, `true`, `null`, `[64, 64]`). Returns the new
-    mapping and the problems with overrides that could not be applied, so they are reported with the rest."""
+    """Apply `a.b=c` overrides, and `~a.b` (remove a.b, as if never written), in order; the value is read as YAML
+    (`3e-4`, `true`, `null`, `[64, 64]`). Returns the new mapping and the problems with overrides that could not
+    be applied, so they are reported with the rest."""
     out = copy.deepcopy(raw)
     problems = []
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"{source}: override '{item}': expected key.path=value, e.g. optimizer.lr=1e-3")
-            continue
-        try:
-            value = parse_yaml(text) if text else None
-        except yaml.YAMLError:
-            problems.append(f"{source}: {key}: the override value {text!r} is not valid YAML")
-            continue
-        node = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                problems.append(f"{source}: {where}: is {describe(child)}, not a section (override '{item}')")
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
+        problem = _remove(out, item) if item.startswith("~") else _set(out, item)
+        if problem:
+            problems.append(f"{source}: {problem}")
     return out, problems
+
+
+def _set(out: dict[str, Any], item: str) -> str | None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        return f"override '{item}': expected key.path=value (or ~key.path to remove it), e.g. optimizer.lr=1e-3"
+    try:
+        value = parse_yaml(text) if text else None
+    except yaml.YAMLError:
+        return f"{key}: the override value {text!r} is not valid YAML"
+    node = out
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return f"{'.'.join(parts[: i + 1])}: is {describe(child)}, not a section (override '{item}')"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def _remove(out: dict[str, Any], item: str) -> str | None:
+    key = item[1:]
+    if "=" in key or not key or any(not part for part in key.split(".")):
+        return f"override '{item}': expected ~key.path, which removes the key, e.g. ~early_stopping"
+    node: Any = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return f"{key}: no such key in the recipe to remove (override '{item}')"
+    del node[parts[-1]]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -339,9 +392,10 @@ def validate(
     default_name: str = "run",
     problems: Sequence[str] = (),
     check_files: bool = True,
+    this_machine: bool = True,
 ) -> Recipe:
     """The typed, frozen recipe, or RecipeError with every problem found (and `problems` found before), one
-    line each."""
+    line each. `check_files` and `this_machine` as in `load_recipe`."""
     found: list[str] = list(problems)
     raw = dict(raw)
     raw.pop("base", None)
@@ -360,15 +414,22 @@ def validate(
         if not recipe.run_dir:
             recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
         # Values that failed their type check stand at their defaults here: their range checks would only repeat
-        # or mislead, so problems under those keys are left out.
-        for problem in check_values(recipe, check_files):
-            key = problem.split(":", 1)[0]
-            if not any(key == bad or key.startswith(bad + ".") for bad in checker.bad_keys):
+        # or mislead, so problems under those keys, or that reason about them, are left out.
+        for problem in check_values(recipe, check_files, this_machine):
+            if not _about_bad_keys(problem, checker.bad_keys):
                 found.append(f"{source}: {problem}")
     if found:
         raise RecipeError(_relocate(found, origin))
     assert recipe is not None
     return recipe
+
+
+def _about_bad_keys(problem: str, bad_keys: Sequence[str]) -> bool:
+    """Whether `problem` is under a key that already has a problem, or names one (a dotted one: a top-level
+    section's name is also a word of prose) in its reasoning ("give train.max_steps or train.max_epochs")."""
+    key, _, message = problem.partition(":")
+    named = [bad for bad in bad_keys if "." in bad and re.search(rf"(?<![\w.]){re.escape(bad)}(?!\w)", message)]
+    return bool(named) or any(key == bad or key.startswith(bad + ".") for bad in bad_keys)
 
 
 def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -493,6 +554,10 @@ class _Checker:
             built = self.build(tp, value, key + ".")
             return _BAD if built is None else built
         expected = components._mismatch(value, tp)
+        if not expected and tp is int and not -components.INT64_MAX - 1 <= value <= components.INT64_MAX:
+            expected = "an integer that fits 64 bits (at most 2**63-1)"
+        if not expected and tp is float and isinstance(value, int) and not components.finite_number(value):
+            expected = "a number within a float's range"
         if expected:
             self.problem(key, f"expected {expected}, got {describe(value)}")
             return _BAD
@@ -504,12 +569,21 @@ class _Checker:
         if not isinstance(value, Mapping):
             self.problem(key, f"expected a _component_ section or a name, got {describe(value)}")
             return _BAD
-        target = value.get("_component_")
-        if not isinstance(target, str) or not target:
-            self.problem(f"{key}._component_", "missing required value (a short name or a dotted path)")
-            return _BAD
         kwargs = {k: v for k, v in value.items() if k != "_component_"}
-        ok = True
+        misspelt = [k for k in kwargs if _looks_like_component_key(str(k), "_component_" in value)]
+        for k in misspelt:
+            self.problem(f"{key}.{k}", "unknown key (did you mean '_component_'?)")
+            del kwargs[k]
+        target = value.get("_component_")
+        if "_component_" not in value:
+            if not misspelt:  # the misspelt key is the same problem
+                self.problem(f"{key}._component_", "missing required value (a short name or a dotted path)")
+            return _BAD
+        if not isinstance(target, str) or not target.strip():
+            what = "an empty string" if isinstance(target, str) else describe(target)
+            self.problem(f"{key}._component_", f"expected a string (a short name or a dotted path), got {what}")
+            return _BAD
+        ok = True  # misspelt keys are left out: the rest of the component can still be checked
         for k, v in kwargs.items():
             if isinstance(v, str) and v == MISSING:
                 self.problem(f"{key}.{k}", f"missing required value (give it on the command line: {key}.{k}=...)")
@@ -517,102 +591,159 @@ class _Checker:
         return Component(target, types.MappingProxyType(copy.deepcopy(kwargs))) if ok else _BAD
 
 
+def _looks_like_component_key(key: str, present: bool) -> bool:
+    """`_componnt_`, `_component`, Hydra's `_target_`; without any `_component_`, also `component`, `compnent`."""
+    if key == "_target_":
+        return True
+    if present and not (key.startswith("_") or key.endswith("_")):
+        return False  # an argument that happens to look like the word
+    return bool(difflib.get_close_matches(key, ["_component_"], n=1, cutoff=0.8))
+
+
 _BAD = object()
 
 
-def check_values(recipe: Recipe, check_files: bool = True) -> list[str]:
-    """Problems a type cannot express: ranges, combinations, components that do not import, missing files.
-    Each is `key.path: message`."""
-    problems: list[str] = []
+MAX_WORKERS = 256  # DataLoader worker processes per training process; each holds a copy of the dataset
+MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the timeout, ends a little further
 
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{key}: {message}")
 
-    def at_least(key: str, value: int | None, low: int) -> None:
-        need(value is None or value >= low, key, f"must be >= {low}, got {value}")
+def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = True) -> list[str]:
+    """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
+    return [
+        *_check_train(recipe.train),
+        *(_check_machine(recipe) if this_machine else []),
+        *_check_strategy(recipe),
+        *_check_components(recipe, check_files, this_machine),
+        *_check_evaluation(recipe),
+        *_check_logging(recipe.logging, check_files),
+        *_check_resume(recipe.resume),
+    ]
 
-    t = recipe.train
-    need(t.max_steps is not None or t.max_epochs is not None, "train", "give train.max_steps or train.max_epochs")
-    at_least("train.max_steps", t.max_steps, 1)
-    at_least("train.max_epochs", t.max_epochs, 1)
-    at_least("train.batch_size", t.batch_size, 1)
-    at_least("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
-    at_least("train.seed", t.seed, 0)
-    at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)
-    need(t.max_time_s is None or t.max_time_s > 0, "train.max_time_s", f"must be > 0, got {t.max_time_s}")
-    problems.extend(_check_strategy(recipe))
-    need(
-        t.clip_grad_norm is None or t.clip_grad_norm > 0,
-        "train.clip_grad_norm",
-        f"must be > 0, or null for no clipping; got {t.clip_grad_norm}",
+
+def _check_train(t: TrainConfig) -> list[str]:
+    problems = []
+    if t.max_steps is None and t.max_epochs is None:
+        problems.append("train: give train.max_steps or train.max_epochs")
+    problems += _at_least(
+        ("train.max_steps", t.max_steps, 1),
+        ("train.max_epochs", t.max_epochs, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
     )
-
-    d = recipe.data
-    at_least("data.num_workers", d.num_workers, 0)
-    problems.extend(_check_component("data.train", "data", d.train, check_files=check_files))
-    if d.val is not None:
-        problems.extend(_check_component("data.val", "data", d.val, check_files=check_files))
-    problems.extend(_check_component("model", "model", recipe.model))
-    problems.extend(_check_component("loss", "loss", recipe.loss))
-    problems.extend(_check_optimizer(recipe.optimizer))
-    problems.extend(_check_scheduler(recipe.scheduler))
-
-    e = recipe.eval
-    at_least("eval.every_steps", e.every_steps, 1)
-    at_least("eval.max_batches", e.max_batches, 1)
-    at_least("eval.batch_size", e.batch_size, 1)
-    evaluates = d.val is not None and (e.every_steps is not None or e.every_epoch)
-
-    es = recipe.early_stopping
-    if es is not None:
-        at_least("early_stopping.patience", es.patience, 0)
-        need(es.min_delta >= 0, "early_stopping.min_delta", f"must be >= 0, got {es.min_delta}")
-        need(
-            es.monitor.startswith("val/"),
-            "early_stopping.monitor",
-            f"expected a validation metric such as val/loss or val/accuracy, got {es.monitor!r}",
-        )
-        need(
-            evaluates,
-            "early_stopping",
-            "needs evaluation: set data.val and eval.every_steps or eval.every_epoch, or early_stopping=null",
-        )
-
-    c = recipe.checkpoint
-    at_least("checkpoint.keep_last", c.keep_last, 1)
-    at_least("checkpoint.every_steps", c.every_steps, 1)
-    at_least("checkpoint.keep_best", c.keep_best, 0)
-    if c.keep_best:
-        need(c.monitor.startswith("val/"), "checkpoint.monitor", f"expected a validation metric, got {c.monitor!r}")
-        need(evaluates, "checkpoint.keep_best", "needs evaluation: set data.val and eval.every_steps or every_epoch")
-
-    lg = recipe.logging
-    at_least("logging.every_steps", lg.every_steps, 1)
-    for name in lg.trackers:
-        need(name in TRACKERS, "logging.trackers", f"unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
-        if check_files and name in TRACKERS and name not in BUILT_IN_TRACKERS:
-            need(
-                importlib.util.find_spec(name) is not None,
-                "logging.trackers",
-                f"{name} is not installed here (pip install {name.replace('_', '-')}), or leave it out of the list",
-            )
-
-    resume = recipe.resume
-    by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()
-    need(
-        resume in ("none", "auto") or Path(resume).is_dir() or by_name,
-        "resume",
-        f"expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a directory",
-    )
+    if not 0 <= t.seed < components.SEED_LIMIT:
+        problems.append(f"train.seed: must be in [0, 2**32) (numpy takes 32-bit seeds), got {t.seed}")
+    if t.max_time_s is not None and not t.max_time_s > 0:
+        problems.append(f"train.max_time_s: must be > 0, got {t.max_time_s}")
+    if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
+        problems.append(f"train.clip_grad_norm: must be > 0, or null for no clipping; got {t.clip_grad_norm}")
     return problems
+
+
+def _at_least(*checks: tuple[str, int | None, int]) -> list[str]:
+    return [f"{key}: must be >= {low}, got {value}" for key, value, low in checks if value is not None and value < low]
+
+
+def _check_machine(recipe: Recipe) -> list[str]:
+    """What this machine cannot do (the same checks run again where the run starts: loop.preflight)."""
+    if recipe.train.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"]
+    return []
+
+
+def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> list[str]:
+    d = recipe.data
+    problems = _at_least(("data.num_workers", d.num_workers, 0))
+    if d.num_workers > MAX_WORKERS:
+        problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
+    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
+    problems += found
+    if d.val is not None:
+        problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
+    if facts is not None:
+        processes = component_checks.launched_processes() if this_machine else 1
+        problems += component_checks.check_batches(recipe, facts.samples, processes)
+    problems += component_checks.check_model(recipe, facts, this_machine)
+    problems += component_checks.check_loss(recipe)
+    problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
+    problems += component_checks.check_scheduler(recipe.scheduler)
+    return problems
+
+
+def _check_evaluation(recipe: Recipe) -> list[str]:
+    """Evaluation, and what watches its metrics: early stopping and the best checkpoints."""
+    e, c, es = recipe.eval, recipe.checkpoint, recipe.early_stopping
+    problems = _at_least(
+        ("eval.every_steps", e.every_steps, 1),
+        ("eval.max_batches", e.max_batches, 1),
+        ("eval.batch_size", e.batch_size, 1),
+        ("checkpoint.keep_last", c.keep_last, 1),
+        ("checkpoint.every_steps", c.every_steps, 1),
+        ("checkpoint.keep_best", c.keep_best, 0),
+    )
+    evaluates = recipe.data.val is not None and (e.every_steps is not None or e.every_epoch)
+    metrics = component_checks.evaluation_metrics(recipe.loss)
+    if es is not None:
+        problems += _at_least(("early_stopping.patience", es.patience, 0))
+        if not es.min_delta >= 0:
+            problems.append(f"early_stopping.min_delta: must be >= 0, got {es.min_delta}")
+        problems += _monitor_problems("early_stopping.monitor", es.monitor, metrics)
+        if not evaluates:
+            problems.append(
+                "early_stopping: needs evaluation: set data.val and eval.every_steps or eval.every_epoch, "
+                "or early_stopping=null"
+            )
+    if c.keep_best:
+        problems += _monitor_problems("checkpoint.monitor", c.monitor, metrics)
+        if not evaluates:
+            problems.append("checkpoint.keep_best: needs evaluation: set data.val and eval.every_steps or every_epoch")
+    return problems
+
+
+def _monitor_problems(key: str, name: str, metrics: tuple[str, ...] | None) -> list[str]:
+    """A monitored metric the evaluation will produce: the line training would give at its first evaluation.
+    `metrics` None: not known before training (a loss built by a function), so any validation metric goes."""
+    if metrics is None:
+        if name.startswith("val/"):
+            return []
+        return [f"{key}: expected a validation metric such as val/loss or val/accuracy, got {name!r}"]
+    if name not in metrics:
+        return [f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(metrics))})"]
+    return []
+
+
+def _check_logging(lg: LoggingConfig, check_files: bool) -> list[str]:
+    problems = _at_least(("logging.every_steps", lg.every_steps, 1))
+    for name in lg.trackers:
+        if name not in TRACKERS:
+            problems.append(f"logging.trackers: unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
+        elif check_files and name not in BUILT_IN_TRACKERS and importlib.util.find_spec(name) is None:
+            problems.append(
+                f"logging.trackers: {name} is not installed here (pip install {name.replace('_', '-')}), "
+                "or leave it out of the list"
+            )
+    return problems
+
+
+def _check_resume(resume: str) -> list[str]:
+    by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()
+    if resume in ("none", "auto") or Path(resume).is_dir() or by_name:
+        return []
+    return [
+        f"resume: expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a "
+        "directory"
+    ]
 
 
 def _check_strategy(recipe: Recipe) -> list[str]:
     s, t = recipe.strategy, recipe.train
     problems = []
-    if s.timeout_s <= 0:
-        problems.append(f"strategy.timeout_s: must be > 0, got {s.timeout_s}")
+    if not 0 < s.timeout_s <= MAX_TIMEOUT_S:
+        problems.append(f"strategy.timeout_s: must be > 0 and at most {MAX_TIMEOUT_S:g} seconds, got {s.timeout_s}")
     for section, default in (("fsdp", FSDPConfig()), ("deepspeed", DeepSpeedConfig())):
         if s.name != section and getattr(s, section) != default:
             problems.append(f"strategy.{section}: set, but strategy.name is {s.name}; set strategy.name={section}")
@@ -639,92 +770,7 @@ def _check_strategy(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _check_component(
-    key: str,
-    section: str,
-    spec: Component,
-    passed: tuple[str, ...] = (),
-    extra: tuple[str, ...] = (),
-    check_files: bool = True,
-) -> list[str]:
-    try:
-        fn = components.resolve(section, spec.target)
-    except components.ResolveError as e:
-        return [f"{key}._component_: {e}"]
-    problems = [f"{key}.{arg}: {msg}" for arg, msg in components.argument_problems(fn, spec.kwargs, passed, extra)]
-    if section == "data" and check_files and spec.short_name in components.DATASET_PATH_ARGS:
-        for arg in components.DATASET_PATH_ARGS[spec.short_name]:
-            value = spec.kwargs.get(arg)
-            if value is None:
-                problems.append(f"{key}.{arg}: missing required value (a file path)")
-            elif isinstance(value, str):
-                split = spec.kwargs.get("split", "train")
-                file = Path(value.replace("{split}", str(split)))
-                if not file.is_file():
-                    problems.append(f"{key}.{arg}: file not found: {file} (relative paths start at {Path.cwd()})")
-    return problems
-
-
-def _check_optimizer(spec: Component) -> list[str]:
-    problems = _check_component("optimizer", "optimizer", spec, passed=("params",))
-    if problems:
-        return problems
-    kw = spec.kwargs
-    if "lr" in kw and not (_number(kw["lr"]) and kw["lr"] > 0):
-        problems.append(f"optimizer.lr: must be a number > 0, got {describe(kw['lr'])}")
-    if "weight_decay" in kw and not (_number(kw["weight_decay"]) and kw["weight_decay"] >= 0):
-        problems.append(f"optimizer.weight_decay: must be a number >= 0, got {describe(kw['weight_decay'])}")
-    if "momentum" in kw and not (_number(kw["momentum"]) and 0 <= kw["momentum"] < 1):
-        problems.append(f"optimizer.momentum: must be a number in [0, 1), got {describe(kw['momentum'])}")
-    betas = kw.get("betas")
-    if betas is not None and not (
-        isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
-    ):
-        problems.append(f"optimizer.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {describe(betas)}")
-    if problems:
-        return problems
-    # Optimizers check their own arguments when built; one parameter is enough to let them, before any model.
-    try:
-        import torch
-
-        components.instantiate("optimizer", spec, [torch.nn.Parameter(torch.zeros(1))])
-    except RecipeError as e:
-        problems.extend(e.problems)
-    return problems
-
-
-def _check_scheduler(spec: Component) -> list[str]:
-    name = spec.short_name
-    if name is None:
-        return _check_component("scheduler", "scheduler", spec, passed=("optimizer",))
-    if name not in schedules.SCHEDULES:
-        return _check_component("scheduler", "scheduler", spec)
-    problems = _check_component("scheduler", "scheduler", spec, passed=("step", "total_steps"), extra=("warmup_steps",))
-    kwargs = dict(spec.kwargs)
-    warmup = kwargs.pop("warmup_steps", 0)
-    if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
-        problems.append(f"scheduler.warmup_steps: must be an integer >= 0, got {describe(warmup)}")
-    elif warmup and name in schedules.OWN_WARMUP:
-        problems.append(f"scheduler.warmup_steps: {name} shapes its own start; remove warmup_steps")
-    for key, value in kwargs.items():
-        if not _number(value):
-            continue  # reported above, by type
-        if key in ("step_size", "step_size_up", "step_size_down") and not (isinstance(value, int) and value >= 1):
-            problems.append(f"scheduler.{key}: must be an integer >= 1, got {value!r}")
-        elif key in ("gamma", "base_ratio", "min_ratio", "pct_start") and not 0 <= value <= 1:
-            problems.append(f"scheduler.{key}: must be in [0, 1], got {value!r}")
-    if name == "step" and "step_size" not in kwargs:
-        problems.append("scheduler.step_size: missing required value (steps between decays)")
-    if name == "cyclic" and "step_size_up" not in kwargs:
-        problems.append("scheduler.step_size_up: missing required value (steps from low to high)")
-    return problems
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _plain(value: Any) -> Any:

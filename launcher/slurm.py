@@ -223,7 +223,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     recipe_file = run_dir / RECIPE_FILE
     ckpt_dir = run_dir / "checkpoints"
     if recipe_file.is_file():
-        ckpt_dir = load_recipe(recipe_file, check_files=False).checkpoint_dir
+        ckpt_dir = load_recipe(recipe_file, check_files=False, this_machine=False).checkpoint_dir
     last_checkpoint = checkpoint.latest(ckpt_dir)
     return {
         "job": job,

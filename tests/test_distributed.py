@@ -79,12 +79,18 @@ def test_bad_recipe_under_two_processes_exits_2_on_every_rank(tiny_recipe: Path,
     assert not (tmp_path / "run").exists()
 
 
+REFUSING_DATASET = """
+class Refusing:
+    def __init__(self, split: str, num_samples: int):
+        raise ValueError(f"refusing to build the {split} split")
+"""
+
+
 def test_a_component_failing_to_build_on_every_rank_exits_cleanly(tiny_recipe: Path, tmp_path: Path):
-    # The dataset refuses its arguments only once the process group is up: each rank must report it and leave
-    # with exit code 2, not hang in a collective.
-    proc = train_on_two(tiny_recipe, tmp_path, "data.train.num_samples=-5")
+    # The user's own dataset refuses its arguments only when built (validation checks the built-in ones before),
+    # once the process group is up: each rank must report it and leave with exit code 2, not hang in a collective.
+    (tiny_recipe.parent / "refusing.py").write_text(REFUSING_DATASET)
+    proc = train_on_two(tiny_recipe, tmp_path, "data.train._component_=refusing.Refusing")
     (error,) = refusals(proc)
-    assert error.startswith(
-        f"error: {tiny_recipe}: data.train: building launcher.data.synthetic.SyntheticClassification"
-    )
-    assert "ValueError: num_samples, num_features, num_classes and clusters_per_class must be >= 1" in error
+    assert error.startswith(f"error: {tiny_recipe}: data.train: building refusing.Refusing")
+    assert "ValueError: refusing to build the train split" in error

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import run_cli
 
 TESTS = Path(__file__).resolve().parent
 CASES_DIR = TESTS / "malformed"
@@ -215,6 +217,21 @@ BAD_OVERRIDES = [
     ("train.batch_size=abc", "train.batch_size"),
     ("train.batch_size.x=1", "train.batch_size"),
     ("optimizer.lr=[", "optimizer.lr"),
+    ("train.batch_size=1e30", "train.batch_size: expected an integer"),
+    ("train.batch_size=1000000000000000000000000000000", "train.batch_size: expected an integer that fits 64 bits"),
+    ("train.seed=1180591620717411303424", "train.seed"),
+    ("train.seed=4294967296", "train.seed: must be in [0, 2**32)"),
+    ("optimizer._component_=lbfgs", "optimizer._component_: lbfgs's step needs a closure"),
+    ("model._component_=-1", "model._component_: expected a string (a short name or a dotted path), got a number"),
+    ("model._componnt_=mlp", "model._componnt_: unknown key (did you mean '_component_'?)"),
+    ("early_stopping.monitor=val/acc", "(it has: val/accuracy, val/loss)"),
+    ("model.num_classes=0", "model.num_classes"),
+    ("data.train.split=", "data.train.split"),
+    ("base=missing.yaml", "base: no such recipe file"),  # the command line's base replaces the recipe's
+    ("base.x=1", "base"),
+    ("~no.such_key", "no.such_key: no such key"),
+    ("~train.batch_size=8", "~train.batch_size=8"),
+    ("train.max_epochs=abc", "train.max_epochs"),  # and no second line saying the run has no length
 ]
 
 
@@ -268,3 +285,50 @@ def test_message_wording(cli, job: Job, shown: str):
     result = cli(job)
     assert_rejected_cleanly(result)
     assert shown in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        pytest.param(
+            Job("validate", recipe=QUICKSTART, overrides=("~early_stopping", "~scheduler.warmup_steps")), id="remove"
+        ),
+        pytest.param(Job("validate", recipe=QUICKSTART, overrides=("~base",)), id="remove-base"),
+        pytest.param(Job("validate", recipe=CASES_DIR / "lr_zero.yaml", overrides=("optimizer.lr=0.1",)), id="fixed"),
+    ],
+)
+def test_overrides_that_remove_keys_are_accepted(cli, job: Job):
+    result = cli(job)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- this machine
+
+FP16 = "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: fp16 is fine here")
+@pytest.mark.parametrize(
+    "job", [pytest.param(Job(v, recipe=QUICKSTART, overrides=("train.mixed_precision=fp16",)), id=v) for v in VERBS]
+)
+def test_fp16_without_a_gpu_is_refused_by_both(cli, job: Job):
+    result = cli(job)
+    assert_rejected_cleanly(result)
+    assert result.lines == [f"error: {QUICKSTART}: {FP16}"], result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: fp16 is fine here")
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["plan", str(QUICKSTART)], id="plan"),
+        pytest.param(["slurm", "submit", str(QUICKSTART), "--gpus-per-node", "8", "--dry-run"], id="slurm-submit"),
+    ],
+)
+def test_fp16_is_for_the_machine_that_trains(args: list[str], tmp_path: Path):
+    """A plan, or a job submitted from a login node without GPUs, is for other machines: fp16 is theirs to run;
+    and so is memory (a model larger than this machine's)."""
+    big_model = "model.hidden_sizes=[100000, 100000]"  # 10**10 parameters: 40 GB in fp32
+    proc = run_cli(*args, "train.mixed_precision=fp16", big_model, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []

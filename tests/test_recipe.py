@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, SHAKESPEARE
 
@@ -151,3 +152,98 @@ def test_every_shipped_recipe_validates(name: str, tmp_path: Path):
 
         write_bytes(SHAKESPEARE, tmp_path)
     assert load_recipe(REPO / "recipes" / name, overrides).name == name.removesuffix(".yaml")
+
+
+# ---------------------------------------------------------------------------------------------------- overrides
+
+BASE_A = "model: {_component_: mlp, hidden_sizes: [4]}\noptimizer: {_component_: sgd, lr: 0.1}\n"
+BASE_B = "model: {_component_: mlp, hidden_sizes: [2]}\noptimizer: {_component_: adam, lr: 0.01}\n"
+CHILD = "base: a.yaml\ndata: {train: {_component_: synthetic_classification}}\ntrain: {max_steps: 5}\n"
+
+
+def test_a_base_override_replaces_the_chain(tmp_path: Path):
+    (tmp_path / "a.yaml").write_text(BASE_A)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.yaml").write_text(BASE_B)
+    (tmp_path / "child.yaml").write_text(CHILD)
+    assert load_recipe(tmp_path / "child.yaml").optimizer.target == "sgd"
+    # Relative to the recipe's folder, wherever it stands among the overrides (it is applied before them).
+    recipe = load_recipe(tmp_path / "child.yaml", ["optimizer.lr=0.5", "base=other/b.yaml"])
+    assert recipe.optimizer.target == "adam" and recipe.optimizer.kwargs["lr"] == 0.5
+    assert recipe.model.kwargs["hidden_sizes"] == [2]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "child.yaml", ["base=missing.yaml"])
+    assert info.value.problems == [f"{tmp_path / 'child.yaml'}: base: no such recipe file: {tmp_path / 'missing.yaml'}"]
+    with pytest.raises(RecipeError) as info:  # no base at all: the child alone has no model
+        load_recipe(tmp_path / "child.yaml", ["~base"])
+    assert [p.split(": ")[1] for p in info.value.problems] == ["model", "optimizer"]
+
+
+def test_tilde_removes_a_key_and_a_missing_one_is_refused():
+    assert apply_overrides({"a": {"b": 1, "c": 2}}, ["~a.b"], "r.yaml") == ({"a": {"c": 2}}, [])
+    assert apply_overrides({"a": 1}, ["~a.b", "~x"], "r.yaml")[1] == [
+        "r.yaml: a.b: no such key in the recipe to remove (override '~a.b')",
+        "r.yaml: x: no such key in the recipe to remove (override '~x')",
+    ]
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.yaml", ["~early_stopping", "~scheduler", "eval.max_batches=null"]
+    )
+    assert recipe.early_stopping is None and recipe.scheduler.target == "constant"
+    assert recipe.eval.max_batches is None  # key=null still sets null
+
+
+# ---------------------------------------------------------------------------------------------------- built-in checks
+
+
+def refusals(overrides: list[str], **kwargs) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(REPO / "recipes" / "quickstart.yaml", overrides, **kwargs)
+    return [p.split(": ", 1)[1] for p in info.value.problems]
+
+
+def test_machine_checks_are_left_to_the_machine_that_trains():
+    overrides = ["train.mixed_precision=fp16", "model.hidden_sizes=[1000000, 1000000]"]  # 4 TB of parameters
+    found = refusals(overrides)
+    assert any(p.startswith("model: its 1,000,038,000,004 parameters take 3725.4 GiB") for p in found), found
+    if not torch.cuda.is_available():
+        assert "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU" in found
+    assert load_recipe(REPO / "recipes" / "quickstart.yaml", overrides, this_machine=False).train.mixed_precision
+
+
+def test_a_text_set_is_opened_as_training_opens_it(tmp_path: Path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("hello world, " * 20)
+    overrides = [f"data.dataset.path={text}", "data.dataset.block_size=16", "model.n_embd=32", "model.n_head=4"]
+    charlm = REPO / "recipes" / "charlm.yaml"
+    assert load_recipe(charlm, overrides).data.train.kwargs["block_size"] == 16
+    with pytest.raises(RecipeError) as info:
+        load_recipe(charlm, [*overrides, "data.dataset.block_size=1000", "model.block_size=8"])
+    assert [p.split(": ", 2)[1] for p in info.value.problems] == ["data.train", "data.val"]  # as training says
+    assert "fewer than block_size + 1 (LAUNCHER_FULL_ERROR=1 shows the traceback)" in info.value.problems[0]
+    with pytest.raises(RecipeError) as info:  # the recipe's block_size wins over the data's: too short for it
+        load_recipe(charlm, [*overrides, "model.block_size=8"])
+    assert info.value.problems == [f"{charlm}: model.block_size: is 8, less than the data's 16 (tokens per sample)"]
+
+
+def test_built_in_components_check_their_own_arguments():
+    from launcher.data.memmap import TokenMemmap
+    from launcher.data.synthetic import SyntheticClassification
+    from launcher.models.gpt import GPT
+    from launcher.models.mlp import MLP
+
+    assert MLP.check_args({"in_features": 4, "num_classes": 3, "hidden_sizes": [8], "dropout": 0.0}, {}) == []
+    assert [a for a, _ in MLP.check_args({"in_features": 0, "hidden_sizes": [-1], "dropout": 1.0}, {})] == [
+        "in_features",
+        "hidden_sizes",
+        "dropout",
+    ]
+    gpt = {"vocab_size": 65, "block_size": 8, "n_layer": 2, "n_head": 3, "n_embd": 32, "dropout": 0.0}
+    assert GPT.check_args(gpt, {}) == [("n_head", "n_embd (32) must be a multiple of n_head (3)")]
+    assert GPT.check_args({**gpt, "n_head": 4, "n_layer": 10**6}, {})[0][0] == "n_layer"
+    args = {"split": "val", "num_samples": 2**63, "num_features": 4, "num_classes": 3, "clusters_per_class": 1}
+    found = SyntheticClassification.check_args({**args, "noise": 1.0, "separation": float("nan"), "seed": -1})
+    assert [a for a, _ in found] == ["num_samples", "separation", "seed"]
+    memmap = {"split": "train", "block_size": 8, "dtype": "U4", "val_fraction": 0.1, "vocab_size": None}
+    assert TokenMemmap.check_args(memmap) == [
+        ("dtype", "expected a number dtype such as uint16 or int32, got a string ('U4')")
+    ]

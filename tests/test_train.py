@@ -178,3 +178,41 @@ def test_retention_leaves_exactly_the_newest_and_the_best(tiny_recipe: Path, tmp
     expected = {checkpoint.step_dir_name(s) for s in (36, 40, best_step)}
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == expected
     assert checkpoint.resolve(run_dir / "checkpoints" / "best").name == checkpoint.step_dir_name(best_step)
+
+
+FEW = """\
+import torch
+from torch.utils.data import Dataset
+
+
+class Few(Dataset):
+    \"\"\"Five samples, whatever the recipe says: the launcher cannot know its length before building it.\"\"\"
+
+    def __init__(self, split: str = "train"):
+        self.x, self.y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+"""
+
+
+def test_a_train_set_that_fills_no_batch_is_refused_instead_of_looping(tmp_path: Path):
+    (tmp_path / "few.py").write_text(FEW)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {_component_: mlp, in_features: 8, num_classes: 3, hidden_sizes: [8]}\n"
+        "data: {train: {_component_: few.Few}, drop_last: true}\n"
+        "optimizer: {_component_: adam, lr: 0.003}\n"
+        "train: {max_epochs: 1, batch_size: 32}\n"
+        "logging: {trackers: [jsonl], progress_bar: false}\n"
+    )
+    proc = run_cli("train", str(recipe), f"run_dir={tmp_path / 'run'}", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: data.train: no batch to train on (fewer samples per process than train.batch_size with "
+        "data.drop_last); give more samples, a smaller batch_size or drop_last=false"
+    ]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -5,11 +5,15 @@ The file is memory-mapped, never read whole, so it may be far larger than memory
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from launcher.components import describe, fraction_problem, integer_problem
 
 
 class TokenMemmap(Dataset):
@@ -53,6 +57,29 @@ class TokenMemmap(Dataset):
         start = i * self.block_size
         chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
         return chunk[:-1], chunk[1:]
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(argument, problem) pairs for what the constructor would refuse; `args` with defaults filled in."""
+        checks = [
+            ("block_size", integer_problem(args.get("block_size"), 1)),
+            ("dtype", _dtype_problem(args.get("dtype"))),
+            ("val_fraction", fraction_problem(args.get("val_fraction"))),
+        ]
+        if args.get("vocab_size") is not None:
+            checks.append(("vocab_size", integer_problem(args["vocab_size"], 1)))
+        if args.get("split") not in ("train", "val"):
+            checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
+        return [(name, problem) for name, problem in checks if problem]
+
+
+def _dtype_problem(name: Any) -> str | None:
+    try:
+        kind = np.dtype(name).kind
+    except (TypeError, ValueError):
+        kind = None
+    # Token files hold integers; a float file still reads (truncated), but strings or objects cannot be memory-mapped.
+    return None if kind in ("i", "u", "f") else f"expected a number dtype such as uint16 or int32, got {describe(name)}"
 
 
 def write_bytes(text_file: Path, out_dir: Path, val_fraction: float = 0.1) -> dict[str, int]:

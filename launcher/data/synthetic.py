@@ -6,8 +6,14 @@ small MLP can. The same `seed` always gives the same clusters; train and val dra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset
+
+from launcher.components import SEED_LIMIT, describe, integer_problem, number_problem
+from launcher.data import DataFacts
 
 _SPLIT_OFFSET = {"train": 1, "val": 2, "test": 3}
 
@@ -42,3 +48,27 @@ class SyntheticClassification(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(argument, problem) pairs for what the constructor would refuse; `args` with defaults filled in."""
+        checks = [
+            (name, integer_problem(args.get(name), 1))
+            for name in ("num_samples", "num_features", "num_classes", "clusters_per_class")
+        ]
+        checks += [(name, number_problem(args.get(name))) for name in ("noise", "separation")]
+        checks.append(("seed", integer_problem(args.get("seed"), 0, SEED_LIMIT - 1)))
+        if args.get("split") not in _SPLIT_OFFSET:
+            checks.append(("split", f"expected one of: {', '.join(_SPLIT_OFFSET)}; got {describe(args.get('split'))}"))
+        return [(name, problem) for name, problem in checks if problem]
+
+    @staticmethod
+    def facts(args: Mapping[str, Any]) -> DataFacts:
+        """What the set holds, from its (checked) arguments alone."""
+        n, features, classes = args["num_samples"], args["num_features"], args["num_classes"]
+        centers = classes * args["clusters_per_class"] * features
+        return DataFacts(
+            model_kwargs={"in_features": features, "num_classes": classes},
+            samples=n,
+            tensor_bytes=4 * (n * features + centers) + 8 * n,  # float32 samples and centers, int64 labels
+        )

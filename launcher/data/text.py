@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from launcher.components import describe, fraction_problem, integer_problem
 
 
 class CharText(Dataset):
@@ -41,3 +45,14 @@ class CharText(Dataset):
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(argument, problem) pairs for what the constructor would refuse; `args` with defaults filled in."""
+        checks = [
+            ("block_size", integer_problem(args.get("block_size"), 1)),
+            ("val_fraction", fraction_problem(args.get("val_fraction"), zero=False)),
+        ]
+        if args.get("split") not in ("train", "val"):
+            checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
+        return [(name, problem) for name, problem in checks if problem]

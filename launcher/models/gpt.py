@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from launcher.components import fraction_problem, integer_problem
+
+# Every block is a handful of Python modules: a deeper stack takes minutes just to construct (even on the meta
+# device, where validation builds it), and no trainable GPT comes near it.
+MAX_LAYERS = 1000
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,3 +98,23 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any], data: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(argument, problem) pairs for what would fail in training; `args` are the arguments the model gets
+        (defaults filled in), `data` what the train set tells the model. Pure: run before anything is built."""
+        checks = [(name, integer_problem(args[name], 1)) for name in ("vocab_size", "block_size") if name in args]
+        checks += [(name, integer_problem(args.get(name), 1)) for name in ("n_head", "n_embd")]
+        checks.append(("n_layer", integer_problem(args.get("n_layer"), 0, MAX_LAYERS)))
+        checks.append(("dropout", fraction_problem(args.get("dropout"))))
+        found = [(name, problem) for name, problem in checks if problem]
+        if found:
+            return found
+        n_embd, n_head = args["n_embd"], args["n_head"]
+        if n_embd % n_head:
+            found.append(("n_head", f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})"))
+        # The recipe's values win over the data's: smaller ones fail at the first batch.
+        for name, what in (("block_size", "tokens per sample"), ("vocab_size", "token ids")):
+            if name in data and args.get(name, 0) < data[name]:
+                found.append((name, f"is {args[name]}, less than the data's {data[name]} ({what})"))
+        return found

@@ -1,0 +1,339 @@
+"""What a recipe's components would refuse or fail on, found before anything is built for real.
+
+Every component must resolve and take the recipe's arguments. The built-in models and datasets also check their
+values themselves (a pure `check_args`); what the train set tells the model, its length and its memory come from
+its arguments where they tell them (synthetic data) or from building it where that is cheap (memory-mapped tokens,
+a text file), and a built-in model is built on the meta device with what the data tells it, as training builds it,
+so that its constructor's complaints come out here, with the line training would give. Checks that depend on the
+machine (its memory, its world size) run only with `this_machine`.
+
+Each problem is `key.path: message`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher import components, schedules
+from launcher.components import INT64_MAX, Component, describe, finite_number
+from launcher.data import DataFacts
+from launcher.errors import RecipeError
+
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
+
+
+def check_component(
+    key: str,
+    section: str,
+    spec: Component,
+    passed: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+    check_files: bool = True,
+) -> list[str]:
+    """The spec resolves, takes its arguments, values fit their type hints, and named data files exist."""
+    try:
+        fn = components.resolve(section, spec.target)
+    except components.ResolveError as e:
+        return [f"{key}._component_: {e}"]
+    problems = [f"{key}.{arg}: {msg}" for arg, msg in components.argument_problems(fn, spec.kwargs, passed, extra)]
+    if section == "data" and check_files and spec.short_name in components.DATASET_PATH_ARGS:
+        for arg in components.DATASET_PATH_ARGS[spec.short_name]:
+            value = spec.kwargs.get(arg)
+            if value is None:
+                problems.append(f"{key}.{arg}: missing required value (a file path)")
+            elif isinstance(value, str):
+                split = spec.kwargs.get("split", "train")
+                file = Path(value.replace("{split}", str(split)))
+                if not file.is_file():
+                    problems.append(f"{key}.{arg}: file not found: {file} (relative paths start at {Path.cwd()})")
+    return problems
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _too_big(key: str, what: str, size: int, this_machine: bool) -> list[str]:
+    """`what` takes `size` bytes: more than this machine has, or than any machine could address."""
+    if size > INT64_MAX:
+        return [f"{key}: {what} take {size:.3g} bytes, more than any machine's memory"]
+    if this_machine and size > machine_memory():
+        return [f"{key}: {what} take {_gib(size)}, more than this machine's {_gib(machine_memory())} of memory"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def check_split(key: str, spec: Component, check_files: bool, this_machine: bool) -> tuple[list[str], DataFacts | None]:
+    """Problems with one data split, and what is known of it (None: nothing without building it)."""
+    problems = check_component(key, "data", spec, check_files=check_files)
+    if problems:
+        return problems, None
+    fn = components.resolve("data", spec.target)
+    if not components.is_built_in(fn):
+        return [], None  # the user's dataset: built by training only, which may be costly or download things
+    args = components.effective_args(fn, spec.kwargs)
+    problems = [f"{key}.{arg}: {msg}" for arg, msg in fn.check_args(args)]
+    if problems:
+        return problems, None
+    if hasattr(fn, "facts"):
+        facts = fn.facts(args)
+        return _too_big(key, "the set's tensors", facts.tensor_bytes, this_machine), facts
+    if not check_files:
+        return [], None
+    try:  # a file-backed set, cheap to open: opened as training will, so what it refuses is refused here alike
+        dataset = components.instantiate("data", spec, key=key)
+    except RecipeError as e:
+        return e.problems, None
+    return [], DataFacts(model_kwargs=dict(getattr(dataset, "model_kwargs", {})), samples=len(dataset))
+
+
+def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
+    """With drop_last, a train set smaller than one global batch gives epochs without a batch: the run would
+    never take a step, nor end."""
+    t = recipe.train
+    if not recipe.data.drop_last or samples >= t.batch_size * processes:
+        return []
+    per = f"{t.batch_size} x {processes} processes" if processes > 1 else str(t.batch_size)
+    return [
+        f"data.drop_last: the train set's {samples} samples make no whole batch of train.batch_size {per}, so an "
+        "epoch would have no step; set data.drop_last=false or a smaller train.batch_size"
+    ]
+
+
+def launched_processes() -> int:
+    """The world size this process was launched into (1 when not launched, or when the variable is garbled)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+    except ValueError:
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> list[str]:
+    """A built-in model checks its arguments against what the train set tells it; with the data known, it is built
+    on the meta device (no memory) as training builds it, and its parameters must fit in memory."""
+    spec = recipe.model
+    problems = check_component("model", "model", spec)
+    if problems:
+        return problems
+    fn = components.resolve("model", spec.target)
+    if not components.is_built_in(fn):
+        return []
+    told = facts.model_kwargs if facts else {}
+    if told and not any(components.accepts(fn, name) for name in told):
+        return [
+            f"model._component_: {spec.target} takes none of what {recipe.data.train.target} tells the model "
+            f"({', '.join(told)}): it is made for other data"
+        ]
+    data = {k: v for k, v in told.items() if components.accepts(fn, k)}
+    given = dict(spec.kwargs)
+    args = components.effective_args(fn, {**data, **given})
+    # A value that came from the data (and not the recipe) is the data's problem, reported under its key.
+    problems = [f"model.{arg}: {msg}" for arg, msg in fn.check_args(args, data) if arg in given or arg not in data]
+    if problems or facts is None:
+        return problems
+    return _build_on_meta(spec, data, this_machine)
+
+
+def built_in_model(recipe: Recipe) -> bool:
+    try:
+        return components.is_built_in(components.resolve("model", recipe.model.target))
+    except components.ResolveError:
+        return False
+
+
+def _build_on_meta(spec: Component, data: dict[str, Any], this_machine: bool) -> list[str]:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = components.instantiate("model", spec, **data)
+    except RecipeError as e:
+        return e.problems
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return _too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def _float_target_losses() -> tuple[type, ...]:
+    """Losses that compare the output with float targets of its shape: class indices do not fit them."""
+    from torch import nn
+
+    return (
+        nn.MSELoss,
+        nn.L1Loss,
+        nn.SmoothL1Loss,
+        nn.HuberLoss,
+        nn.BCELoss,
+        nn.BCEWithLogitsLoss,
+        nn.KLDivLoss,
+        nn.SoftMarginLoss,
+        nn.PoissonNLLLoss,
+        nn.MultiLabelSoftMarginLoss,
+    )
+
+
+def check_loss(recipe: Recipe) -> list[str]:
+    """The loss resolves and takes its arguments; with a built-in dataset (class indices or token ids as targets)
+    it must take class indices."""
+    problems = check_component("loss", "loss", recipe.loss)
+    if problems:
+        return problems
+    loss = components.resolve("loss", recipe.loss.target)
+    try:
+        data = components.resolve("data", recipe.data.train.target)
+    except components.ResolveError:
+        return []  # reported with the data
+    if components.is_built_in(data) and inspect.isclass(loss) and issubclass(loss, _float_target_losses()):
+        return [
+            f"loss: {recipe.loss.target} compares the output with float targets of its shape, but "
+            f"{recipe.data.train.target} gives class indices; use cross_entropy"
+        ]
+    return []
+
+
+def evaluation_metrics(loss: Component) -> tuple[str, ...] | None:
+    """The metrics an evaluation produces with this loss (loop.evaluate): val/loss, and val/accuracy for a
+    CrossEntropyLoss. None where that is not known without building the loss (a function that makes one)."""
+    try:
+        fn = components.resolve("loss", loss.target)
+    except components.ResolveError:
+        return None
+    if not inspect.isclass(fn):
+        return None
+    import torch
+
+    return ("val/accuracy", "val/loss") if issubclass(fn, torch.nn.CrossEntropyLoss) else ("val/loss",)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+def _needs_closure(fn: Any) -> bool:
+    """Whether an optimizer's `step` requires a closure (LBFGS re-evaluates the loss several times per step)."""
+    try:
+        closure = inspect.signature(fn.step).parameters.get("closure")
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _number_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
+    """Numbers (also in lists) must be finite floats; an integer beyond 64 bits or a float's range fails in C."""
+    problems = []
+    for name, value in kwargs.items():
+        values = value if isinstance(value, list) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not finite_number(v) or abs(v) > INT64_MAX for v in numbers):
+            problems.append(f"{key}.{name}: expected finite numbers of at most 2**63-1, got {describe(value)}")
+    return problems
+
+
+def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
+    """The optimizer resolves, takes its arguments and values, and builds; `dense_model`: the model is a built-in
+    one, whose gradients are dense, so the optimizer also takes one step on a dense gradient."""
+    problems = check_component("optimizer", "optimizer", spec, passed=("params",))
+    if problems:
+        return problems
+    if _needs_closure(components.resolve("optimizer", spec.target)):
+        return [
+            f"optimizer._component_: {spec.target}'s step needs a closure that re-evaluates the loss, which the "
+            "training loop does not give; use adamw, adam or sgd"
+        ]
+    problems = _number_problems("optimizer", dict(spec.kwargs))
+    reported = {p.split(":", 1)[0].removeprefix("optimizer.") for p in problems}
+    kw = {k: v for k, v in spec.kwargs.items() if k not in reported}
+    if "lr" in kw and not (finite_number(kw["lr"]) and kw["lr"] > 0):
+        problems.append(f"optimizer.lr: must be a number > 0, got {describe(kw['lr'])}")
+    if "weight_decay" in kw and not (finite_number(kw["weight_decay"]) and kw["weight_decay"] >= 0):
+        problems.append(f"optimizer.weight_decay: must be a number >= 0, got {describe(kw['weight_decay'])}")
+    if "momentum" in kw and not (finite_number(kw["momentum"]) and 0 <= kw["momentum"] < 1):
+        problems.append(f"optimizer.momentum: must be a number in [0, 1), got {describe(kw['momentum'])}")
+    betas = kw.get("betas")
+    if betas is not None and not (
+        isinstance(betas, list) and len(betas) == 2 and all(finite_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        problems.append(f"optimizer.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {describe(betas)}")
+    return problems or _trial_step(spec, dense_model)
+
+
+def _trial_step(spec: Component, step: bool) -> list[str]:
+    """Optimizers check their own arguments when built, some only when they step (SparseAdam refuses dense
+    gradients there): one parameter is enough to let them, before any model."""
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = components.instantiate("optimizer", spec, [param])
+    except RecipeError as e:
+        return e.problems
+    if not step:
+        return []
+    param.grad = torch.ones(1)
+    try:
+        optimizer.step()
+    except Exception as e:
+        message = str(e).splitlines()[0] if str(e) else ""
+        return [
+            f"optimizer: a step on a dense gradient (as the built-in models give) failed: {type(e).__name__}: {message}"
+        ]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+
+
+def check_scheduler(spec: Component) -> list[str]:
+    name = spec.short_name
+    if name is None:
+        return check_component("scheduler", "scheduler", spec, passed=("optimizer",)) or _number_problems(
+            "scheduler", dict(spec.kwargs)
+        )
+    if name not in schedules.SCHEDULES:
+        return check_component("scheduler", "scheduler", spec)
+    problems = check_component("scheduler", "scheduler", spec, passed=("step", "total_steps"), extra=("warmup_steps",))
+    kwargs = dict(spec.kwargs)
+    warmup = kwargs.pop("warmup_steps", 0)
+    problem = components.integer_problem(warmup, 0)
+    if problem:
+        problems.append(f"scheduler.warmup_steps: {problem}")
+    elif warmup and name in schedules.OWN_WARMUP:
+        problems.append(f"scheduler.warmup_steps: {name} shapes its own start; remove warmup_steps")
+    reported = {p.split(":", 1)[0] for p in problems}
+    for key, value in kwargs.items():
+        if f"scheduler.{key}" not in reported and isinstance(value, (int, float)) and not isinstance(value, bool):
+            problems.extend(_schedule_value_problems(key, value))
+    if name == "step" and "step_size" not in kwargs:
+        problems.append("scheduler.step_size: missing required value (steps between decays)")
+    if name == "cyclic" and "step_size_up" not in kwargs:
+        problems.append("scheduler.step_size_up: missing required value (steps from low to high)")
+    return problems
+
+
+def _schedule_value_problems(key: str, value: float) -> list[str]:
+    """A built-in schedule's numeric argument, whose type already fits."""
+    if key in ("step_size", "step_size_up", "step_size_down"):
+        problem = components.integer_problem(value, 1)
+        return [f"scheduler.{key}: {problem}"] if problem else []
+    if not finite_number(value):
+        return [f"scheduler.{key}: expected a finite number, got {describe(value)}"]
+    if key in ("gamma", "base_ratio", "min_ratio", "pct_start") and not 0 <= value <= 1:
+        return [f"scheduler.{key}: must be in [0, 1], got {value!r}"]
+    if key in ("div_factor", "final_div_factor") and not value > 0:
+        return [f"scheduler.{key}: must be > 0, got {value!r}"]  # the schedule divides by it
+    return []
