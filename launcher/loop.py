@@ -176,8 +176,7 @@ def run(recipe: Recipe, start: Start) -> RunResult:
         problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
         if problem:
             raise RunFailed(f"error: {problem}", exit_code=2)
-        # Whether another run holds the run dir is known to the main process alone; all refuse together.
-        if consensus.any_rank(accelerator, start.in_use):
+        if _refuse_together(accelerator, start.in_use):
             message = runlock.in_use_message(Path(recipe.run_dir)) if start.in_use else ""
             raise RunFailed(f"error: {message}" if message else "", exit_code=2)
         # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
@@ -200,6 +199,21 @@ def run(recipe: Recipe, start: Start) -> RunResult:
         gc.collect()
         accelerator.end_training()
         runlock.release(start.lock)
+
+
+def _refuse_together(accelerator: Accelerator, in_use: bool) -> bool:
+    """Whether another run holds the run dir, which the main process alone knows: every rank learns it, and they
+    leave together (a rank gone while another still reads the verdict would make that one fail with a traceback).
+    The main process refuses whatever becomes of the collective."""
+    try:
+        refuse = consensus.any_rank(accelerator, in_use)
+        if refuse:
+            accelerator.wait_for_everyone()
+    except (torch.distributed.DistError, RuntimeError):
+        if not in_use:
+            raise
+        return True
+    return refuse
 
 
 def _free_port() -> int:
@@ -682,6 +696,7 @@ def _check_equal_lengths(
     lengths = gather_object([mine])
     if len(set(lengths)) == 1:
         return
+    accelerator.wait_for_everyone()  # every rank has the counts before any leaves
     key, which = ("data.train", 0) if len({n[0] for n in lengths}) > 1 else ("data.val", 1)
     counts = ", ".join(f"rank {rank}: {n[which]}" for rank, n in enumerate(lengths))
     raise RunFailed(

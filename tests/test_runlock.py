@@ -63,7 +63,7 @@ def test_two_two_process_launches_on_one_run_dir_one_trains_the_other_exits_2(re
     launches = [start_ranks(2, *args, cwd=tmp_path), start_ranks(2, *args, cwd=tmp_path)]
     results = [finish(procs, TIMEOUT) for procs in launches]
     codes = sorted([rc for rc, _, _ in r] for r in results)
-    assert codes == [[0, 0], [2, 2]], results
+    assert codes == [[0, 0], [2, 2]], "\n".join(f"exit {rc}: {err}" for r in results for rc, _, err in r)
     loser = next(r for r in results if r[0][0] == 2)
     assert IN_USE in loser[0][2] and "Traceback" not in loser[0][2] + loser[1][2]
     assert [row.split('"')[3] for row in (shared / "history.jsonl").read_text().splitlines()] == ["start", "end"]
