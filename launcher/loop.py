@@ -91,16 +91,22 @@ class RunResult:
 
 @dataclass
 class Start:
-    """What `preflight` found: the checkpoint to resume from, and the run dir's lock (held by the main process)."""
+    """What `preflight` found: the checkpoint to resume from, the run dir's lock (held by the main process), and
+    what this process refuses the run for where the others must hear of it first (see `run`)."""
 
     resume_from: Path | None = None
     lock: FileLock | None = None
-    in_use: bool = False  # another run holds the run dir: every rank of this launch refuses together (see `run`)
+    refusal: list[str] = field(default_factory=list)
 
 
 def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
     """Refuse, before any process group starts or file is written, what would fail or destroy work later; take
-    the run dir's lock (main process), so that nothing below races another run on the same run dir."""
+    the run dir's lock (main process), so that nothing below races another run on the same run dir.
+
+    What follows from the recipe and the launch alone is the same on every process: refused at once. What depends
+    on the run dir (another run holding it, its checkpoints) can change between two processes' looks while another
+    run writes there: with several processes it is agreed on first, so that all of them refuse together instead of
+    some waiting for the others in the process group until the timeout."""
     t = recipe.train
     problems = guards.launch_problems(env, t.mixed_precision, recipe.strategy.name, t.gradient_accumulation_steps)
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -108,21 +114,29 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
     if problems:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
-    if env.get("RANK", "0") != "0":
-        return Start(resume_from=_resume_point(recipe, env))
-    existed = run_dir.is_dir()
-    lock = runlock.acquire(run_dir)
-    if lock is None:
-        if int(env.get("WORLD_SIZE", "1") or 1) == 1:
-            raise RecipeError(runlock.in_use_message(run_dir))
-        return Start(in_use=True)  # the other ranks are waiting for this one to start the process group
+    alone = int(env.get("WORLD_SIZE", "1") or 1) == 1
+    lock, existed = None, run_dir.is_dir()
+    if env.get("RANK", "0") == "0":
+        lock = runlock.acquire(run_dir)
+        if lock is None:
+            return _refused([runlock.in_use_message(run_dir)], alone)
     try:
-        # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
-        (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
+        if lock is not None:
+            # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
+            (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
         return Start(resume_from=_resume_point(recipe, env), lock=lock)
+    except RecipeError as e:
+        runlock.release(lock, remove_dir=not existed)
+        return _refused(e.problems, alone)
     except BaseException:
         runlock.release(lock, remove_dir=not existed)
         raise
+
+
+def _refused(problems: list[str], alone: bool) -> Start:
+    if alone:
+        raise RecipeError(problems)
+    return Start(refusal=problems)
 
 
 def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
@@ -176,9 +190,7 @@ def run(recipe: Recipe, start: Start) -> RunResult:
         problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
         if problem:
             raise RunFailed(f"error: {problem}", exit_code=2)
-        if _refuse_together(accelerator, start.in_use):
-            message = runlock.in_use_message(Path(recipe.run_dir)) if start.in_use else ""
-            raise RunFailed(f"error: {message}" if message else "", exit_code=2)
+        _refuse_together(accelerator, start.refusal)
         # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
         accelerator.log_with = filter_trackers(
             trackers(
@@ -201,19 +213,28 @@ def run(recipe: Recipe, start: Start) -> RunResult:
         runlock.release(start.lock)
 
 
-def _refuse_together(accelerator: Accelerator, in_use: bool) -> bool:
-    """Whether another run holds the run dir, which the main process alone knows: every rank learns it, and they
-    leave together (a rank gone while another still reads the verdict would make that one fail with a traceback).
-    The main process refuses whatever becomes of the collective."""
+def _refuse_together(accelerator: Accelerator, refusal: list[str]) -> None:
+    """Refuse on every rank if `preflight` refused on any (another run holding the run dir, which only the main
+    process knows; checkpoints another run changed between two processes' looks): the first rank that refused
+    says why, and all leave together (a rank gone while another still reads the verdict would make that one fail
+    with a traceback). A rank that refused refuses whatever becomes of the collective."""
+    if accelerator.num_processes == 1:
+        if refusal:
+            raise RecipeError(refusal)
+        return
     try:
-        refuse = consensus.any_rank(accelerator, in_use)
-        if refuse:
+        refused = gather_object([bool(refusal)])
+        if any(refused):
             accelerator.wait_for_everyone()
     except (torch.distributed.DistError, RuntimeError):
-        if not in_use:
+        if not refusal:
             raise
-        return True
-    return refuse
+        raise RecipeError(refusal) from None
+    if not any(refused):
+        return
+    if refusal and refused.index(True) == accelerator.process_index:
+        raise RecipeError(refusal)
+    raise RunFailed("", exit_code=2)
 
 
 def _free_port() -> int:

@@ -81,3 +81,33 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(recipe: Path, tmp_p
     proc.communicate()
     resumed = finish([_one_process(recipe, run_dir, "train.max_steps=150", "resume=auto")], TIMEOUT)
     assert resumed[0][0] == 0, resumed
+
+
+@pytest.mark.slow
+def test_a_refusal_only_one_rank_sees_is_agreed_and_every_rank_exits_2_at_once(recipe: Path, tmp_path: Path):
+    # Rank 1 looks at a run dir that holds a run, rank 0 at a fresh one: as when another run writes its first files
+    # between the two processes' looks. Neither may wait for the other until the timeout.
+    held = tmp_path / "held"
+    assert finish([_one_process(recipe, held, "train.max_steps=2")], TIMEOUT)[0][0] == 0
+    fresh = tmp_path / "fresh"
+    procs = start_ranks(
+        2,
+        "train",
+        str(recipe),
+        *RUN,
+        "strategy.timeout_s=600",
+        cwd=tmp_path,
+        per_rank=[[f"run_dir={fresh}"], [f"run_dir={held}"]],
+    )
+    results = finish(procs, 120)  # far less than the timeout
+    assert [rc for rc, _, _ in results] == [2, 2], results
+    assert (
+        results[1][2]
+        .strip()
+        .endswith(
+            f"run_dir: {held} already holds a run; continue it with resume=auto, "
+            "or start a new one with run_dir=<another folder>"
+        )
+    )
+    assert results[0][2].strip() == ""
+    assert not (fresh / "metrics.jsonl").exists() and not (fresh / "checkpoints").exists()
