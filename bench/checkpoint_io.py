@@ -103,7 +103,7 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
 
     cold = drop_page_cache()
     saves = {
-        "launcher checkpoint (weights and optimizer in safetensors, all synced)": launcher_save,
+        "launcher checkpoint (weights and optimizer in safetensors, checksums, all synced)": launcher_save,
         "one `torch.save` + fsync": torch_save,
         "one safetensors `save_file` + fsync": safetensors_save,
         "one `torch.save`, no fsync (page cache)": lambda: torch_save(sync=False),
