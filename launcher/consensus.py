@@ -13,10 +13,12 @@ Signal handlers only record the request; all work happens in the loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -24,6 +26,8 @@ from types import FrameType
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+
+from launcher.errors import RecipeError, RunFailed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -160,3 +164,146 @@ def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[
         digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     mine = digest.hexdigest()[:16]
     return list(gather_object([mine])) if accelerator.num_processes > 1 else [mine]
+
+
+class StepAgreement:
+    """The per-update agreement, the one thing the loop asks at every step boundary: whether this update is
+    skipped (a non-finite loss or gradient norm on some rank) and whether to stop (some rank was asked to).
+
+    The norm of the synchronised gradients is the same on every rank, and not finite on every rank if any rank's
+    loss or gradients were not (a rank's non-finite loss is made to poison its gradients: `poisons`). With fp16,
+    whose loss scaler makes overflowing gradients normal, only a non-finite loss is divergence, and only this
+    rank's: it goes into the all-reduce, which then happens at every step. Otherwise the ranks agree on stopping
+    about once a second (`StopChecks`). A single process watches its loss and norm together (one sum is finite
+    only if both are) and reads its stop requests at every step."""
+
+    def __init__(self, accelerator: Accelerator, fp16: bool, requests: StopRequests, peers: LostPeers):
+        several = accelerator.num_processes > 1
+        self.accelerator = accelerator
+        self.fp16 = fp16
+        self.poisons = several and not fp16
+        self.requests = requests
+        self.peers = peers
+        self.checks = StopChecks(every_s=1.0 if several and not fp16 else 0.0)
+
+    def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
+        """The verdict on the update closing at `step` (0-based), from this update's loss and gradient norm."""
+        nonfinite = ~torch.isfinite(loss if self.fp16 else grad_norm if self.poisons else grad_norm + loss)
+        if not self.checks.due(step):
+            return Verdict(stop_code=0, skip_step=bool(nonfinite))
+        with self.peers.waiting_for("the other processes' step verdict"):
+            proposal = self.checks.proposal(step)
+            verdict = agree(self.accelerator, self.requests.code(), nonfinite, proposal)
+        self.checks.agreed(step, verdict.next_check_in)
+        return verdict
+
+
+class LostPeers:
+    """What this rank waits for at each phase of the loop, so that a collective that fails because another
+    process died or hung ends the run with one line naming it, instead of a traceback from inside gloo or NCCL."""
+
+    def __init__(self, accelerator: Accelerator, timeout_s: float):
+        self.accelerator = accelerator
+        self.timeout_s = timeout_s
+        self.phase = "the first batch"
+
+    @contextlib.contextmanager
+    def waiting_for(self, phase: str) -> Iterator[None]:
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
+    def each(self, batches: Iterator, phase: str = "the next batch") -> Iterator:
+        """`batches`, with each fetch a phase of its own (a sampler or dataset may hold a collective)."""
+        iterator = iter(batches)
+        while True:
+            with self.waiting_for(phase):
+                batch = next(iterator, _END)
+            if batch is _END:
+                return
+            yield batch
+
+    @contextlib.contextmanager
+    def watch(self, step: Callable[[], int]) -> Iterator[None]:
+        try:
+            yield
+        except (torch.distributed.DistError, RuntimeError) as e:
+            if self.accelerator.num_processes == 1 or not lost_peer(e):
+                raise
+            raise RunFailed(
+                f"error: rank {self.accelerator.process_index}: at step {step()}, gave up waiting for {self.phase}: "
+                f"another process died or hung ({first_line(e)}); strategy.timeout_s={self.timeout_s:g}"
+            ) from None
+
+
+_END = object()
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether a collective failed because another process went away or stopped answering."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer"))
+
+
+def first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def refuse_together(accelerator: Accelerator, refusal: list[str]) -> None:
+    """Refuse on every rank if any refused before the process group started (another run holding the run dir,
+    which only the main process knows; checkpoints another run changed between two processes' looks): the first
+    rank that refused says why, and all leave together (a rank gone while another still reads the verdict would
+    make that one fail with a traceback). A rank that refused refuses whatever becomes of the collective."""
+    if accelerator.num_processes == 1:
+        if refusal:
+            raise RecipeError(refusal)
+        return
+    try:
+        refused = gather_object([bool(refusal)])
+        if any(refused):
+            accelerator.wait_for_everyone()
+    except (torch.distributed.DistError, RuntimeError):
+        if not refusal:
+            raise
+        raise RecipeError(refusal) from None
+    if not any(refused):
+        return
+    if refusal and refused.index(True) == accelerator.process_index:
+        raise RecipeError(refusal)
+    raise RunFailed("", exit_code=2)
+
+
+def refuse_uneven_data(accelerator: Accelerator, train_batches: int, val_batches: int) -> None:
+    """Refuse, before the first step, data that gives no batch (an epoch would never end) or gives the processes
+    different numbers of batches (a dataset that shards itself unevenly): the longer ones would wait at a
+    collective for the shorter ones until the timeout. `val_batches`: those an evaluation reads."""
+    main = accelerator.is_main_process
+    if train_batches == 0:  # the same on every rank unless the data is uneven, which the check below names
+        raise RunFailed(
+            "error: data.train: no batch to train on (fewer samples per process than train.batch_size with "
+            "data.drop_last); give more samples, a smaller batch_size or drop_last=false"
+            if main
+            else "",
+            exit_code=2,
+        )
+    if accelerator.num_processes == 1:
+        return
+    lengths = gather_object([(train_batches, val_batches)])
+    if len(set(lengths)) == 1:
+        return
+    accelerator.wait_for_everyone()  # every rank has the counts before any leaves
+    key, which = ("data.train", 0) if len({n[0] for n in lengths}) > 1 else ("data.val", 1)
+    counts = ", ".join(f"rank {rank}: {n[which]}" for rank, n in enumerate(lengths))
+    raise RunFailed(
+        f"error: {key}: the processes have different numbers of batches ({counts}); every process must get as "
+        "many (a dataset that shards itself must give each rank the same length), or they would wait for each "
+        "other forever"
+        if main
+        else "",
+        exit_code=2,
+    )

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-_TRUE = ("1", "true", "yes")
+from launcher import strategies
+
+
+def launched_world(env: Mapping[str, str]) -> int:
+    """The number of processes the launcher (accelerate launch, torchrun, srun) started: WORLD_SIZE, else 1."""
+    return int(env.get("WORLD_SIZE", "1") or 1)
 
 
 def launch_problems(
@@ -17,7 +22,7 @@ def launch_problems(
     environment would make Accelerate quietly run each process alone. Launch defaults (no mixed precision, no
     accumulation) are not disagreements: the recipe decides those."""
     problems = []
-    world = int(env.get("WORLD_SIZE", "1") or 1)
+    world = launched_world(env)
     if world > 1 and "LOCAL_RANK" not in env:
         problems.append(
             f"launch: WORLD_SIZE={world} is set but LOCAL_RANK is not, so each process would train alone; start the "
@@ -29,12 +34,7 @@ def launch_problems(
             f"train.mixed_precision: the recipe says {mixed_precision} but accelerate launch says {launched_mp}; "
             f"drop --mixed_precision or make them agree"
         )
-    for variable, name in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
-        if env.get(variable, "").lower() in _TRUE and strategy != name:
-            problems.append(
-                f"strategy.name: the recipe says {strategy} but accelerate launch says {name} "
-                f"(--use_{name}); the recipe chooses the strategy, so drop the flag or set strategy.name"
-            )
+    problems += strategies.launch_problems(env, strategy)
     launched_ga = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     if launched_ga not in ("", "1") and launched_ga != str(gradient_accumulation_steps):
         problems.append(
@@ -46,7 +46,7 @@ def launch_problems(
 
 def world_problem(env: Mapping[str, str], num_processes: int, distributed_type: str) -> str | None:
     """After Accelerate started: the processes the launcher started should all be in one process group."""
-    world = int(env.get("WORLD_SIZE", "1") or 1)
+    world = launched_world(env)
     if world > 1 and (num_processes != world or distributed_type.endswith("NO")):
         return (
             f"launch: {world} processes were started (WORLD_SIZE={world}) but Accelerate set up {num_processes} "

@@ -145,55 +145,10 @@ def lr_curve(recipe: Recipe, total_steps: int, width: int = 60) -> str:
     return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in values)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
 def describe_strategy(recipe: Recipe, processes: int, parameters: int | None) -> list[str]:
-    """The strategy, an estimate of each process's share of the training state, and DeepSpeed's config."""
-    s, t = recipe.strategy, recipe.train
-    if s.name == "fsdp":
-        f = s.fsdp
-        how = (
-            f"fsdp (FSDP2 fully_shard; units: {', '.join(f.wrap) or 'the whole model'}; "
-            f"reshard after forward {'on' if f.reshard_after_forward else 'off'}"
-            f"{'; activation checkpointing' if f.activation_checkpointing else ''}"
-            f"{'; CPU offload' if f.cpu_offload else ''})"
-        )
-    elif s.name == "deepspeed":
-        d = s.deepspeed
-        offload = [name for name, on in (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if on]
-        how = f"deepspeed ZeRO-{d.zero_stage}" + (f" (offload to CPU: {', '.join(offload)})" if offload else "")
-    else:
-        how = "ddp (every process holds the whole model and optimizer)"
-    lines = [f"strategy      {how}"]
-    if parameters is not None:
-        slots = strategies.optimizer_slots(recipe.optimizer.target, recipe.optimizer.kwargs)
-        stage = s.deepspeed.zero_stage if s.name == "deepspeed" else 0
-        mem = strategies.memory_per_process(parameters, s.name, stage, processes, t.mixed_precision, slots)
-        where = {"optimizer": "CPU" if s.name == "deepspeed" and s.deepspeed.offload_optimizer else "device"}
-        if s.name == "deepspeed" and s.deepspeed.offload_params:
-            where["parameters"] = "CPU"
-        if s.name == "fsdp" and s.fsdp.cpu_offload:
-            where = {"parameters": "CPU", "gradients": "CPU", "optimizer": "CPU"}
-        parts = ", ".join(f"{name} {_gib(b)}{' (CPU)' if where.get(name) == 'CPU' else ''}" for name, b in mem.items())
-        lines.append(f"parameters    {parameters:,} ({_gib(parameters * 4)} in fp32)")
-        lines.append(
-            f"memory        per process: {parts} = {_gib(sum(mem.values()))} "
-            f"(optimizer with {slots} state tensors per parameter; activations and buffers not counted)"
-        )
-    if s.name == "deepspeed":
-        import json
-
-        user = strategies.read_user_config(s.deepspeed.config)[0] if s.deepspeed.config else None
-        config = json.dumps(strategies.deepspeed_config(recipe, processes, user), indent=2)
-        lines.append(
-            "deepspeed     config (generated from the recipe"
-            + (f", {s.deepspeed.config} merged in" if user else "")
-            + "):"
-        )
-        lines.extend("              " + line for line in config.splitlines())
-    return lines
+    """The strategy, an estimate of each process's share of the training state, and what else it shows."""
+    slots = strategies.optimizer_slots(recipe.optimizer.target, recipe.optimizer.kwargs)
+    return strategies.choose(recipe, processes).describe(parameters, slots)
 
 
 def describe_plan(

@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
-_PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+from launcher.consensus import poison_nonfinite
 
 
 class Stepper:
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, strategy: str):
+    """One update's mechanics; `direct` (the strategy decides: see `DDP.stepper`) goes straight to torch."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, direct: bool = False):
         self.accelerator = accelerator
         self.model = model
-        self.direct = strategy == "ddp" and accelerator.scaler is None and accelerator.distributed_type in _PLAIN
+        self.direct = direct
         # What the scheduler drives: the optimizer whose `step` runs, so torch sees each step it schedules.
         self.optimizer = optimizer.optimizer if self.direct else optimizer
         self.accumulation = accelerator.gradient_accumulation_steps
@@ -39,6 +41,14 @@ class Stepper:
         if self.direct and self.accumulation == 1:
             return contextlib.nullcontext()
         return self.accelerator.accumulate(self.model)
+
+    def micro_step(self, forward: Callable[[], torch.Tensor], poison: bool) -> torch.Tensor:
+        """Forward (`forward` returns the loss) and backward of one micro-batch, in the accumulation context;
+        with `poison`, a non-finite loss makes every gradient NaN (see `consensus.poison_nonfinite`)."""
+        with self.accumulate():
+            loss = forward()
+            self.backward(poison_nonfinite(loss) if poison else loss)
+        return loss
 
     def backward(self, loss: torch.Tensor) -> None:
         if not self.direct:
@@ -60,6 +70,16 @@ class Stepper:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class ShardedStepper(Stepper):
+    """FSDP2 has no `no_sync()`: the reduce-scatter is switched on only for an update's last micro-batch."""
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        with self.accelerator.accumulate(self.model):
+            self.model.set_requires_gradient_sync(self.accelerator.sync_gradients)
+            yield
 
 
 def plain_norm(norm: Any) -> torch.Tensor:

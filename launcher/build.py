@@ -1,0 +1,134 @@
+"""A run built from its recipe: data, model, loss and optimizer, prepared by the strategy; the state it starts
+from (a checkpoint's, when it resumes) and its learning-rate schedule over the run's budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+
+from launcher import checkpoint, components, plan, schedules
+from launcher.early_stopping import Tracker
+from launcher.layout import STATE_FILE, read_json
+from launcher.recipe import Recipe
+from launcher.strategies import DDP
+from launcher.strategies.stepping import Stepper
+from launcher.trainstate import TrainState
+
+
+@dataclass
+class Parts:
+    """What trains, as the strategy runs it."""
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: Any
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    stepper: Stepper
+
+    def val_batches(self, max_batches: int | None) -> int:
+        """The batches an evaluation reads."""
+        n = 0 if self.val_loader is None else len(self.val_loader)
+        return n if max_batches is None else min(n, max_batches)
+
+
+def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
+    """Build in the order that fixes what the seeded RNG gives each part (datasets, model, loss, optimizer)."""
+    t = recipe.train
+    # The train set may tell the model what it needs (vocab_size, num_classes); the recipe's values win.
+    train_set = components.instantiate("data", recipe.data.train, key="data.train")
+    val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
+    model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
+    model = strategy.shard(accelerator, model)
+    loss_fn = components.instantiate("loss", recipe.loss)
+    optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
+    train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
+    val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
+    model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    stepper = strategy.stepper(accelerator, model, optimizer)
+    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
+    return DataLoader(
+        dataset,
+        # Its own generator: starting an iterator then draws worker seeds from it, not from the global RNG, so the
+        # global stream (dropout, ...) does not depend on where in an epoch a resumed run starts iterating.
+        generator=torch.Generator().manual_seed(recipe.train.seed),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=recipe.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=recipe.data.num_workers > 0,
+    )
+
+
+def starting_state(
+    recipe: Recipe, resume_from: Path | None, world: int, samples_per_batch: int
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """The state a run starts from, and what its checkpoint saved (None for a new run)."""
+    es = recipe.early_stopping
+    state = TrainState(early_stopping=Tracker(**({} if es is None else {"mode": es.mode, "min_delta": es.min_delta})))
+    if resume_from is None:
+        return state, None
+    saved = read_json(resume_from / STATE_FILE)
+    state = TrainState.from_state_dict(saved)
+    if saved.get("world_size", world) != world:
+        # Another world size splits the epoch into other global batches: continue at the last whole one.
+        state.samples_in_epoch = state.samples_in_epoch // samples_per_batch * samples_per_batch
+    return state, {**saved, "batches_done": state.samples_in_epoch // samples_per_batch}
+
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, budget: plan.Budget) -> Any:
+    """A built-in schedule becomes a LambdaLR over its pure function, at the budget's position for each update;
+    any other is built with the optimizer."""
+    spec = recipe.scheduler
+    if spec.short_name in schedules.SCHEDULES:
+        factor = schedules.build(spec.short_name, budget.schedule_total, **dict(spec.kwargs))
+        # A plain function, not an object: LambdaLR's state dict would carry an object's attributes.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(budget.position(step)))
+    return components.instantiate("scheduler", spec, optimizer)
+
+
+def resume(
+    accelerator: Accelerator,
+    path: Path,
+    parts: Parts,
+    scheduler: Any,
+    strategy: DDP,
+    saved: dict[str, Any],
+    state: TrainState,
+    budget: plan.Budget,
+) -> None:
+    """Load the checkpoint into the built run, and say what a resume on another number of processes changes."""
+    checkpoint.load(accelerator, path, parts.model, parts.optimizer, scheduler, strategy.checkpoint_format)
+    accelerator.print(f"resumed from {path} at step {state.step}")
+    if saved.get("world_size", accelerator.num_processes) != accelerator.num_processes:
+        accelerator.print(world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes))
+
+
+def world_change_note(saved: dict[str, Any], state: TrainState, budget: plan.Budget, recipe: Recipe, world: int) -> str:
+    """What a resume on another number of processes keeps and what it changes, in one line."""
+    saved_world = saved.get("world_size", world)
+    how = (
+        f"the epoch budget is kept: {budget.total_steps - state.step} updates of "
+        f"{recipe.train.batch_size * world * recipe.train.gradient_accumulation_steps} samples remain, and the "
+        f"learning-rate schedule follows the samples trained"
+        if budget.remapped
+        else "the model, optimizer and schedule are exact"
+    )
+    if budget.remapped and recipe.scheduler.short_name not in schedules.SCHEDULES:
+        how += f" (but {recipe.scheduler.target} counts updates: its curve is stretched to the new count)"
+    fresh = f"; processes beyond {saved_world} start from fresh RNG states" if saved_world < world else ""
+    return (
+        f"warning: written by {saved_world} processes, resumed by {world}: {how}; the data continues at sample "
+        f"{state.samples_in_epoch} of epoch {state.epoch} (saved at {saved.get('samples_in_epoch')}){fresh}"
+    )

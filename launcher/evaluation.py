@@ -1,0 +1,144 @@
+"""Evaluation and what watches its metrics: the best checkpoints and early stopping."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from launcher import consensus
+from launcher.checkpoint import rank_best
+from launcher.errors import RecipeError
+from launcher.metrics import Throughput
+from launcher.recipe import Recipe
+from launcher.trainstate import TrainState
+
+
+class Evaluator:
+    """Evaluates when due, logs the metrics, keeps the best checkpoints' ranking and the early-stopping tracker
+    (both in the train state), and keeps the last metrics for the checkpoint's monitor and the run's summary."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        recipe: Recipe,
+        model: torch.nn.Module,
+        loader: DataLoader | None,
+        loss_fn: torch.nn.Module,
+        state: TrainState,
+        throughput: Throughput,
+    ):
+        self.accelerator, self.recipe, self.model, self.loader, self.loss_fn = (
+            accelerator,
+            recipe,
+            model,
+            loader,
+            loss_fn,
+        )
+        self.state, self.throughput = state, throughput
+        self.last: dict[str, float] = {}
+        self.last_step = -1
+
+    def due_at_step(self, step: int) -> bool:
+        every = self.recipe.eval.every_steps
+        return self.loader is not None and bool(every) and step % every == 0
+
+    def due_at_epoch_end(self, step: int) -> bool:
+        return self.loader is not None and self.recipe.eval.every_epoch and self.last_step != step
+
+    def due_at_end(self, step: int) -> bool:
+        return self.loader is not None and self.last_step != step
+
+    def monitored(self, step: int) -> float | None:
+        """The checkpoint's monitored metric at `step`, if the run evaluated there."""
+        return self.last.get(self.recipe.checkpoint.monitor) if self.last_step == step else None
+
+    def run(
+        self, log: Callable[[dict[str, float]], None], save: Callable[[], None], say: Callable[[str], None]
+    ) -> bool:
+        """Evaluate, log, keep the best checkpoint (saving this step if it is one); True when early stopping says
+        stop (the same on every rank)."""
+        assert self.loader is not None
+        step = self.state.step
+        with self.throughput.paused():
+            self.last = evaluate(self.accelerator, self.model, self.loader, self.loss_fn, self.recipe.eval.max_batches)
+        self.last_step = step
+        log(self.last)
+        if self.accelerator.is_main_process:
+            say(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in self.last.items()))
+        ckpt = self.recipe.checkpoint
+        if ckpt.keep_best:
+            # Every rank ranks the same global metric, so all agree whether this state is worth a checkpoint.
+            value = metric(self.last, ckpt.monitor, "checkpoint.monitor")
+            self.state.best_checkpoints = rank_best(self.state.best_checkpoints, step, value, ckpt.keep_best, ckpt.mode)
+            if any(best == step for best, _ in self.state.best_checkpoints):
+                save()  # (again, if this step was saved before its evaluation: now with its metric)
+        es = self.recipe.early_stopping
+        if es is None:
+            return False
+        value = metric(self.last, es.monitor, "early_stopping.monitor")
+        self.state.early_stopping = self.state.early_stopping.update(value, step)
+        # Every rank computed the same global metric; the all-reduce still makes the verdict one value.
+        return consensus.any_rank(self.accelerator, self.state.early_stopping.should_stop(es.patience))
+
+    def summary(self) -> str:
+        return "  ".join(f"{k} {v:.4f}" for k, v in self.last.items())
+
+
+def metric(values: dict[str, float], name: str, key: str) -> float:
+    if name not in values:
+        raise RecipeError(
+            f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(values))})"
+        )
+    return values[name]
+
+
+def compute_loss(loss_fn: torch.nn.Module, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of a batch; sequence outputs (batch, time, classes) with integer targets are flattened."""
+    if output.dim() > 2 and targets.dim() == output.dim() - 1 and not targets.is_floating_point():
+        return loss_fn(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return loss_fn(output, targets)
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: torch.nn.Module,
+    max_batches: int | None,
+) -> dict[str, float]:
+    """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
+    ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped."""
+    per_sample_loss_fn = copy.copy(loss_fn)
+    per_sample = hasattr(per_sample_loss_fn, "reduction")
+    if per_sample:
+        per_sample_loss_fn.reduction = "none"
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    model.eval()
+    loss_total, correct_total, count = 0.0, 0.0, 0
+    for i, (inputs, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        output = model(inputs)
+        batch = len(targets)
+        if per_sample:
+            losses = compute_loss(per_sample_loss_fn, output, targets).float().reshape(batch, -1).mean(dim=1)
+        else:  # a loss without `reduction`: its batch mean stands for each sample of the batch
+            losses = compute_loss(loss_fn, output, targets).float().expand(batch)
+        gathered = [losses]
+        if classify:
+            gathered.append((output.argmax(dim=-1) == targets).float().reshape(batch, -1).mean(dim=1))
+        gathered = accelerator.gather_for_metrics(gathered)
+        loss_total += gathered[0].sum().item()
+        count += len(gathered[0])
+        if classify:
+            correct_total += gathered[1].sum().item()
+    model.train()
+    results = {"val/loss": loss_total / max(count, 1)}
+    if classify:
+        results["val/accuracy"] = correct_total / max(count, 1)
+    return results

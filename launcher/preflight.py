@@ -1,0 +1,103 @@
+"""What is refused before any process group starts or any file is written: bad launches, and a run dir that is
+in use or holds another run; the checkpoint to resume from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from launcher import checkpoint, consensus, guards, runlock
+from launcher.checkpoint import integrity
+from launcher.errors import RecipeError, say
+from launcher.layout import METRICS_FILE
+from launcher.recipe import Recipe
+
+
+@dataclass
+class Start:
+    """What `preflight` found: the checkpoint to resume from, the run dir's lock (held by the main process), and
+    what this process refuses the run for where the others must hear of it first (see `run`)."""
+
+    resume_from: Path | None = None
+    lock: FileLock | None = None
+    refusal: list[str] = field(default_factory=list)
+
+
+def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
+    """Refuse, before any process group starts or file is written, what would fail or destroy work later; take
+    the run dir's lock (main process), so that nothing below races another run on the same run dir.
+
+    What follows from the recipe and the launch alone is the same on every process: refused at once. What depends
+    on the run dir (another run holding it, its checkpoints) can change between two processes' looks while another
+    run writes there: with several processes it is agreed on first, so that all of them refuse together instead of
+    some waiting for the others in the process group until the timeout."""
+    t = recipe.train
+    problems = guards.launch_problems(env, t.mixed_precision, recipe.strategy.name, t.gradient_accumulation_steps)
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if problems:
+        raise RecipeError(problems)
+    run_dir = Path(recipe.run_dir)
+    alone = guards.launched_world(env) == 1
+    lock, existed = None, run_dir.is_dir()
+    if env.get("RANK", "0") == "0":
+        lock = runlock.acquire(run_dir)
+        if lock is None:
+            return _refused([runlock.in_use_message(run_dir)], alone)
+    try:
+        if lock is not None:
+            # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
+            (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
+        return Start(resume_from=_resume_point(recipe, env), lock=lock)
+    except RecipeError as e:
+        runlock.release(lock, remove_dir=not existed)
+        return _refused(e.problems, alone)
+    except BaseException:
+        runlock.release(lock, remove_dir=not existed)
+        raise
+
+
+def _refused(problems: list[str], alone: bool) -> Start:
+    if alone:
+        raise RecipeError(problems)
+    return Start(refusal=problems)
+
+
+def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to start a new run over an old one."""
+    run_dir = Path(recipe.run_dir)
+    if recipe.resume == "auto":
+        main = env.get("RANK", "0") == "0"
+        if main:
+            for path in checkpoint.incomplete(recipe.checkpoint_dir):
+                say(f"warning: ignoring {path}: an interrupted save left it incomplete")
+        # Every rank checks the same files, so all pick the same checkpoint without a word between them.
+        found, passed_over = checkpoint.latest_intact(recipe.checkpoint_dir)
+        if main:
+            for line in passed_over:
+                say(f"warning: passing over {line}")
+        if found is None and passed_over:  # starting anew would train over the run's checkpoints
+            raise RecipeError(
+                f"resume: every checkpoint in {recipe.checkpoint_dir} is damaged, the newest: {passed_over[0]}"
+            )
+        return found
+    if recipe.resume != "none":
+        path = checkpoint.resolve(Path(recipe.resume))
+        if not checkpoint.is_complete(path):
+            raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
+        if checkpoint.interrupted(path):
+            raise RecipeError(f"resume: {path} is not a complete checkpoint (a save interrupted before its rename)")
+        problem = integrity.problems(path)
+        if problem:
+            raise RecipeError(f"resume: {path}: damaged: {problem}")
+        return path
+    if (run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir):
+        raise RecipeError(
+            f"run_dir: {run_dir} already holds a run; continue it with resume=auto, "
+            f"or start a new one with run_dir=<another folder>"
+        )
+    return None

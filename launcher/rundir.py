@@ -1,0 +1,94 @@
+"""The run dir as a run writes it: the resolved recipe and environment, the history of attempts, the metrics
+(rolled back to the checkpoint a resumed run starts from) and the trackers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
+from launcher.metrics import JsonlWriter, environment, flat_hparams
+from launcher.recipe import Recipe, dump
+from launcher.strategies import DDP
+from launcher.trackers import tracker_options
+
+
+class RunDir:
+    """What the run writes into its run dir; files by the main process alone, trackers by Accelerate."""
+
+    def __init__(self, accelerator: Accelerator, recipe: Recipe):
+        self.accelerator = accelerator
+        self.recipe = recipe
+        self.path = Path(recipe.run_dir)
+        self.jsonl: JsonlWriter | None = None
+
+    def open(self, strategy: DDP, step: int, resume_from: Path | None) -> None:
+        """Write the run's recipe and environment and the attempt's start, and start logging at `step`. Every
+        rank calls this after all passed their checks (the barrier), so nothing is written for a refused run."""
+        accelerator, recipe, t = self.accelerator, self.recipe, self.recipe.train
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / RECIPE_FILE).write_text(dump(recipe))
+            env = environment(
+                accelerator.num_processes, str(accelerator.distributed_type), t.mixed_precision, str(accelerator.device)
+            )
+            env["strategy"] = strategy.name
+            (self.path / ENV_FILE).write_text(json.dumps(env, indent=2))
+            resumed_from = str(resume_from) if resume_from else None
+            record(self.path, "start", step=step, resumed_from=resumed_from, world_size=accelerator.num_processes)
+            if "jsonl" in recipe.logging.trackers:
+                if resume_from is not None:
+                    roll_back_metrics(self.path, step)
+                self.jsonl = JsonlWriter(self.path / METRICS_FILE)
+        # The recipe's name is the wandb project and MLflow experiment; the run dir's name, the run's.
+        accelerator.init_trackers(
+            recipe.name or "launcher", config=flat_hparams(recipe.to_dict()), init_kwargs=tracker_options(self.path)
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.jsonl is not None:
+            self.jsonl.write(step, values)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+    def finish(self, outcome: dict[str, Any]) -> None:
+        """How this attempt ended, for whatever runs it next (the SLURM job script requeues a stopped run)."""
+        if self.accelerator.is_main_process:
+            (self.path / LAST_RUN_FILE).write_text(json.dumps(outcome) + "\n")
+            record(self.path, "end", step=outcome["step"], stop_reason=outcome["stop_reason"])
+
+
+def record(run_dir: Path, event: str, **values: Any) -> None:
+    """A line in the run's history: when an attempt started (and from which checkpoint) or ended, and how."""
+    with (run_dir / HISTORY_FILE).open("a") as f:
+        f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
+
+
+def roll_back_metrics(run_dir: Path, step: int) -> None:
+    """Make `metrics.jsonl` end at `step`, where a resumed run picks up: rows a crashed attempt logged after its
+    last checkpoint are moved to `metrics.rolled_back.jsonl`, so the run's curve has one value per step and
+    nothing on disk is lost."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            after = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):
+            after = True  # a line cut short by the crash
+        (drop if after else keep).append(line)
+    if drop:
+        with (run_dir / ROLLED_BACK_FILE).open("a") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)

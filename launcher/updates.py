@@ -1,0 +1,106 @@
+"""One update at a time: each micro-batch forward and backward; at the update's last one, the ranks' verdict,
+the optimizer step (or its skip), the schedule and the counters; and the row a log line shows."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from launcher.build import Parts
+from launcher.consensus import StepAgreement, Verdict
+from launcher.errors import Throttled
+from launcher.evaluation import compute_loss
+from launcher.metrics import Throughput, sequence_tokens
+from launcher.trainstate import LogWindow, TrainState
+
+
+class Updates:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        parts: Parts,
+        scheduler: Any,
+        agreement: StepAgreement,
+        state: TrainState,
+        window: LogWindow,
+        progress: tqdm,
+        throughput: Throughput,
+        max_nonfinite_steps: int,
+        clip_grad_norm: float | None,
+    ):
+        self.accelerator, self.parts, self.scheduler, self.agreement = accelerator, parts, scheduler, agreement
+        self.state, self.window, self.progress = state, window, progress
+        self.max_nonfinite_steps, self.clip_grad_norm = max_nonfinite_steps, clip_grad_norm
+        self.throughput = throughput
+        self.skipped_notices = Throttled(every_s=10.0)
+        self.loss = torch.zeros((), device=accelerator.device)  # summed over the micro-batches of the current update
+        self.batches = 0
+        self.grad_norm = torch.zeros(())
+
+    def micro_step(self, inputs: Any, targets: Any) -> bool:
+        """Forward and backward of one micro-batch; True when it closes an update (gradients are synchronised)."""
+        p, world = self.parts, self.accelerator.num_processes
+        # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's (see
+        # StepAgreement).
+        loss = p.stepper.micro_step(lambda: compute_loss(p.loss_fn, p.model(inputs), targets), self.agreement.poisons)
+        self.loss = loss.detach() if self.batches == 0 else self.loss + loss.detach()
+        self.batches += 1
+        self.throughput.add(len(targets) * world, sequence_tokens(targets) * world)
+        return self.accelerator.sync_gradients
+
+    def update(self) -> Verdict:
+        """Close the update: the global gradient norm (after unscaling; inf measures without clipping; logged as
+        it was before clipping; DeepSpeed clips inside its step and reports it), the verdict, then the step or
+        its skip."""
+        stepper, state = self.parts.stepper, self.state
+        self.grad_norm = stepper.clip(self.clip_grad_norm)
+        verdict = self.agreement.verdict(state.step, self.loss, self.grad_norm)
+        if verdict.skip_step:
+            self._skip()
+        else:
+            stepper.step()
+            state.nonfinite_streak = 0
+            self.window.add(self.loss, self.batches)
+        stepper.zero_grad()
+        self.batches = 0
+        self.scheduler.step()
+        state.step += 1
+        self.progress.update(1)
+        return verdict
+
+    def _skip(self) -> None:
+        state = self.state
+        state.skipped_steps += 1
+        state.nonfinite_streak += 1
+        if self.accelerator.is_main_process:
+            self.skipped_notices.say(
+                f"warning: step {state.step + 1}: update skipped: the loss or gradient norm is not finite "
+                f"({state.nonfinite_streak} in a row; {self.max_nonfinite_steps} in a row stop the run)",
+                write=lambda line: self.progress.write(line, file=sys.stderr),
+            )
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
+
+    @property
+    def diverged(self) -> bool:
+        return self.state.nonfinite_streak >= self.max_nonfinite_steps
+
+    def row(self, samples_per_epoch: int) -> dict[str, float]:
+        """The values of a log line: the loss averaged over the ranks and the updates since the last line."""
+        state = self.state
+        train_loss = self.accelerator.reduce(self.window.take_mean(self.loss), reduction="mean").item()
+        values = {
+            "train/loss": train_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.grad_norm),
+            "epoch": state.epoch + state.samples_in_epoch / samples_per_epoch,
+            "train/skipped_steps": state.skipped_steps,
+            **self.throughput.rates(),
+        }
+        # Shown at the bar's next redraw: forcing one here would write a line to a log file each time.
+        self.progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
+        return values
