@@ -17,6 +17,45 @@ CKPT_PREFIXES = ("step_", ".tmp-step_", ".old-step_")  # checkpoints, and the sa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    # Overrides may come before or after options (`train r.yaml --print-recipe a.b=1`); argparse alone would stop
+    # collecting them at the first option.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return run_verb(args)
+    except RecipeError as e:
+        for line in e.problems:
+            say(f"error: {line}")
+        return EXIT_BAD_INPUT
+    except RunFailed as e:
+        if e.message:
+            say(e.message)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_verb(args: argparse.Namespace) -> int:
+    verb = " ".join(v for v in (args.verb, getattr(args, "slurm_verb", None), getattr(args, "ckpt_verb", None)) if v)
+    commands = {
+        "train": lambda: train_command(args.recipe, args.overrides, args.print_recipe),
+        "validate": lambda: validate_command(args.recipe, args.overrides),
+        "plan": lambda: plan_command(args.recipe, args.overrides, args.processes),
+        "slurm submit": lambda: slurm_submit_command(args),
+        "slurm status": lambda: slurm_status_command(args.run_dir),
+        "report": lambda: report_command(args.run_dirs, args.out, args.json),
+        "tokenize": lambda: tokenize_command(args.text, args.out, args.val_fraction),
+        "ckpt info": lambda: ckpt_info_command(args.path),
+        "ckpt export": lambda: ckpt_export_command(args.path, args.out, args.force),
+    }
+    return commands[verb]()
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launcher", description="Train PyTorch models from YAML recipes.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -63,41 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenize.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
     tokenize.add_argument("--val-fraction", type=float, default=0.1, help="the end of the file kept for val")
 
-    # Overrides may come before or after options (`train r.yaml --print-recipe a.b=1`); argparse alone would stop
-    # collecting them at the first option.
-    args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if args.verb == "train":
-            return train_command(args.recipe, args.overrides, args.print_recipe)
-        if args.verb == "plan":
-            return plan_command(args.recipe, args.overrides, args.processes)
-        if args.verb == "slurm" and args.slurm_verb == "submit":
-            return slurm_submit_command(args)
-        if args.verb == "slurm":
-            return slurm_status_command(args.run_dir)
-        if args.verb == "report":
-            return report_command(args.run_dirs, args.out, args.json)
-        if args.verb == "tokenize":
-            return tokenize_command(args.text, args.out, args.val_fraction)
-        if args.verb == "ckpt" and args.ckpt_verb == "info":
-            return ckpt_info_command(args.path)
-        if args.verb == "ckpt":
-            return ckpt_export_command(args.path, args.out, args.force)
-        return validate_command(args.recipe, args.overrides)
-    except RecipeError as e:
-        for line in e.problems:
-            say(f"error: {line}")
-        return EXIT_BAD_INPUT
-    except RunFailed as e:
-        if e.message:
-            say(e.message)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return parser
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:

@@ -248,6 +248,14 @@ def render(run: Run, s: dict[str, Any], findings: list[Finding]) -> str:
     width = max((len(k) for k, _ in settings), default=0)
     lines.extend(f"  {key:<{width}}  {value}" for key, value in settings)
     lines.append("" if settings else "  (no recipe.yaml: settings unknown)\n")
+    lines.extend(_figures(s))
+    lines.append("")
+    lines.extend(_diagnosis(len(run.series("train/loss")), findings))
+    return "\n".join(lines)
+
+
+def _figures(s: dict[str, Any]) -> list[str]:
+    """The run's figures, a line each: progress, losses, throughput, time, attempts, checkpoints."""
     total = f"/{s['total_steps']}" if s["total_steps"] else ""
     epochs = f", {s['epochs']:g} epochs" if s["epochs"] is not None else ""
     ended = (
@@ -255,7 +263,7 @@ def render(run: Run, s: dict[str, Any], findings: list[Finding]) -> str:
         if s["stop_reason"]
         else "; no end recorded (still running, or stopped by a kill or an error)"
     )
-    lines.append(f"  progress      step {s['steps']}{total}{epochs}{ended}")
+    lines = [f"  progress      step {s['steps']}{total}{epochs}{ended}"]
     lines.append(f"  train/loss    {_num(s['final_train_loss'])} at the end")
     if s["final_val_loss"] is not None:
         best = s["best_val_loss"]
@@ -283,8 +291,11 @@ def render(run: Run, s: dict[str, Any], findings: list[Finding]) -> str:
         lines.append(f"  checkpoints   {len(ckpts)} at step(s) {', '.join(map(str, ckpts))}{best}")
     else:
         lines.append("  checkpoints   none")
-    lines.append("")
-    logged = len(run.series("train/loss"))
+    return lines
+
+
+def _diagnosis(logged: int, findings: list[Finding]) -> list[str]:
+    lines = []
     if not findings and logged < MIN_TRAIN_POINTS:
         lines.append(f"diagnosis: too few training losses logged to judge ({logged}; needs {MIN_TRAIN_POINTS})")
     elif not findings:
@@ -294,7 +305,7 @@ def render(run: Run, s: dict[str, Any], findings: list[Finding]) -> str:
         lines.extend(f"  - {e}" for e in f.evidence)
         if f.suggestions:
             lines.append("  try: " + "; ".join(f.suggestions))
-    return "\n".join(lines)
+    return lines
 
 
 def _num(value: float | None) -> str:

@@ -1,0 +1,37 @@
+"""A checkpoint written by an earlier release still resumes, and the resumed run ends where that release's own
+uninterrupted run ended: the same weights bit for bit, the same logged values.
+
+The fixture (`fixtures/old_checkpoint/`) is step 3 of a 6-step run of `recipe.yaml`, written by launcher 0.1.0
+with its checksum manifest; `expected_step_6.safetensors` and `expected_metrics.jsonl` are that run's end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "old_checkpoint"
+
+
+def test_a_checkpoint_of_an_earlier_release_resumes_to_the_same_end(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURE / "step_00000003", run_dir / "checkpoints" / "step_00000003")
+    done = run_cli("train", str(FIXTURE / "recipe.yaml"), f"run_dir={run_dir}", "resume=auto", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and "at step 3" in done.stdout
+
+    expected = load_file(FIXTURE / "expected_step_6.safetensors")
+    got = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    keys = ("step", "train/loss", "lr", "grad_norm", "val/loss", "val/accuracy")
+    rows = [{k: v for k, v in row.items() if k in keys} for row in read_metrics(run_dir) if row["step"] > 3]
+    wanted = [json.loads(line) for line in (FIXTURE / "expected_metrics.jsonl").read_text().splitlines()]
+    assert rows == wanted
