@@ -241,7 +241,7 @@ def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
     out = results[0][1]
     assert "resumed from" in out and f"written by 2 processes, resumed by {resume_on}" in out
     # The model and optimizer continue exactly, so the loss goes on from where it was instead of starting over;
-    # batches differ in size and content after the change, hence the tolerance (documented in the README).
+    # batches differ in size and content after the change, hence the tolerance (documented in docs/multi-process.md).
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 46))
     before = sum(curve[s] for s in range(26, 31)) / 5
