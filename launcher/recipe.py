@@ -553,7 +553,7 @@ class _Checker:
         if dataclasses.is_dataclass(tp):
             built = self.build(tp, value, key + ".")
             return _BAD if built is None else built
-        expected = components._mismatch(value, tp)
+        expected = components.mismatch(value, tp)
         if not expected and tp is int and not -components.INT64_MAX - 1 <= value <= components.INT64_MAX:
             expected = "an integer that fits 64 bits (at most 2**63-1)"
         if not expected and tp is float and isinstance(value, int) and not components.finite_number(value):
