@@ -162,7 +162,7 @@ def argument_problems(
                     (key, f"not an argument of {_name(fn)} ({did_you_mean}it takes: {', '.join(accepted)})")
                 )
             continue
-        expected = _mismatch(value, hints.get(key))
+        expected = mismatch(value, hints.get(key))
         if expected:
             problems.append((key, f"expected {expected}, got {describe(value)}"))
     return problems
@@ -179,7 +179,7 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
 _SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def _mismatch(value: Any, hint: Any) -> str | None:
+def mismatch(value: Any, hint: Any) -> str | None:
     """What `hint` expects, when `value` does not fit it; None when it fits or the hint is not a simple one."""
     if hint is None or hint is Any:
         return None
@@ -188,7 +188,7 @@ def _mismatch(value: Any, hint: Any) -> str | None:
         inner = [a for a in args if a is not type(None)]
         if value is None and len(inner) < len(args):
             return None
-        wants = [_mismatch(value, a) for a in inner]
+        wants = [mismatch(value, a) for a in inner]
         if any(w is None for w in wants):
             return None
         return " or ".join(w for w in wants if w)
@@ -198,7 +198,7 @@ def _mismatch(value: Any, hint: Any) -> str | None:
         if not isinstance(value, (list, tuple)):
             return "a list"
         item = args[0]
-        if any(_mismatch(v, item) for v in value):
+        if any(mismatch(v, item) for v in value):
             return f"a list of {_SIMPLE.get(item, 'values').removeprefix('an ').removeprefix('a ')}s"
         return None
     if hint in _SIMPLE:

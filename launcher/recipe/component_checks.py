@@ -23,7 +23,7 @@ from launcher.data import DataFacts
 from launcher.errors import RecipeError
 
 if TYPE_CHECKING:
-    from launcher.recipe import Recipe
+    from launcher.recipe.schema import Recipe
 
 
 def check_component(

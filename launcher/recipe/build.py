@@ -1,0 +1,250 @@
+"""Typed building: the merged raw mapping becomes a frozen `Recipe`, with every type problem found on the way
+recorded as one `key.path: message` line instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from launcher import components
+from launcher.components import Component, describe
+from launcher.recipe.dialect import deep_merge
+from launcher.recipe.schema import MISSING, DataConfig, Recipe
+
+# Keys a section accepts besides its fields: `data.dataset` is folded into `data.train` and `data.val` first.
+_EXTRA_KEYS: dict[type, tuple[str, ...]] = {DataConfig: ("dataset",)}
+
+
+@dataclass(frozen=True)
+class Built:
+    """What typed building made of a raw recipe, and what later checks need to know of it."""
+
+    recipe: Recipe | None  # None: a required section could not be built
+    bad_keys: list[str]  # keys with a type problem: their values stand at their defaults in `recipe`
+    origin: dict[str, str]  # keys inherited from data.dataset: `data.train.path` -> `data.dataset.path`
+
+    def about_bad_keys(self, problem: str) -> bool:
+        """Whether `problem` is under a key that already has a problem, or names one (a dotted one: a top-level
+        section's name is also a word of prose) in its reasoning ("give train.max_steps or train.max_epochs")."""
+        key, _, message = problem.partition(":")
+        named = [b for b in self.bad_keys if "." in b and re.search(rf"(?<![\w.]){re.escape(b)}(?!\w)", message)]
+        return bool(named) or any(key == bad or key.startswith(bad + ".") for bad in self.bad_keys)
+
+    def relocate(self, problems: list[str]) -> list[str]:
+        """Problems renamed to the keys the user wrote, each reported once."""
+        out: list[str] = []
+        for problem in problems:
+            for inherited, written in self.origin.items():
+                problem = re.sub(re.escape(inherited) + r"(?![\w])", written, problem)
+            if problem not in out:
+                out.append(problem)
+        return out
+
+
+def build_recipe(raw: Mapping[str, Any], source: str, default_name: str, problems: list[str]) -> Built:
+    """The typed recipe built from `raw` (its `name` and `run_dir` defaulted), with each type problem appended to
+    `problems` as `source: key.path: message`."""
+    raw = dict(raw)
+    raw.pop("base", None)
+    origin: dict[str, str] = {}
+    data_problems: list[str] = []
+    if isinstance(raw.get("data"), dict):
+        raw["data"], origin, data_problems = _merge_splits(raw["data"])
+        problems.extend(f"{source}: {p}" for p in data_problems)
+    checker = _Checker(source, problems)
+    if data_problems:  # a bad data.dataset already explains why data.train is missing
+        checker.bad_keys.append("data.train")
+    recipe = checker.build(Recipe, raw, "")
+    if recipe is not None:
+        if not recipe.name:
+            recipe = dataclasses.replace(recipe, name=default_name)
+        if not recipe.run_dir:
+            recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
+    return Built(recipe, checker.bad_keys, origin)
+
+
+def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Fold `data.dataset` into `data.train` and `data.val` (which default to `split: train|val` when a shared
+    dataset is given, so a one-file dataset needs no repetition).
+
+    Also returns where each inherited key came from (`data.train.path` -> `data.dataset.path`), so a problem is
+    reported under the key the user wrote, and the problems with `data.dataset` itself.
+    """
+    data = dict(data)
+    shared = data.pop("dataset", None)
+    origin: dict[str, str] = {}
+    if shared is None:
+        return data, origin, []
+    if isinstance(shared, str):
+        shared = {"_component_": shared}
+    if not isinstance(shared, dict):
+        return data, origin, [f"data.dataset: expected a _component_ section or a name, got {describe(shared)}"]
+    for split in ("train", "val"):
+        if split in data and data[split] is None:
+            continue  # `val: null` turns validation off
+        own = data.get(split, {"split": split})
+        if isinstance(own, str):
+            own = {"_component_": own}
+        if not isinstance(own, dict):
+            continue  # left for the checker to report
+        # A split naming another component does not inherit the shared one's arguments.
+        replaced = "_component_" in own and own["_component_"] != shared.get("_component_")
+        data[split] = copy.deepcopy(own) if replaced else deep_merge(shared, own)
+        for key in shared:
+            if key not in own and not replaced:
+                origin[f"data.{split}.{key}"] = f"data.dataset.{key}"
+    return data, origin, []
+
+
+class _Checker:
+    """Builds frozen dataclasses from raw mappings, recording every type problem instead of stopping at the first.
+
+    A field whose value is wrong is built with its default (and its key kept in `bad_keys`), so the rest of the
+    recipe can still be checked; a required field that is wrong leaves its section unbuilt.
+    """
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        self.bad_keys: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {message}")
+        self.bad_keys.append(key)
+
+    def build(self, cls: type, raw: Any, prefix: str) -> Any:
+        if not isinstance(raw, Mapping):
+            self.problem(
+                prefix.rstrip(".") or "(top level)", f"expected a section (a mapping of keys), got {describe(raw)}"
+            )
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        self.unknown_keys(raw, [*fields, *_EXTRA_KEYS.get(cls, ())], prefix)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        ok = True
+        for name, f in fields.items():
+            key = f"{prefix}{name}"
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if name in raw:
+                value = self.convert(raw[name], hints[name], key)
+                if value is not _BAD:
+                    values[name] = value
+                elif required:
+                    ok = False
+            elif required:
+                if key not in self.bad_keys:
+                    self.problem(key, "missing required value")
+                ok = False
+        return cls(**values) if ok else None
+
+    def unknown_keys(self, raw: Mapping[str, Any], known: list[str], prefix: str) -> None:
+        for key in raw:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+                where = prefix.rstrip(".") or "a recipe"
+                self.problem(f"{prefix}{key}", f"unknown key ({did_you_mean}{where} takes: {', '.join(known)})")
+
+    def convert(self, value: Any, tp: Any, key: str) -> Any:
+        if isinstance(value, str) and value == MISSING:
+            self.problem(key, f"missing required value (give it on the command line: {key}=...)")
+            return _BAD
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.convert(value, inner[0], key)
+        if origin is Literal:
+            return self.literal(value, args, key)
+        if origin is tuple:
+            return self.names(value, key)
+        if tp is Component:
+            return self.component(value, key)
+        if dataclasses.is_dataclass(tp):
+            built = self.build(tp, value, key + ".")
+            return _BAD if built is None else built
+        return self.scalar(value, tp, key)
+
+    def literal(self, value: Any, choices: tuple[Any, ...], key: str) -> Any:
+        if value in choices:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in choices], n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        self.problem(key, f"expected one of: {', '.join(map(str, choices))}; got {describe(value)}{did_you_mean}")
+        return _BAD
+
+    def names(self, value: Any, key: str) -> Any:
+        """A list of names; one name alone is a list of one."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(key, f"expected a list of names, got {describe(value)}")
+            return _BAD
+        return tuple(value)
+
+    def scalar(self, value: Any, tp: Any, key: str) -> Any:
+        expected = components.mismatch(value, tp)
+        if not expected and tp is int and not -components.INT64_MAX - 1 <= value <= components.INT64_MAX:
+            expected = "an integer that fits 64 bits (at most 2**63-1)"
+        if not expected and tp is float and isinstance(value, int) and not components.finite_number(value):
+            expected = "a number within a float's range"
+        if expected:
+            self.problem(key, f"expected {expected}, got {describe(value)}")
+            return _BAD
+        return float(value) if tp is float else value
+
+    def component(self, value: Any, key: str) -> Any:
+        if isinstance(value, str):
+            return Component(value)
+        if not isinstance(value, Mapping):
+            self.problem(key, f"expected a _component_ section or a name, got {describe(value)}")
+            return _BAD
+        kwargs = {k: v for k, v in value.items() if k != "_component_"}
+        misspelt = [k for k in kwargs if _looks_like_component_key(str(k), "_component_" in value)]
+        for k in misspelt:
+            self.problem(f"{key}.{k}", "unknown key (did you mean '_component_'?)")
+            del kwargs[k]
+        if not self.component_target(value, key, misspelt):
+            return _BAD
+        ok = True  # misspelt keys are left out: the rest of the component can still be checked
+        for k, v in kwargs.items():
+            if isinstance(v, str) and v == MISSING:
+                self.problem(f"{key}.{k}", f"missing required value (give it on the command line: {key}.{k}=...)")
+                ok = False
+        return Component(value["_component_"], types.MappingProxyType(copy.deepcopy(kwargs))) if ok else _BAD
+
+    def component_target(self, value: Mapping[str, Any], key: str, misspelt: list[str]) -> bool:
+        """Whether the section's `_component_` is given, and a name; a problem recorded if not."""
+        target = value.get("_component_")
+        if "_component_" not in value:
+            if not misspelt:  # the misspelt key is the same problem
+                self.problem(f"{key}._component_", "missing required value (a short name or a dotted path)")
+            return False
+        if not isinstance(target, str) or not target.strip():
+            what = "an empty string" if isinstance(target, str) else describe(target)
+            self.problem(f"{key}._component_", f"expected a string (a short name or a dotted path), got {what}")
+            return False
+        return True
+
+
+def _looks_like_component_key(key: str, present: bool) -> bool:
+    """`_componnt_`, `_component`, Hydra's `_target_`; without any `_component_`, also `component`, `compnent`."""
+    if key == "_target_":
+        return True
+    if present and not (key.startswith("_") or key.endswith("_")):
+        return False  # an argument that happens to look like the word
+    return bool(difflib.get_close_matches(key, ["_component_"], n=1, cutoff=0.8))
+
+
+_BAD = object()

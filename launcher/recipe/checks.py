@@ -1,0 +1,186 @@
+"""Checks of values a type cannot express: ranges, combinations of sections, components that would not import or
+build, missing files and, optionally, what this machine cannot do. Each problem is `key.path: message`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from launcher import components, strategies
+from launcher.recipe import component_checks
+from launcher.recipe.schema import (
+    BUILT_IN_TRACKERS,
+    TRACKERS,
+    DeepSpeedConfig,
+    FSDPConfig,
+    LoggingConfig,
+    Recipe,
+    TrainConfig,
+)
+
+MAX_WORKERS = 256  # DataLoader worker processes per training process; each holds a copy of the dataset
+MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the timeout, ends a little further
+
+
+def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = True) -> list[str]:
+    """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
+    return [
+        *_check_train(recipe.train),
+        *(_check_machine(recipe) if this_machine else []),
+        *_check_strategy(recipe),
+        *_check_components(recipe, check_files, this_machine),
+        *_check_evaluation(recipe),
+        *_check_logging(recipe.logging, check_files),
+        *_check_resume(recipe.resume),
+    ]
+
+
+def _check_train(t: TrainConfig) -> list[str]:
+    problems = []
+    if t.max_steps is None and t.max_epochs is None:
+        problems.append("train: give train.max_steps or train.max_epochs")
+    problems += _at_least(
+        ("train.max_steps", t.max_steps, 1),
+        ("train.max_epochs", t.max_epochs, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
+    )
+    if not 0 <= t.seed < components.SEED_LIMIT:
+        problems.append(f"train.seed: must be in [0, 2**32) (numpy takes 32-bit seeds), got {t.seed}")
+    if t.max_time_s is not None and not t.max_time_s > 0:
+        problems.append(f"train.max_time_s: must be > 0, got {t.max_time_s}")
+    if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
+        problems.append(f"train.clip_grad_norm: must be > 0, or null for no clipping; got {t.clip_grad_norm}")
+    return problems
+
+
+def _at_least(*checks: tuple[str, int | None, int]) -> list[str]:
+    return [f"{key}: must be >= {low}, got {value}" for key, value, low in checks if value is not None and value < low]
+
+
+def _check_machine(recipe: Recipe) -> list[str]:
+    """What this machine cannot do (the same checks run again where the run starts: loop.preflight)."""
+    if recipe.train.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU"]
+    return []
+
+
+def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> list[str]:
+    d = recipe.data
+    problems = _at_least(("data.num_workers", d.num_workers, 0))
+    if d.num_workers > MAX_WORKERS:
+        problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
+    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
+    problems += found
+    if d.val is not None:
+        problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
+    if facts is not None:
+        processes = component_checks.launched_processes() if this_machine else 1
+        problems += component_checks.check_batches(recipe, facts.samples, processes)
+    problems += component_checks.check_model(recipe, facts, this_machine)
+    problems += component_checks.check_loss(recipe)
+    problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
+    problems += component_checks.check_scheduler(recipe.scheduler)
+    return problems
+
+
+def _check_evaluation(recipe: Recipe) -> list[str]:
+    """Evaluation, and what watches its metrics: early stopping and the best checkpoints."""
+    e, c, es = recipe.eval, recipe.checkpoint, recipe.early_stopping
+    problems = _at_least(
+        ("eval.every_steps", e.every_steps, 1),
+        ("eval.max_batches", e.max_batches, 1),
+        ("eval.batch_size", e.batch_size, 1),
+        ("checkpoint.keep_last", c.keep_last, 1),
+        ("checkpoint.every_steps", c.every_steps, 1),
+        ("checkpoint.keep_best", c.keep_best, 0),
+    )
+    evaluates = recipe.data.val is not None and (e.every_steps is not None or e.every_epoch)
+    metrics = component_checks.evaluation_metrics(recipe.loss)
+    if es is not None:
+        problems += _at_least(("early_stopping.patience", es.patience, 0))
+        if not es.min_delta >= 0:
+            problems.append(f"early_stopping.min_delta: must be >= 0, got {es.min_delta}")
+        problems += _monitor_problems("early_stopping.monitor", es.monitor, metrics)
+        if not evaluates:
+            problems.append(
+                "early_stopping: needs evaluation: set data.val and eval.every_steps or eval.every_epoch, "
+                "or early_stopping=null"
+            )
+    if c.keep_best:
+        problems += _monitor_problems("checkpoint.monitor", c.monitor, metrics)
+        if not evaluates:
+            problems.append("checkpoint.keep_best: needs evaluation: set data.val and eval.every_steps or every_epoch")
+    return problems
+
+
+def _monitor_problems(key: str, name: str, metrics: tuple[str, ...] | None) -> list[str]:
+    """A monitored metric the evaluation will produce: the line training would give at its first evaluation.
+    `metrics` None: not known before training (a loss built by a function), so any validation metric goes."""
+    if metrics is None:
+        if name.startswith("val/"):
+            return []
+        return [f"{key}: expected a validation metric such as val/loss or val/accuracy, got {name!r}"]
+    if name not in metrics:
+        return [f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(metrics))})"]
+    return []
+
+
+def _check_logging(lg: LoggingConfig, check_files: bool) -> list[str]:
+    problems = _at_least(("logging.every_steps", lg.every_steps, 1))
+    for name in lg.trackers:
+        if name not in TRACKERS:
+            problems.append(f"logging.trackers: unknown tracker {name!r}; expected some of: {', '.join(TRACKERS)}")
+        elif check_files and name not in BUILT_IN_TRACKERS and importlib.util.find_spec(name) is None:
+            problems.append(
+                f"logging.trackers: {name} is not installed here (pip install {name.replace('_', '-')}), "
+                "or leave it out of the list"
+            )
+    return problems
+
+
+def _check_resume(resume: str) -> list[str]:
+    by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()
+    if resume in ("none", "auto") or Path(resume).is_dir() or by_name:
+        return []
+    return [
+        f"resume: expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a "
+        "directory"
+    ]
+
+
+def _check_strategy(recipe: Recipe) -> list[str]:
+    s, t = recipe.strategy, recipe.train
+    problems = []
+    if not 0 < s.timeout_s <= MAX_TIMEOUT_S:
+        problems.append(f"strategy.timeout_s: must be > 0 and at most {MAX_TIMEOUT_S:g} seconds, got {s.timeout_s}")
+    for section, default in (("fsdp", FSDPConfig()), ("deepspeed", DeepSpeedConfig())):
+        if s.name != section and getattr(s, section) != default:
+            problems.append(f"strategy.{section}: set, but strategy.name is {s.name}; set strategy.name={section}")
+    if s.sharded and recipe.checkpoint.async_save:
+        problems.append(
+            f"checkpoint.async_save: not available with strategy.name={s.name} (every process writes its shard, "
+            "together); set it to false"
+        )
+    if s.name == "fsdp" and t.mixed_precision == "fp16":
+        problems.append("train.mixed_precision: fp16 is not supported with strategy.name=fsdp; use bf16")
+    if s.name == "deepspeed":
+        ds = s.deepspeed
+        if ds.offload_params and ds.zero_stage != 3:
+            problems.append(f"strategy.deepspeed.offload_params: needs zero_stage 3, got {ds.zero_stage}")
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append("strategy.name: deepspeed needs the deepspeed package: pip install 'launcher[deepspeed]'")
+        if ds.config is not None:
+            user, problem = strategies.read_user_config(ds.config)
+            if problem:
+                problems.append(f"strategy.deepspeed.config: {problem}")
+            else:
+                found = strategies.user_config_problems(recipe, user or {})
+                problems.extend(f"strategy.deepspeed.config: {ds.config} {p}" for p in found)
+    return problems

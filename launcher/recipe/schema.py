@@ -1,0 +1,173 @@
+"""The recipe's schema: frozen dataclasses of plain values, one per section, and how a recipe is written back out.
+
+Nothing here reads or checks a recipe (see `dialect`, `build` and `checks`); other modules (strategies, the loop)
+import the types from here without pulling in the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from launcher.components import Component
+
+MISSING = "???"  # a value the user must give, on the command line or in a recipe that inherits this one
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`dataset` holds arguments shared by both splits; `train` and `val` are merged on top of it."""
+
+    train: Component
+    val: Component | None = None
+    num_workers: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    clip_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    max_nonfinite_steps: int = 3  # consecutive skipped updates (non-finite loss or gradient) before the run stops
+    max_time_s: float | None = None  # wall-time budget: stop, on every rank at the same step, once it is spent
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int | None = None
+    every_epoch: bool = True
+    max_batches: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 5
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int | None = None
+    save_final: bool = True
+    keep_last: int = 3
+    keep_best: int = 0  # also keep this many step checkpoints with the best `monitor`
+    async_save: bool = False  # write in a background thread: training waits for a copy in memory, not the disk
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10
+    trackers: tuple[str, ...] = ("tensorboard", "jsonl")
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class FSDPConfig:
+    """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across processes."""
+
+    wrap: tuple[str, ...] = ()  # module classes sharded as units of their own (e.g. Block); the root always is one
+    reshard_after_forward: bool = True  # free gathered parameters after forward (less memory, one more all-gather)
+    activation_checkpointing: bool = False  # recompute each `wrap` unit's activations in backward
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in host memory
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # parameters in host memory between uses (ZeRO-3 only)
+    config: str | None = None  # a DeepSpeed JSON file merged into the config generated from the recipe
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    find_unused_parameters: bool = False  # ddp
+    timeout_s: float = 1800.0  # how long a collective waits for a peer before the run gives up on it
+    fsdp: FSDPConfig = FSDPConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether every process holds only its shard of the training state (and writes it in checkpoints)."""
+        return self.name != "ddp"
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults for `launcher slurm submit` (its flags win)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    max_requeues: int = 3  # times a job stopped by SLURM's warning or the stop file requeues itself
+    signal_before_s: int = 120  # SLURM warns the job (SIGUSR1) this long before its end
+    stop_before_end_s: int = 0  # stop and save this long before the job's end even without a signal (0: off)
+    sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["--qos=high", "--constraint=h100"]
+    setup: tuple[str, ...] = ()  # shell lines run first in the job: module load ..., source .venv/bin/activate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    name: str = ""
+    run_dir: str = ""
+    resume: str = "none"
+    model: Component
+    data: DataConfig
+    loss: Component = Component("cross_entropy")
+    optimizer: Component
+    scheduler: Component = Component("constant")
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready values: what `--print-recipe` prints and the run dir keeps."""
+        return _plain(self)
+
+
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+BUILT_IN_TRACKERS = ("jsonl", "tensorboard")  # the others are their own packages, installed by the user
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Component):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
