@@ -12,8 +12,6 @@ from launcher.recipe import component_checks
 from launcher.recipe.schema import (
     BUILT_IN_TRACKERS,
     TRACKERS,
-    DeepSpeedConfig,
-    FSDPConfig,
     LoggingConfig,
     Recipe,
     TrainConfig,
@@ -156,31 +154,8 @@ def _check_resume(resume: str) -> list[str]:
 
 
 def _check_strategy(recipe: Recipe) -> list[str]:
-    s, t = recipe.strategy, recipe.train
+    s = recipe.strategy
     problems = []
     if not 0 < s.timeout_s <= MAX_TIMEOUT_S:
         problems.append(f"strategy.timeout_s: must be > 0 and at most {MAX_TIMEOUT_S:g} seconds, got {s.timeout_s}")
-    for section, default in (("fsdp", FSDPConfig()), ("deepspeed", DeepSpeedConfig())):
-        if s.name != section and getattr(s, section) != default:
-            problems.append(f"strategy.{section}: set, but strategy.name is {s.name}; set strategy.name={section}")
-    if s.sharded and recipe.checkpoint.async_save:
-        problems.append(
-            f"checkpoint.async_save: not available with strategy.name={s.name} (every process writes its shard, "
-            "together); set it to false"
-        )
-    if s.name == "fsdp" and t.mixed_precision == "fp16":
-        problems.append("train.mixed_precision: fp16 is not supported with strategy.name=fsdp; use bf16")
-    if s.name == "deepspeed":
-        ds = s.deepspeed
-        if ds.offload_params and ds.zero_stage != 3:
-            problems.append(f"strategy.deepspeed.offload_params: needs zero_stage 3, got {ds.zero_stage}")
-        if importlib.util.find_spec("deepspeed") is None:
-            problems.append("strategy.name: deepspeed needs the deepspeed package: pip install 'launcher[deepspeed]'")
-        if ds.config is not None:
-            user, problem = strategies.read_user_config(ds.config)
-            if problem:
-                problems.append(f"strategy.deepspeed.config: {problem}")
-            else:
-                found = strategies.user_config_problems(recipe, user or {})
-                problems.extend(f"strategy.deepspeed.config: {ds.config} {p}" for p in found)
-    return problems
+    return problems + strategies.recipe_problems(recipe)

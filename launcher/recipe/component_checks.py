@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher import components, schedules
+from launcher import components, guards, schedules
 from launcher.components import INT64_MAX, Component, describe, finite_number
 from launcher.data import DataFacts
 from launcher.errors import RecipeError
@@ -114,7 +114,7 @@ def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
 def launched_processes() -> int:
     """The world size this process was launched into (1 when not launched, or when the variable is garbled)."""
     try:
-        return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+        return max(guards.launched_world(os.environ), 1)
     except ValueError:
         return 1
 

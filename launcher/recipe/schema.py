@@ -104,11 +104,6 @@ class StrategyConfig:
     fsdp: FSDPConfig = FSDPConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
-    @property
-    def sharded(self) -> bool:
-        """Whether every process holds only its shard of the training state (and writes it in checkpoints)."""
-        return self.name != "ddp"
-
 
 @dataclass(frozen=True)
 class SlurmConfig:

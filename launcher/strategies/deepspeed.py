@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.recipe.dialect import deep_merge
 from launcher.strategies.base import DDP
 from launcher.strategies.memory import state_bytes
 
@@ -158,8 +159,6 @@ def deepspeed_config(recipe: Recipe, processes: int, user: Mapping[str, Any] | N
         "steps_per_print": 2**31 - 1,  # progress is the launcher's to report
         "wall_clock_breakdown": False,
     }
-    from launcher.recipe import deep_merge  # TODO-merge: launcher.recipe.dialect
-
     return deep_merge(dict(user or {}), generated)
 
 
