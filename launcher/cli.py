@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError, RunFailed, say
+from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR
 
 EXIT_BAD_INPUT = 2
-CKPT_PREFIXES = ("step_", ".tmp-step_", ".old-step_")  # checkpoints, and the saves a crash interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,10 +291,11 @@ def ckpt_info_command(path_text: str) -> int:
     path = checkpoint.resolve(Path(path_text))
     if not path.is_dir():
         raise RecipeError(f"{path_text}: no such checkpoint, checkpoints folder or run dir")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    if (path / CHECKPOINTS_DIR).is_dir():
+        path = path / CHECKPOINTS_DIR
     one = _is_one_checkpoint(path)
-    dirs = [path] if one else [c for c in sorted(path.iterdir()) if c.is_dir() and c.name.startswith(CKPT_PREFIXES)]
+    prefixes = CHECKPOINT_PREFIXES
+    dirs = [path] if one else [c for c in sorted(path.iterdir()) if c.is_dir() and c.name.startswith(prefixes)]
     if not dirs:
         raise RecipeError(f"{path_text}: holds no checkpoint")
     infos = [checkpoint.summary(d) for d in dirs]
@@ -313,7 +314,7 @@ def _is_one_checkpoint(path: Path) -> bool:
     from launcher import checkpoint, shards
 
     held = (checkpoint.STATE_FILE, checkpoint.WEIGHTS_FILE, shards.DCP_DIR, shards.DEEPSPEED_DIR)
-    return path.name.startswith(CKPT_PREFIXES) or any((path / name).exists() for name in held)
+    return path.name.startswith(CHECKPOINT_PREFIXES) or any((path / name).exists() for name in held)
 
 
 def _format_info(info: dict) -> str:
