@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError, RunFailed, say
-from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR
+from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR, DCP_DIR, DEEPSPEED_DIR, STATE_FILE, WEIGHTS_FILE
 
 EXIT_BAD_INPUT = 2
 
@@ -311,9 +311,7 @@ def ckpt_info_command(path_text: str) -> int:
 
 def _is_one_checkpoint(path: Path) -> bool:
     """A checkpoint (complete, damaged or interrupted), not a folder of them."""
-    from launcher import checkpoint, shards
-
-    held = (checkpoint.STATE_FILE, checkpoint.WEIGHTS_FILE, shards.DCP_DIR, shards.DEEPSPEED_DIR)
+    held = (STATE_FILE, WEIGHTS_FILE, DCP_DIR, DEEPSPEED_DIR)
     return path.name.startswith(CHECKPOINT_PREFIXES) or any((path / name).exists() for name in held)
 
 
@@ -342,7 +340,8 @@ def _size(info: dict) -> str:
 
 
 def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
-    from launcher import checkpoint, integrity
+    from launcher import checkpoint
+    from launcher.checkpoint import integrity
 
     path, out = checkpoint.resolve(Path(path_text)), Path(out_text)
     if not checkpoint.is_complete(path):
@@ -357,7 +356,7 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
     if problem:
         raise RecipeError(f"{path}: damaged: {problem}")
     _quiet_deepspeed()
-    from launcher.shards import UnsafeCheckpoint
+    from launcher.checkpoint.shards import UnsafeCheckpoint
 
     try:
         count = checkpoint.export(path, out)

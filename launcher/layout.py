@@ -39,6 +39,7 @@ TMP_PREFIX = ".tmp-"  # a save under way (or interrupted): renamed into place on
 OLD_PREFIX = ".old-"  # the directory a save replaces, moved aside until the new one is in place
 UNIVERSAL_PREFIX = ".universal-"  # a DeepSpeed checkpoint converted for another world size, while it is loaded
 CHECKPOINT_PREFIXES = (STEP_PREFIX, TMP_PREFIX + STEP_PREFIX, OLD_PREFIX + STEP_PREFIX)  # saves a crash interrupted
+LATEST, BEST = "latest", "best"  # `<checkpoints>/latest` and `/best` name checkpoints (looked up, no links)
 
 
 def step_dir_name(step: int) -> str:

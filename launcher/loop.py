@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from launcher import checkpoint, components, consensus, guards, plan, runlock, schedules, strategies
+from launcher.checkpoint import integrity
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError, RunFailed, Throttled, say
 from launcher.layout import (
@@ -52,6 +53,9 @@ from launcher.metrics import JsonlWriter, Throughput, environment, flat_hparams,
 from launcher.recipe import Recipe, dump
 from launcher.stepping import Stepper
 from launcher.trackers import tracker_options, trackers, write_pending
+
+# The checkpoint format each strategy writes and reads (see checkpoint/formats.py).
+FORMAT_OF_STRATEGY = {"ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
 
 
 @dataclass
@@ -163,7 +167,7 @@ def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
             raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
         if checkpoint.interrupted(path):
             raise RecipeError(f"resume: {path} is not a complete checkpoint (a save interrupted before its rename)")
-        problem = checkpoint.damage(path)
+        problem = integrity.problems(path)
         if problem:
             raise RecipeError(f"resume: {path}: damaged: {problem}")
         return path
@@ -360,7 +364,7 @@ def train(
     state.schedule_total, state.schedule_batch = budget.schedule_total, budget.schedule_batch
     scheduler = make_scheduler(recipe, stepper.optimizer, budget)
     if resume_from is not None and saved is not None:
-        checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, strategy)
+        checkpoint.load(accelerator, resume_from, model, optimizer, scheduler, FORMAT_OF_STRATEGY[strategy])
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         saved_world = saved.get("world_size", accelerator.num_processes)
         if saved_world != accelerator.num_processes:
@@ -394,7 +398,8 @@ def train(
         if jsonl is not None:
             jsonl.write(state.step, values)
 
-    writer = checkpoint.Writer(accelerator, background=recipe.checkpoint.async_save, strategy=strategy)
+    fmt = FORMAT_OF_STRATEGY[strategy]
+    writer = checkpoint.Writer(accelerator, model, optimizer, scheduler, fmt, background=recipe.checkpoint.async_save)
 
     def save_step() -> None:
         nonlocal last_save_step
@@ -413,9 +418,6 @@ def train(
             best = [list(b) for b in state.best_checkpoints]
             writer.save(
                 recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
-                model,
-                optimizer,
-                scheduler,
                 trainer_state,
                 dump(recipe),
                 after=lambda: checkpoint.prune(recipe.checkpoint_dir, ckpt.keep_last, best),
