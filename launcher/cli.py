@@ -294,8 +294,7 @@ def ckpt_info_command(path_text: str) -> int:
     if (path / CHECKPOINTS_DIR).is_dir():
         path = path / CHECKPOINTS_DIR
     one = _is_one_checkpoint(path)
-    prefixes = CHECKPOINT_PREFIXES
-    dirs = [path] if one else [c for c in sorted(path.iterdir()) if c.is_dir() and c.name.startswith(prefixes)]
+    dirs = [path] if one else _checkpoint_dirs(path)
     if not dirs:
         raise RecipeError(f"{path_text}: holds no checkpoint")
     infos = [checkpoint.summary(d) for d in dirs]
@@ -307,6 +306,11 @@ def ckpt_info_command(path_text: str) -> int:
     if damaged:
         raise RecipeError(f"{path}: {damaged} of {len(infos)} checkpoints damaged")
     return 0
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    """The checkpoints in a folder of them, and the saves a crash interrupted there."""
+    return [c for c in sorted(folder.iterdir()) if c.is_dir() and c.name.startswith(CHECKPOINT_PREFIXES)]
 
 
 def _is_one_checkpoint(path: Path) -> bool:
