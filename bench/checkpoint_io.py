@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from launcher import checkpoint
+from launcher.checkpoint import integrity
 
 
 def build(params_millions: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -84,12 +85,12 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     accelerator = Accelerator(cpu=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    sync_writer = checkpoint.Writer(accelerator)
+    sync_writer = checkpoint.Writer(accelerator, model, optimizer, scheduler)
     ckpt = root / checkpoint.step_dir_name(1)
     pt, st = root / "plain.pt", root / "plain.safetensors"
 
     def launcher_save() -> None:
-        sync_writer.save(ckpt, model, optimizer, scheduler, {"step": 1}, "")
+        sync_writer.save(ckpt, {"step": 1}, "")
 
     def torch_save(sync: bool = True) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, pt)
@@ -121,7 +122,7 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
     sizes = {"launcher": size_of(ckpt), "torch": size_of(pt), "safetensors": size_of(st)}
 
     def launcher_load() -> None:
-        assert checkpoint.damage(ckpt) is None  # a resume checks every file's size and checksum first
+        assert integrity.problems(ckpt) is None  # a resume checks every file's size and checksum first
         checkpoint.load(accelerator, ckpt, model, optimizer, scheduler)
 
     def torch_load() -> None:
@@ -148,12 +149,12 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
 
     stall_rows = []
     for background in (False, True):
-        writer = checkpoint.Writer(accelerator, background=background)
+        writer = checkpoint.Writer(accelerator, model, optimizer, scheduler, background=background)
         stalls, totals = [], []
         for i in range(repeats):
             os.sync()
             start = time.perf_counter()
-            writer.save(root / f"stall-{background}-{i}", model, optimizer, scheduler, {"step": i}, "")
+            writer.save(root / f"stall-{background}-{i}", {"step": i}, "")
             stalls.append(time.perf_counter() - start)
             writer.wait()
             totals.append(time.perf_counter() - start)

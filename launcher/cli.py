@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError, RunFailed, say
+from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR, DCP_DIR, DEEPSPEED_DIR, STATE_FILE, WEIGHTS_FILE
 
 EXIT_BAD_INPUT = 2
-CKPT_PREFIXES = ("step_", ".tmp-step_", ".old-step_")  # checkpoints, and the saves a crash interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,10 +296,10 @@ def ckpt_info_command(path_text: str) -> int:
     path = checkpoint.resolve(Path(path_text))
     if not path.is_dir():
         raise RecipeError(f"{path_text}: no such checkpoint, checkpoints folder or run dir")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    if (path / CHECKPOINTS_DIR).is_dir():
+        path = path / CHECKPOINTS_DIR
     one = _is_one_checkpoint(path)
-    dirs = [path] if one else [c for c in sorted(path.iterdir()) if c.is_dir() and c.name.startswith(CKPT_PREFIXES)]
+    dirs = [path] if one else _checkpoint_dirs(path)
     if not dirs:
         raise RecipeError(f"{path_text}: holds no checkpoint")
     infos = [checkpoint.summary(d) for d in dirs]
@@ -313,12 +313,15 @@ def ckpt_info_command(path_text: str) -> int:
     return 0
 
 
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    """The checkpoints in a folder of them, and the saves a crash interrupted there."""
+    return [c for c in sorted(folder.iterdir()) if c.is_dir() and c.name.startswith(CHECKPOINT_PREFIXES)]
+
+
 def _is_one_checkpoint(path: Path) -> bool:
     """A checkpoint (complete, damaged or interrupted), not a folder of them."""
-    from launcher import checkpoint, shards
-
-    held = (checkpoint.STATE_FILE, checkpoint.WEIGHTS_FILE, shards.DCP_DIR, shards.DEEPSPEED_DIR)
-    return path.name.startswith(CKPT_PREFIXES) or any((path / name).exists() for name in held)
+    held = (STATE_FILE, WEIGHTS_FILE, DCP_DIR, DEEPSPEED_DIR)
+    return path.name.startswith(CHECKPOINT_PREFIXES) or any((path / name).exists() for name in held)
 
 
 def _format_info(info: dict) -> str:
@@ -346,7 +349,8 @@ def _size(info: dict) -> str:
 
 
 def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
-    from launcher import checkpoint, integrity
+    from launcher import checkpoint
+    from launcher.checkpoint import integrity
 
     path, out = checkpoint.resolve(Path(path_text)), Path(out_text)
     if not checkpoint.is_complete(path):
@@ -361,7 +365,7 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
     if problem:
         raise RecipeError(f"{path}: damaged: {problem}")
     _quiet_deepspeed()
-    from launcher.shards import UnsafeCheckpoint
+    from launcher.checkpoint.shards import UnsafeCheckpoint
 
     try:
         count = checkpoint.export(path, out)

@@ -19,12 +19,51 @@ HISTORY_FILE = "history.jsonl"  # one line per attempt's start and end: what `la
 SLURM_ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per start of the job, and per requeue
 LOCK_FILE = ".lock"  # held by a live run's main process: one run per run dir (see runlock.py)
 LOCK_HOLDER_FILE = ".lock_holder.json"  # who holds it: host, pid, SLURM job
-STATE_FILE = "trainer_state.json"  # in a checkpoint, written last: its presence makes the checkpoint complete
-STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKPOINTS_DIR = "checkpoints"  # in the run dir, unless the recipe's checkpoint.dir names another folder
+
+# In a checkpoint (a step dir).
+STATE_FILE = "trainer_state.json"  # written last: its presence makes the checkpoint complete
+WEIGHTS_FILE = "model.safetensors"  # `full` format (DDP, one process)
+OPTIMIZER_FILE = "optimizer.safetensors"  # `full` format
+OLD_OPTIMIZER_FILE = "optimizer.pt"  # written by launcher 0.1.0 before optimizer.safetensors
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"  # fp16 only
+RNG_FILE = "rng.pt"  # every rank's RNG state
+DCP_DIR = "dcp"  # `dcp` format (FSDP): every process's shard
+DEEPSPEED_DIR = "deepspeed"  # `deepspeed` format: the tag of DeepSpeed's checkpoint, its ZeRO partitions
+
+# Step dirs, and the hidden siblings a save or resume makes of one (`.tmp-step_00000400`).
+STEP_PREFIX = "step_"
+STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+TMP_PREFIX = ".tmp-"  # a save under way (or interrupted): renamed into place once complete
+OLD_PREFIX = ".old-"  # the directory a save replaces, moved aside until the new one is in place
+UNIVERSAL_PREFIX = ".universal-"  # a DeepSpeed checkpoint converted for another world size, while it is loaded
+CHECKPOINT_PREFIXES = (STEP_PREFIX, TMP_PREFIX + STEP_PREFIX, OLD_PREFIX + STEP_PREFIX)  # saves a crash interrupted
+LATEST, BEST = "latest", "best"  # `<checkpoints>/latest` and `/best` name checkpoints (looked up, no links)
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def tmp_dir(path: Path) -> Path:
+    """Where `path` is built before it is renamed into place."""
+    return path.parent / f"{TMP_PREFIX}{path.name}"
+
+
+def old_dir(path: Path) -> Path:
+    """Where `path` is moved aside while a new one replaces it."""
+    return path.parent / f"{OLD_PREFIX}{path.name}"
+
+
+def universal_dir(path: Path) -> Path:
+    """Where a DeepSpeed checkpoint at `path` is converted to DeepSpeed's universal format."""
+    return path.parent / f"{UNIVERSAL_PREFIX}{path.name}"
+
+
+def is_interrupted_name(name: str) -> bool:
+    """A directory name that a save still under way, or interrupted, leaves."""
+    return name.startswith((TMP_PREFIX, OLD_PREFIX))
 
 
 def is_complete(path: Path) -> bool:

@@ -19,6 +19,7 @@ import yaml
 from launcher.diagnosis import MIN_TRAIN_POINTS, Curves, Finding, diagnose
 from launcher.errors import RecipeError
 from launcher.layout import (
+    CHECKPOINTS_DIR,
     ENV_FILE,
     HISTORY_FILE,
     LAST_RUN_FILE,
@@ -100,7 +101,7 @@ def read_run(path: Path) -> Run:
     run.last_run = read_json(path / LAST_RUN_FILE)
     run.history = read_jsonl(path / HISTORY_FILE)
     run.slurm_events = read_jsonl(path / "slurm" / SLURM_ATTEMPTS_FILE)
-    ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / "checkpoints")
+    ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / CHECKPOINTS_DIR)
     run.checkpoints = complete_steps(ckpt_dir)
     if run.checkpoints:
         state = read_json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError
-from launcher.layout import LAST_RUN_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
+from launcher.layout import CHECKPOINTS_DIR, LAST_RUN_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -221,7 +221,7 @@ def status(run_dir: Path) -> dict[str, Any]:
         proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
         state = proc.stdout.strip() or None
     recipe_file = run_dir / RECIPE_FILE
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
     if recipe_file.is_file():
         ckpt_dir = load_recipe(recipe_file, check_files=False, this_machine=False).checkpoint_dir
     last_checkpoint = checkpoint.latest(ckpt_dir)

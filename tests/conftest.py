@@ -32,7 +32,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def reseal(checkpoint_dir: Path) -> None:
     """Record a checkpoint's files anew in its manifest, as whoever tampered with a file can: a test of what the
     loaders refuse then reaches them past the checksums (which catch accidents, not attackers)."""
-    from launcher import integrity
+    from launcher.checkpoint import integrity
 
     state_file = checkpoint_dir / "trainer_state.json"
     state = json.loads(state_file.read_text())

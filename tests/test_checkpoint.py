@@ -55,6 +55,6 @@ def test_replacing_a_directory_never_leaves_neither(tmp_path: Path):
     new = tmp_path / ".tmp-best"
     new.mkdir()
     (new / "v").write_text("new")
-    checkpoint._replace_dir(new, target)
+    checkpoint.replace_dir(new, target)
     assert (target / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

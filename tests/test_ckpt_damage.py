@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
-from launcher import checkpoint, integrity
+from launcher import checkpoint
+from launcher.checkpoint import integrity
 from launcher.cli import main
 
 RUN = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "eval.every_steps=null"]
@@ -264,7 +265,7 @@ def test_a_checkpoint_written_before_manifests_is_still_accepted(
     run_dir = copy_of(trained, "ddp", tmp_path)
     ckpt = run_dir / "checkpoints" / NEWEST
     strip_manifest(ckpt)
-    assert checkpoint.damage(ckpt) is None
+    assert integrity.problems(ckpt) is None
     assert checkpoint.latest_intact(run_dir / "checkpoints") == (ckpt, [])
     capsys.readouterr()
     assert main(["ckpt", "info", str(ckpt)]) == 0

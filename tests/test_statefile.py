@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import statefile
+from launcher.checkpoint import statefile
 
 
 def trained_optimizer() -> torch.optim.Optimizer:

@@ -7,7 +7,7 @@ inside safetensors, torch or DeepSpeed with a traceback, or worse, load garbage 
 names the damaged file in one line instead.
 
 CRC-32 guards against accidents, not attackers: whoever can change a file can change the manifest too; what keeps a
-crafted file from running code is that nothing is unpickled (`checkpoint.py`, `shards.py`).
+crafted file from running code is that nothing is unpickled (`formats.py`, `shards.py`).
 
 No torch here: `launcher ckpt info` checks checkpoints without loading them.
 """

@@ -27,10 +27,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
-from launcher.integrity import Damaged, reason
-
-DCP_DIR = "dcp"
-DEEPSPEED_DIR = "deepspeed"  # the tag of DeepSpeed's checkpoint: its files land in <checkpoint>/deepspeed/
+from launcher.checkpoint.integrity import Damaged, reason
+from launcher.layout import DEEPSPEED_DIR
 
 
 class UnsafeCheckpoint(Exception):

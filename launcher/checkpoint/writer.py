@@ -1,0 +1,212 @@
+"""Writing checkpoints: atomic directories.
+
+A checkpoint is built under a hidden temporary name (`.tmp-step_00000400`), synced to disk and renamed into place,
+so a crash at any moment leaves either the whole directory or none of it. `trainer_state.json`, written last,
+records every other file's size and checksum (`integrity.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from launcher.checkpoint import integrity
+from launcher.checkpoint.formats import FORMATS, host_copy
+from launcher.layout import RECIPE_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE, old_dir, tmp_dir
+
+
+class Writer:
+    """Saves checkpoints of one model, optimizer and scheduler in format `fmt` (see `formats.py`). Every rank calls
+    `save`; each hands its RNG state to the main process. With an unsharded format the main process alone writes
+    (other ranks write nothing into the directory); with a sharded one every rank first writes its shard into the
+    temporary directory, then the main process completes it.
+
+    With `background`, the main process copies what it saves to host memory and writes it in a thread while
+    training goes on: training stalls for the copy, not for the disk. One write is in flight at a time; `wait`
+    blocks until it is on disk (and raises what it failed with).
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        fmt: str = "full",
+        background: bool = False,
+    ):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.format = FORMATS[fmt]
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(
+        self,
+        path: Path,
+        trainer_state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
+        rng_states = _gather_rng(self.accelerator)
+        state = {**trainer_state, "world_size": self.accelerator.num_processes, "format": self.format.name}
+        if self.format.sharded:
+            self._save_shards(path, state, recipe_text, after, rng_states)
+        else:
+            self._save_main(path, state, recipe_text, after, rng_states)
+
+    def _save_main(
+        self,
+        path: Path,
+        state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None],
+        rng_states: list[dict[str, Any]],
+    ) -> None:
+        """The main process alone writes (the others wait for it unless it writes in the background)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.wait()
+            scaler = accelerator.scaler
+            # A background write needs copies that later steps cannot change; a synchronous one writes the live
+            # tensors (copied only off an accelerator), which spares a copy of the whole state.
+            copy = self.background
+            model_state = self.format.snapshot(accelerator, self.model, self.optimizer, copy)
+            snapshot = {
+                SCHEDULER_FILE: host_copy(self.scheduler.state_dict(), copy),
+                RNG_FILE: {"ranks": rng_states},
+                **({SCALER_FILE: host_copy(scaler.state_dict(), copy)} if scaler is not None else {}),
+            }
+            job = functools.partial(self._write_main, path, model_state, snapshot, state, recipe_text, after)
+            if self.background:
+                self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+                self.thread.start()
+            else:
+                job()
+        if not self.background:
+            accelerator.wait_for_everyone()
+
+    def _write_main(
+        self,
+        path: Path,
+        model_state: Any,
+        snapshot: dict[str, Any],
+        state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None],
+    ) -> None:
+        """The main process's checkpoint: model and optimizer state, then the rest (`_complete`)."""
+        self.format.write_snapshot(_fresh_tmp(path), model_state)
+        _complete(path, snapshot, state, recipe_text, after)
+
+    def _save_shards(
+        self,
+        path: Path,
+        state: dict[str, Any],
+        recipe_text: str,
+        after: Callable[[], None],
+        rng_states: list[dict[str, Any]],
+    ) -> None:
+        """Every rank writes its shard, then the main process completes the checkpoint."""
+        accelerator = self.accelerator
+        tmp = _fresh_tmp(path) if accelerator.is_main_process else tmp_dir(path)
+        accelerator.wait_for_everyone()
+        self.format.write_shards(tmp, self.model, self.optimizer)
+        accelerator.wait_for_everyone()  # every shard is written
+        if accelerator.is_main_process:
+            self.format.tidy(tmp)
+            snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), RNG_FILE: {"ranks": rng_states}}
+            _complete(path, snapshot, state, recipe_text, after)
+        accelerator.wait_for_everyone()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the training thread by `wait`
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _complete(
+    path: Path,
+    snapshot: dict[str, Any],
+    trainer_state: dict[str, Any],
+    recipe_text: str,
+    after: Callable[[], None],
+) -> None:
+    """Complete the checkpoint in `path`'s temporary directory (the weights or shards are there already), then
+    rename it into place and run `after`."""
+    tmp = tmp_dir(path)
+    for name, value in snapshot.items():
+        torch.save(value, tmp / name)
+    (tmp / RECIPE_FILE).write_text(recipe_text)
+    # Every file is in place (other ranks' shards too): their sizes and checksums go into the file that completes it.
+    trainer_state = {**trainer_state, integrity.MANIFEST_KEY: integrity.manifest(tmp)}
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    _sync(tmp)  # on disk before the rename makes the directory count as complete
+    replace_dir(tmp, path)
+    after()
+
+
+def _fresh_tmp(path: Path) -> Path:
+    """`path`'s temporary directory, empty."""
+    tmp = tmp_dir(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier save of the same step
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return list(gather_object([rng])) if accelerator.num_processes > 1 else [rng]
+
+
+def _sync(directory: Path) -> None:
+    """Every file (shards other ranks wrote included) and directory under `directory` on disk."""
+    for item in [*sorted(directory.rglob("*"), reverse=True), directory]:
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fd = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put `new` at `path`; an older directory there is moved aside first and removed only afterwards."""
+    old = old_dir(path)
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
