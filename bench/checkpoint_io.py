@@ -23,7 +23,9 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -78,19 +80,48 @@ def size_of(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
+@dataclass
+class Setup:
+    """The model and optimizer measured, and where the files go."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Accelerator
+    root: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / checkpoint.step_dir_name(1)
+
+    @property
+    def pt(self) -> Path:
+        return self.root / "plain.pt"
+
+    @property
+    def st(self) -> Path:
+        return self.root / "plain.safetensors"
+
+
 def run(params_millions: float, repeats: int, root: Path) -> str:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     model, optimizer = build(params_millions)
     n_params = sum(p.numel() for p in model.parameters())
-    accelerator = Accelerator(cpu=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    sync_writer = checkpoint.Writer(accelerator, model, optimizer, scheduler)
-    ckpt = root / checkpoint.step_dir_name(1)
-    pt, st = root / "plain.pt", root / "plain.safetensors"
+    setup = Setup(model, optimizer, scheduler, Accelerator(cpu=True), root)
+    cold = drop_page_cache()
+    rows = measure_saves(setup, repeats)
+    sizes = {"launcher": size_of(setup.ckpt), "torch": size_of(setup.pt), "safetensors": size_of(setup.st)}
+    rows += measure_loads(setup, repeats)
+    stall_rows = measure_stalls(setup, repeats)
+    shutil.rmtree(root, ignore_errors=True)
+    return table(n_params, repeats, cold, rows, sizes, stall_rows)
 
-    def launcher_save() -> None:
-        sync_writer.save(ckpt, {"step": 1}, "")
+
+def measure_saves(setup: Setup, repeats: int) -> list[tuple[str, str, float]]:
+    model, optimizer, ckpt, pt, st = setup.model, setup.optimizer, setup.ckpt, setup.pt, setup.st
+    sync_writer = checkpoint.Writer(setup.accelerator, model, optimizer, setup.scheduler)
 
     def torch_save(sync: bool = True) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, pt)
@@ -102,9 +133,10 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
         if sync:
             fsync(st)
 
-    cold = drop_page_cache()
     saves = {
-        "launcher checkpoint (weights and optimizer in safetensors, checksums, all synced)": launcher_save,
+        "launcher checkpoint (weights and optimizer in safetensors, checksums, all synced)": lambda: sync_writer.save(
+            ckpt, {"step": 1}, ""
+        ),
         "one `torch.save` + fsync": torch_save,
         "one safetensors `save_file` + fsync": safetensors_save,
         "one `torch.save`, no fsync (page cache)": lambda: torch_save(sync=False),
@@ -118,20 +150,23 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
             target = ckpt if "launcher" in name else pt if "torch" in name else st
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             save_times[name].append(timed(fn, 1, before=os.sync))
-    rows: list[tuple[str, str, float]] = [("save", n, statistics.median(t)) for n, t in save_times.items()]
-    sizes = {"launcher": size_of(ckpt), "torch": size_of(pt), "safetensors": size_of(st)}
+    return [("save", n, statistics.median(t)) for n, t in save_times.items()]
+
+
+def measure_loads(setup: Setup, repeats: int) -> list[tuple[str, str, float]]:
+    model, optimizer, ckpt = setup.model, setup.optimizer, setup.ckpt
 
     def launcher_load() -> None:
         assert integrity.problems(ckpt) is None  # a resume checks every file's size and checksum first
-        checkpoint.load(accelerator, ckpt, model, optimizer, scheduler)
+        checkpoint.load(setup.accelerator, ckpt, model, optimizer, setup.scheduler)
 
     def torch_load() -> None:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+        state = torch.load(setup.pt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
     def safetensors_load() -> None:
-        tensors = load_file(str(st))
+        tensors = load_file(str(setup.st))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt_state = optimizer.state_dict()
         for key, value in tensors.items():
@@ -140,29 +175,44 @@ def run(params_millions: float, repeats: int, root: Path) -> str:
                 opt_state["state"][int(i)][name] = value.clone()  # read now: load_file maps the file lazily
         optimizer.load_state_dict(opt_state)
 
-    for name, fn in [
-        ("launcher resume (checksums checked, then `checkpoint.load`)", launcher_load),
-        ("one `torch.load` + `load_state_dict`", torch_load),
-        ("one safetensors `load_file` + `load_state_dict`", safetensors_load),
-    ]:
-        rows.append(("load", name, timed(fn, repeats, before=drop_page_cache)))
+    return [
+        ("load", name, timed(fn, repeats, before=drop_page_cache))
+        for name, fn in [
+            ("launcher resume (checksums checked, then `checkpoint.load`)", launcher_load),
+            ("one `torch.load` + `load_state_dict`", torch_load),
+            ("one safetensors `load_file` + `load_state_dict`", safetensors_load),
+        ]
+    ]
 
+
+def measure_stalls(setup: Setup, repeats: int) -> list[tuple[bool, float, float]]:
     stall_rows = []
     for background in (False, True):
-        writer = checkpoint.Writer(accelerator, model, optimizer, scheduler, background=background)
+        writer = checkpoint.Writer(
+            setup.accelerator, setup.model, setup.optimizer, setup.scheduler, background=background
+        )
         stalls, totals = [], []
         for i in range(repeats):
             os.sync()
             start = time.perf_counter()
-            writer.save(root / f"stall-{background}-{i}", {"step": i}, "")
+            writer.save(setup.root / f"stall-{background}-{i}", {"step": i}, "")
             stalls.append(time.perf_counter() - start)
             writer.wait()
             totals.append(time.perf_counter() - start)
             with contextlib.suppress(OSError):
-                shutil.rmtree(root / f"stall-{background}-{i}")
+                shutil.rmtree(setup.root / f"stall-{background}-{i}")
         stall_rows.append((background, statistics.median(stalls), statistics.median(totals)))
-    shutil.rmtree(root, ignore_errors=True)
+    return stall_rows
 
+
+def table(
+    n_params: int,
+    repeats: int,
+    cold: bool,
+    rows: list[tuple[str, str, float]],
+    sizes: dict[str, int],
+    stall_rows: list[tuple[bool, float, float]],
+) -> str:
     base = {
         # the plain writes and reads (the launcher's own row names safetensors too: not a baseline)
         (kind, plain): next(

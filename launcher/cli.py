@@ -240,11 +240,11 @@ def _quiet_deepspeed() -> None:
 
 
 def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
-    from launcher import components, plan
+    from launcher import components, guards, plan
     from launcher.recipe import load_recipe
 
     recipe = load_recipe(path, overrides, check_files=False, this_machine=False)  # a plan for any machine
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+    processes = processes or guards.launched_world(os.environ)
     if processes < 1:
         raise RecipeError(f"--processes: must be >= 1, got {processes}")
     try:

@@ -31,8 +31,6 @@ LOADER_KEYS = {"base", "data.dataset"}
 COMPONENT = typing.get_type_hints(Recipe)["model"]
 # Component keys hold a class and its arguments, which are not recipe keys; data.train and data.val are components.
 COMPONENT_KEYS = {"data.train", "data.val"}
-# Pages linked from the README's map while another contributor writes them: allowed to be missing, until they exist.
-PAGES_WRITTEN_ELSEWHERE = {REPO / "docs" / "architecture.md"}
 
 QUICK_START_MAIN = "pip install torch==2.13.0 -e . && launcher train recipes/quickstart.yaml"
 QUICK_START_TESTS = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest'
@@ -156,8 +154,7 @@ def broken_links(page: Path) -> list[str]:
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
         if not file.exists():
-            if file not in PAGES_WRITTEN_ELSEWHERE:
-                broken.append(f"{target}: no such file")
+            broken.append(f"{target}: no such file")
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             broken.append(f"{target}: no such heading in {file.name}")
     return broken

@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import read_metrics, run_cli
+from safetensors.torch import load_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_checkpoint"
 

@@ -46,6 +46,16 @@ def test_no_module_is_over_400_lines_and_the_loop_is_at_most_250():
     assert sizes["launcher.loop"] <= 250
 
 
+def test_no_function_is_over_60_lines():
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60
+    ]
+    assert long == []
+
+
 def cycle(graph: dict[str, set[str]]) -> list[str]:
     """An import cycle in `graph` (module -> modules it imports), as the path round it; [] when there is none."""
     visiting: list[str] = []

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher import components, strategies
+from launcher.layout import BEST, LATEST
 from launcher.recipe import component_checks
 from launcher.recipe.schema import (
     BUILT_IN_TRACKERS,
@@ -144,7 +145,7 @@ def _check_logging(lg: LoggingConfig, check_files: bool) -> list[str]:
 
 
 def _check_resume(resume: str) -> list[str]:
-    by_name = Path(resume).name in ("latest", "best") and Path(resume).parent.is_dir()
+    by_name = Path(resume).name in (LATEST, BEST) and Path(resume).parent.is_dir()
     if resume in ("none", "auto") or Path(resume).is_dir() or by_name:
         return []
     return [

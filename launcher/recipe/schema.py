@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from launcher.components import Component
+from launcher.layout import CHECKPOINTS_DIR
 
 MISSING = "???"  # a value the user must give, on the command line or in a recipe that inherits this one
 
@@ -141,7 +142,7 @@ class Recipe:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / CHECKPOINTS_DIR
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready values: what `--print-recipe` prints and the run dir keeps."""
