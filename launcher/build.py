@@ -71,6 +71,36 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: boo
     )
 
 
+@dataclass
+class Begin:
+    """Where the run begins: its state (a checkpoint's, when it resumes), what that checkpoint saved, the run's
+    budget of updates and the learning-rate schedule over it."""
+
+    state: TrainState
+    saved: dict[str, Any] | None
+    budget: plan.Budget
+    scheduler: Any
+
+    def same_world(self, world: int) -> bool:
+        return self.saved is not None and self.saved.get("world_size") == world
+
+
+def begin(accelerator: Accelerator, recipe: Recipe, strategy: DDP, parts: Parts, resume_from: Path | None) -> Begin:
+    """The state, budget and schedule; a checkpoint to resume from is loaded into the parts."""
+    t, world = recipe.train, accelerator.num_processes
+    samples_per_batch = t.batch_size * world
+    state, saved = starting_state(recipe, resume_from, world, samples_per_batch)
+    global_batch = samples_per_batch * t.gradient_accumulation_steps
+    budget = plan.budget(
+        len(parts.train_loader), t.gradient_accumulation_steps, global_batch, t.max_steps, t.max_epochs, saved
+    )
+    state.schedule_total, state.schedule_batch = budget.schedule_total, budget.schedule_batch
+    scheduler = make_scheduler(recipe, parts.stepper.optimizer, budget)
+    if resume_from is not None and saved is not None:
+        resume(accelerator, resume_from, parts, scheduler, strategy, saved, state, budget)
+    return Begin(state, saved, budget, scheduler)
+
+
 def starting_state(
     recipe: Recipe, resume_from: Path | None, world: int, samples_per_batch: int
 ) -> tuple[TrainState, dict[str, Any] | None]:

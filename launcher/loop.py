@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from launcher import build, checkpoint, consensus, guards, plan, runlock, strategies
+from launcher import build, checkpoint, consensus, guards, runlock, strategies
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
 from launcher.errors import RunFailed
 from launcher.evaluation import Evaluator
@@ -41,7 +41,8 @@ def run(recipe: Recipe, start: Start) -> RunResult:
     strategy = strategies.choose(recipe, guards.launched_world(os.environ))
     with strategy.process_setup():
         try:
-            accelerator = strategy.accelerator(start.resume_from)
+            resumed_world = None if start.resume_from is None else checkpoint.saved_world_size(start.resume_from)
+            accelerator = strategy.accelerator(resumed_world)
         except BaseException:
             runlock.release(start.lock)
             raise
@@ -80,30 +81,17 @@ class Training:
         self, accelerator: Accelerator, recipe: Recipe, strategy: DDP, resume_from: Path | None, requests: StopRequests
     ):
         t, world = recipe.train, accelerator.num_processes
-        self.accelerator, self.recipe, self.strategy, self.main = (
-            accelerator,
-            recipe,
-            strategy,
-            accelerator.is_main_process,
-        )
+        self.accelerator, self.recipe, self.strategy = accelerator, recipe, strategy
+        self.main = accelerator.is_main_process
         set_seed(t.seed)
         self.parts = p = build.build(accelerator, recipe, strategy)
         self.samples_per_batch = t.batch_size * world  # one micro-batch on every rank
         self.samples_per_epoch = len(p.train_loader) * self.samples_per_batch
         consensus.refuse_uneven_data(accelerator, len(p.train_loader), p.val_batches(recipe.eval.max_batches))
-        self.state, saved = build.starting_state(recipe, resume_from, world, self.samples_per_batch)
-        accumulation = t.gradient_accumulation_steps
-        updates_per_epoch, global_batch = len(p.train_loader), self.samples_per_batch * accumulation
-        self.budget = plan.budget(updates_per_epoch, accumulation, global_batch, t.max_steps, t.max_epochs, saved)
-        self.state.schedule_total, self.state.schedule_batch = self.budget.schedule_total, self.budget.schedule_batch
-        scheduler = build.make_scheduler(recipe, p.stepper.optimizer, self.budget)
-        if resume_from is not None and saved is not None:
-            build.resume(accelerator, resume_from, p, scheduler, strategy, saved, self.state, self.budget)
+        begin = build.begin(accelerator, recipe, strategy, p, resume_from)
+        self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
         self.files.open(strategy, self.state.step, resume_from)
-        writer = checkpoint.Writer(
-            accelerator, p.model, p.optimizer, scheduler, strategy.checkpoint_format, recipe.checkpoint.async_save
-        )
         self.progress = tqdm(
             total=self.budget.total_steps,
             initial=self.state.step,
@@ -113,14 +101,16 @@ class Training:
             mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
         )
         throughput = Throughput()
+        writer = checkpoint.Writer(
+            accelerator, p.model, p.optimizer, begin.scheduler, strategy.checkpoint_format, recipe.checkpoint.async_save
+        )
         self.saver = Saver(accelerator, recipe, strategy, p.model, writer, self.budget, throughput)
         self.evaluator = Evaluator(accelerator, recipe, p.model, p.val_loader, p.loss_fn, self.state, throughput)
         self.peers = LostPeers(accelerator, recipe.strategy.timeout_s)
         agreement = StepAgreement(accelerator, t.mixed_precision == "fp16", requests, self.peers)
-        same_world = saved is not None and saved.get("world_size") == world
-        self.window = LogWindow.restored(self.state, same_world, accelerator)
+        self.window = LogWindow.restored(self.state, begin.same_world(world), accelerator)
         self.updates = Updates(
-            accelerator, p, scheduler, agreement, self.state, self.window, self.progress, throughput,
+            accelerator, p, begin.scheduler, agreement, self.state, self.window, self.progress, throughput,
             t.max_nonfinite_steps, t.clip_grad_norm,
         )  # fmt: skip
 

@@ -88,6 +88,52 @@ def test_the_import_graph_has_no_cycle():
     assert " -> ".join(cycle(graph)) == ""
 
 
+# The rooms of docs/architecture.md, in order: a module imports only from its own room or those before it.
+LAYERS = [
+    ["launcher", "launcher.errors", "launcher.layout"],
+    ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
+    ["launcher.recipe.schema"],
+    ["launcher.recipe.dialect", "launcher.recipe.build"],
+    ["launcher.consensus"],
+    ["launcher.strategies"],
+    ["launcher.guards"],
+    ["launcher.recipe"],
+    ["launcher.checkpoint"],
+    ["launcher.plan"],
+    ["launcher.runlock", "launcher.preflight"],
+    ["launcher.trainstate"],
+    ["launcher.build"],
+    ["launcher.rundir", "launcher.metrics", "launcher.trackers"],
+    ["launcher.evaluation", "launcher.saving", "launcher.updates"],
+    ["launcher.loop"],
+    ["launcher.cli", "launcher.__main__", "launcher.report", "launcher.diagnosis", "launcher.plots", "launcher.slurm"],
+]
+
+
+def layer(module: str) -> int | None:
+    """The room of `module`: the one naming it or, failing that, its closest package (`launcher` alone names only
+    the package's own __init__)."""
+    best: tuple[int, int] | None = None
+    for i, room in enumerate(LAYERS):
+        for prefix in room:
+            inside = module.startswith(prefix + ".") and prefix != "launcher"
+            if (module == prefix or inside) and (best is None or len(prefix) > best[1]):
+                best = (i, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_imports_go_one_way_through_the_rooms():
+    trees = modules()
+    assert [name for name in trees if layer(name) is None] == []
+    upward = [
+        f"{name} -> {other}"
+        for name, tree in trees.items()
+        for other in sorted(imports(name, tree, set(trees)))
+        if layer(other) > layer(name)
+    ]
+    assert upward == []
+
+
 def test_no_private_name_is_imported_across_modules():
     trees = modules()
     borrowed = []
@@ -135,6 +181,7 @@ def test_the_checks_see_what_they_look_for():
     a = ast.parse("from launcher import b\nfrom launcher.c import _hidden\nif s.name == 'fsdp': pass")
     assert imports("launcher.a", a, {"launcher.a", "launcher.b", "launcher.c"}) == {"launcher.b", "launcher.c"}
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert layer("launcher.checkpoint.writer") > layer("launcher.strategies.fsdp") > layer("launcher")
     assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     compare = next(n for n in ast.walk(a) if isinstance(n, ast.Compare))
     assert {c.value for c in compare.comparators if isinstance(c, ast.Constant)} & STRATEGY_NAMES

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from launcher.strategies.memory import gib, state_bytes
@@ -49,7 +48,9 @@ class DDP:
         """What this process needs set while the strategy runs (environment, warning filters); undone after."""
         yield
 
-    def accelerator(self, resume_from: Path | None) -> Accelerator:
+    def accelerator(self, resumed_world: int | None) -> Accelerator:
+        """The Accelerator the strategy runs on; `resumed_world`: the processes that wrote the checkpoint this run
+        resumes from (None: a new run)."""
         import torch
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs

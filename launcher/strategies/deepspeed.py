@@ -63,17 +63,15 @@ class DeepSpeed(DDP):
             os.environ.clear()
             os.environ.update(saved)
 
-    def accelerator(self, resume_from: Path | None) -> Accelerator:
+    def accelerator(self, resumed_world: int | None) -> Accelerator:
         import torch
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-        from launcher.checkpoint import saved_world_size
-
         ds = self.recipe.strategy.deepspeed
         user = read_user_config(ds.config)[0] if ds.config else None
         config = deepspeed_config(self.recipe, self.processes, user)
-        if resume_from is not None and saved_world_size(resume_from) != self.processes:
+        if resumed_world is not None and resumed_world != self.processes:
             config["checkpoint"] = {"load_universal": True}  # resuming on another number of processes
         # Without CUDA, DeepSpeed runs over gloo; Accelerate must then be told, or it sees a world of one.
         cuda = torch.cuda.is_available()
