@@ -370,7 +370,7 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
     try:
         count = checkpoint.export(path, out)
     except UnsafeCheckpoint as e:
-        raise RecipeError(f"{path_text}: holds a file that is not plain tensors; refusing to load it ({e})") from None
+        raise RecipeError(e.refusal(f"{path_text}:")) from None
     except integrity.Damaged as e:  # written before manifests, and damaged since
         raise RecipeError(f"{path}: {e}") from None
     print(f"{out}: {count} tensors from {path}")

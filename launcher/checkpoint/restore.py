@@ -38,8 +38,7 @@ def load(
         _load_rest(accelerator, path, scheduler)
         return state
     except shards.UnsafeCheckpoint as e:
-        message = f"error: resume: {path} holds a file that is not plain tensors; refusing to load it ({e})"
-        raise RunFailed(message.splitlines()[0], exit_code=2) from None
+        raise RunFailed(e.refusal(f"error: resume: {path}"), exit_code=2) from None
     except (Damaged, statefile.Unreadable) as e:
         raise RunFailed(f"error: resume: {path}: {e}", exit_code=2) from None
 

@@ -34,6 +34,10 @@ from launcher.layout import DEEPSPEED_DIR
 class UnsafeCheckpoint(Exception):
     """A checkpoint file holds something other than tensors and plain values."""
 
+    def refusal(self, where: str) -> str:
+        """The one line that refuses the checkpoint `where` names."""
+        return f"{where} holds a file that is not plain tensors; refusing to load it ({self})".splitlines()[0]
+
 
 def is_refusal(e: BaseException) -> bool:
     """Whether `e` is an unpickler refusing what a file holds (UnsafeCheckpoint), not a file failing to load
