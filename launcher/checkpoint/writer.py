@@ -14,6 +14,7 @@ import random
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from accelerate.utils import gather_object
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, host_copy
 from launcher.layout import RECIPE_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE, old_dir, tmp_dir
+
+
+@dataclass(frozen=True)
+class Save:
+    """One save under way: where it goes, the trainer state and recipe it records, what runs once it is in place
+    (retention), and every rank's RNG state."""
+
+    path: Path
+    state: dict[str, Any]
+    recipe_text: str
+    after: Callable[[], None]
+    rng_states: list[dict[str, Any]]
 
 
 class Writer:
@@ -63,21 +76,14 @@ class Writer:
         after: Callable[[], None] = lambda: None,
     ) -> None:
         """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
-        rng_states = _gather_rng(self.accelerator)
         state = {**trainer_state, "world_size": self.accelerator.num_processes, "format": self.format.name}
+        save = Save(path, state, recipe_text, after, _gather_rng(self.accelerator))
         if self.format.sharded:
-            self._save_shards(path, state, recipe_text, after, rng_states)
+            self._save_shards(save)
         else:
-            self._save_main(path, state, recipe_text, after, rng_states)
+            self._save_main(save)
 
-    def _save_main(
-        self,
-        path: Path,
-        state: dict[str, Any],
-        recipe_text: str,
-        after: Callable[[], None],
-        rng_states: list[dict[str, Any]],
-    ) -> None:
+    def _save_main(self, save: Save) -> None:
         """The main process alone writes (the others wait for it unless it writes in the background)."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
@@ -89,10 +95,10 @@ class Writer:
             model_state = self.format.snapshot(accelerator, self.model, self.optimizer, copy)
             snapshot = {
                 SCHEDULER_FILE: host_copy(self.scheduler.state_dict(), copy),
-                RNG_FILE: {"ranks": rng_states},
+                RNG_FILE: {"ranks": save.rng_states},
                 **({SCALER_FILE: host_copy(scaler.state_dict(), copy)} if scaler is not None else {}),
             }
-            job = functools.partial(self._write_main, path, model_state, snapshot, state, recipe_text, after)
+            job = functools.partial(self._write_main, save, model_state, snapshot)
             if self.background:
                 self.thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
                 self.thread.start()
@@ -101,37 +107,22 @@ class Writer:
         if not self.background:
             accelerator.wait_for_everyone()
 
-    def _write_main(
-        self,
-        path: Path,
-        model_state: Any,
-        snapshot: dict[str, Any],
-        state: dict[str, Any],
-        recipe_text: str,
-        after: Callable[[], None],
-    ) -> None:
+    def _write_main(self, save: Save, model_state: Any, snapshot: dict[str, Any]) -> None:
         """The main process's checkpoint: model and optimizer state, then the rest (`_complete`)."""
-        self.format.write_snapshot(_fresh_tmp(path), model_state)
-        _complete(path, snapshot, state, recipe_text, after)
+        self.format.write_snapshot(_fresh_tmp(save.path), model_state)
+        _complete(save, snapshot)
 
-    def _save_shards(
-        self,
-        path: Path,
-        state: dict[str, Any],
-        recipe_text: str,
-        after: Callable[[], None],
-        rng_states: list[dict[str, Any]],
-    ) -> None:
+    def _save_shards(self, save: Save) -> None:
         """Every rank writes its shard, then the main process completes the checkpoint."""
         accelerator = self.accelerator
-        tmp = _fresh_tmp(path) if accelerator.is_main_process else tmp_dir(path)
+        tmp = _fresh_tmp(save.path) if accelerator.is_main_process else tmp_dir(save.path)
         accelerator.wait_for_everyone()
         self.format.write_shards(tmp, self.model, self.optimizer)
         accelerator.wait_for_everyone()  # every shard is written
         if accelerator.is_main_process:
             self.format.tidy(tmp)
-            snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), RNG_FILE: {"ranks": rng_states}}
-            _complete(path, snapshot, state, recipe_text, after)
+            snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), RNG_FILE: {"ranks": save.rng_states}}
+            _complete(save, snapshot)
         accelerator.wait_for_everyone()
 
     def _run(self, job: Callable[[], None]) -> None:
@@ -149,25 +140,19 @@ class Writer:
             raise error
 
 
-def _complete(
-    path: Path,
-    snapshot: dict[str, Any],
-    trainer_state: dict[str, Any],
-    recipe_text: str,
-    after: Callable[[], None],
-) -> None:
-    """Complete the checkpoint in `path`'s temporary directory (the weights or shards are there already), then
-    rename it into place and run `after`."""
-    tmp = tmp_dir(path)
+def _complete(save: Save, snapshot: dict[str, Any]) -> None:
+    """Complete the checkpoint in its temporary directory (the weights or shards are there already), then rename
+    it into place and run `after`."""
+    tmp = tmp_dir(save.path)
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
-    (tmp / RECIPE_FILE).write_text(recipe_text)
+    (tmp / RECIPE_FILE).write_text(save.recipe_text)
     # Every file is in place (other ranks' shards too): their sizes and checksums go into the file that completes it.
-    trainer_state = {**trainer_state, integrity.MANIFEST_KEY: integrity.manifest(tmp)}
+    trainer_state = {**save.state, integrity.MANIFEST_KEY: integrity.manifest(tmp)}
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _sync(tmp)  # on disk before the rename makes the directory count as complete
-    replace_dir(tmp, path)
-    after()
+    replace_dir(tmp, save.path)
+    save.after()
 
 
 def _fresh_tmp(path: Path) -> Path:
