@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from launcher import checkpoint, components, plan, schedules
 from launcher.early_stopping import Tracker
-from launcher.layout import STATE_FILE, read_json
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
 from launcher.strategies.stepping import Stepper
@@ -85,11 +84,19 @@ class Begin:
         return self.saved is not None and self.saved.get("world_size") == world
 
 
-def begin(accelerator: Accelerator, recipe: Recipe, strategy: DDP, parts: Parts, resume_from: Path | None) -> Begin:
-    """The state, budget and schedule; a checkpoint to resume from is loaded into the parts."""
+def begin(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    strategy: DDP,
+    parts: Parts,
+    resume_from: Path | None,
+    saved: dict[str, Any] | None,
+) -> Begin:
+    """The state, budget and schedule; a checkpoint to resume from (`saved`: its trainer state) is loaded into
+    the parts."""
     t, world = recipe.train, accelerator.num_processes
     samples_per_batch = t.batch_size * world
-    state, saved = starting_state(recipe, resume_from, world, samples_per_batch)
+    state, saved = starting_state(recipe, saved, world, samples_per_batch)
     global_batch = samples_per_batch * t.gradient_accumulation_steps
     budget = plan.budget(
         len(parts.train_loader), t.gradient_accumulation_steps, global_batch, t.max_steps, t.max_epochs, saved
@@ -102,14 +109,13 @@ def begin(accelerator: Accelerator, recipe: Recipe, strategy: DDP, parts: Parts,
 
 
 def starting_state(
-    recipe: Recipe, resume_from: Path | None, world: int, samples_per_batch: int
+    recipe: Recipe, saved: dict[str, Any] | None, world: int, samples_per_batch: int
 ) -> tuple[TrainState, dict[str, Any] | None]:
     """The state a run starts from, and what its checkpoint saved (None for a new run)."""
     es = recipe.early_stopping
     state = TrainState(early_stopping=Tracker(**({} if es is None else {"mode": es.mode, "min_delta": es.min_delta})))
-    if resume_from is None:
+    if saved is None:
         return state, None
-    saved = read_json(resume_from / STATE_FILE)
     state = TrainState.from_state_dict(saved)
     if saved.get("world_size", world) != world:
         # Another world size splits the epoch into other global batches: continue at the last whole one.

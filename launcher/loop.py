@@ -41,7 +41,7 @@ def run(recipe: Recipe, start: Start) -> RunResult:
     strategy = strategies.choose(recipe, guards.launched_world(os.environ))
     with strategy.process_setup():
         try:
-            resumed_world = None if start.resume_from is None else checkpoint.saved_world_size(start.resume_from)
+            resumed_world = None if start.saved is None else int(start.saved.get("world_size", 1))
             accelerator = strategy.accelerator(resumed_world)
         except BaseException:
             runlock.release(start.lock)
@@ -54,10 +54,10 @@ def run(recipe: Recipe, start: Start) -> RunResult:
                 raise RunFailed(f"error: {problem}", exit_code=2)
             consensus.refuse_together(accelerator, start.refusal)
             # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
-            first_step = None if start.resume_from is None else checkpoint.saved_step(start.resume_from)
+            first_step = None if start.saved is None else int(start.saved["step"])
             chosen = trackers(recipe.logging.trackers, recipe.run_dir, first_step)
             accelerator.log_with = filter_trackers(chosen, recipe.run_dir)
-            return Training(accelerator, recipe, strategy, start.resume_from, requests).run()
+            return Training(accelerator, recipe, strategy, start, requests).run()
         finally:
             requests.uninstall()
             tear_down(accelerator, start.lock)
@@ -77,9 +77,7 @@ def tear_down(accelerator: Accelerator, lock: FileLock | None) -> None:
 class Training:
     """One attempt at the run: built and opened in `__init__`, trained by `run`."""
 
-    def __init__(
-        self, accelerator: Accelerator, recipe: Recipe, strategy: DDP, resume_from: Path | None, requests: StopRequests
-    ):
+    def __init__(self, accelerator: Accelerator, recipe: Recipe, strategy: DDP, start: Start, requests: StopRequests):
         t, world = recipe.train, accelerator.num_processes
         self.accelerator, self.recipe, self.strategy = accelerator, recipe, strategy
         self.main = accelerator.is_main_process
@@ -88,10 +86,10 @@ class Training:
         self.samples_per_batch = t.batch_size * world  # one micro-batch on every rank
         self.samples_per_epoch = len(p.train_loader) * self.samples_per_batch
         consensus.refuse_uneven_data(accelerator, len(p.train_loader), p.val_batches(recipe.eval.max_batches))
-        begin = build.begin(accelerator, recipe, strategy, p, resume_from)
+        begin = build.begin(accelerator, recipe, strategy, p, start.resume_from, start.saved)
         self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
-        self.files.open(strategy, self.state.step, resume_from)
+        self.files.open(strategy, self.state.step, start.resume_from)
         self.progress = tqdm(
             total=self.budget.total_steps,
             initial=self.state.step,

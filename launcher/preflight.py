@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -23,6 +24,7 @@ class Start:
     what this process refuses the run for where the others must hear of it first (see `run`)."""
 
     resume_from: Path | None = None
+    saved: dict[str, Any] | None = None  # its trainer state, read once for everything the run sets up from it
     lock: FileLock | None = None
     refusal: list[str] = field(default_factory=list)
 
@@ -52,13 +54,24 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
         if lock is not None:
             # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
             (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
-        return Start(resume_from=_resume_point(recipe, env), lock=lock)
+        resume_from = _resume_point(recipe, env)
+        return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock)
     except RecipeError as e:
         runlock.release(lock, remove_dir=not existed)
         return _refused(e.problems, alone)
     except BaseException:
         runlock.release(lock, remove_dir=not existed)
         raise
+
+
+def _saved_state(path: Path | None) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint to resume from (checked intact just before)."""
+    if path is None:
+        return None
+    try:
+        return integrity.read_state(path)
+    except integrity.Damaged as e:  # changed since its check: another run writing there
+        raise RecipeError(f"resume: {path}: damaged: {e}") from None
 
 
 def _refused(problems: list[str], alone: bool) -> Start:

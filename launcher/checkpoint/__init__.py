@@ -29,8 +29,6 @@ from launcher.checkpoint.retention import (
     rank_best,
     resolve,
     retained,
-    saved_step,
-    saved_world_size,
     to_delete,
 )
 from launcher.checkpoint.weights import (
@@ -72,8 +70,6 @@ __all__ = [
     "replace_dir",
     "resolve",
     "retained",
-    "saved_step",
-    "saved_world_size",
     "step_dir_name",
     "summary",
     "to_delete",

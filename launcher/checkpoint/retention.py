@@ -3,7 +3,6 @@ retention removes."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -89,16 +88,6 @@ def resolve(path: Path) -> Path:
         return path
     found = latest(path.parent) if path.name == LATEST else best(path.parent)
     return found if found is not None else path
-
-
-def saved_step(path: Path) -> int:
-    """The step a complete checkpoint was written at."""
-    return int(json.loads((path / STATE_FILE).read_text())["step"])
-
-
-def saved_world_size(path: Path) -> int:
-    """The number of processes that wrote a complete checkpoint."""
-    return int(json.loads((path / STATE_FILE).read_text()).get("world_size", 1))
 
 
 def incomplete(ckpt_dir: Path) -> list[Path]:
