@@ -93,6 +93,7 @@ LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout"],
     ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
     ["launcher.recipe.schema"],
+    ["launcher.blocks", "launcher.compiling"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
     ["launcher.strategies"],
