@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite_steps: int = 3  # consecutive skipped updates (non-finite loss or gradient) before the run stops
     max_time_s: float | None = None  # wall-time budget: stop, on every rank at the same step, once it is spent
+    peak_flops: float | None = None  # FLOP/s of one device that MFU is measured against (None: the GPU table's)
 
 
 @dataclass(frozen=True)
