@@ -91,7 +91,14 @@ def test_the_import_graph_has_no_cycle():
 # The rooms of docs/architecture.md, in order: a module imports only from its own room or those before it.
 LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout"],
-    ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
+    [
+        "launcher.components",
+        "launcher.blocks",
+        "launcher.models",
+        "launcher.data",
+        "launcher.schedules",
+        "launcher.early_stopping",
+    ],
     ["launcher.recipe.schema"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
@@ -106,7 +113,15 @@ LAYERS = [
     ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops"],
     ["launcher.evaluation", "launcher.saving", "launcher.updates"],
     ["launcher.loop"],
-    ["launcher.cli", "launcher.__main__", "launcher.report", "launcher.diagnosis", "launcher.plots", "launcher.slurm"],
+    [
+        "launcher.cli",
+        "launcher.__main__",
+        "launcher.report",
+        "launcher.activations",
+        "launcher.diagnosis",
+        "launcher.plots",
+        "launcher.slurm",
+    ],
 ]
 
 
