@@ -20,6 +20,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from launcher import build, checkpoint, consensus, guards, runlock, strategies
+from launcher.compiling import FirstUpdates
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
 from launcher.errors import RunFailed
 from launcher.evaluation import Evaluator
@@ -105,6 +106,7 @@ class Training:
         )
         self.saver = Saver(accelerator, recipe, strategy, p.model, writer, self.budget, throughput)
         self.evaluator = Evaluator(accelerator, recipe, p.model, p.val_loader, p.loss_fn, self.state, throughput)
+        self.compiling = FirstUpdates() if t.compile.enabled else None
         self.peers = LostPeers(accelerator, recipe.strategy.timeout_s)
         agreement = StepAgreement(accelerator, t.mixed_precision == "fp16", requests, self.peers)
         self.window = LogWindow.restored(self.state, begin.same_world(world), accelerator)
@@ -155,6 +157,11 @@ class Training:
     def after_update(self, verdict: consensus.Verdict) -> str:
         """Log, evaluate and save when due; the reason to stop, if there is one now."""
         step = self.state.step
+        if self.compiling is not None and (seconds := self.compiling.tick()) is not None:
+            self.compiling = None
+            self.files.log({"compile_s": seconds}, step)
+            if self.main:
+                self.say(f"compiled in about {seconds:.1f} s (the first update's time beyond the second's)")
         if step % self.recipe.logging.every_steps == 0 or step == self.budget.total_steps:
             with self.peers.waiting_for("the loss all-reduce for logging"):
                 self.files.log(self.updates.row(self.samples_per_epoch), step)

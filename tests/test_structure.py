@@ -100,6 +100,7 @@ LAYERS = [
         "launcher.early_stopping",
     ],
     ["launcher.recipe.schema"],
+    ["launcher.blocks", "launcher.compiling"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
     ["launcher.strategies"],

@@ -55,6 +55,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Maps token ids (batch, time) to next-token logits (batch, time, vocab_size)."""
 
+    _no_split_modules = ("Block",)  # its repeated blocks (the Hugging Face convention): see launcher/blocks.py
+
     def __init__(
         self,
         vocab_size: int,

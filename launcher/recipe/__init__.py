@@ -10,14 +10,15 @@ The package, one job per module, each importing only those before it:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, say
 from launcher.recipe.build import Built, build_recipe
-from launcher.recipe.checks import MAX_TIMEOUT_S, MAX_WORKERS, check_values
+from launcher.recipe.checks import MAX_TIMEOUT_S, MAX_WORKERS, check_values, deprecations
 from launcher.recipe.dialect import apply_overrides, base_override, compose, deep_merge, parse_yaml, read_yaml_file
 from launcher.recipe.schema import (
     BUILT_IN_TRACKERS,
@@ -112,4 +113,7 @@ def validate(
     if found:
         raise RecipeError(built.relocate(found))
     assert built.recipe is not None
+    if os.environ.get("RANK", "0") == "0":  # once per launch, not once per process
+        for note in deprecations(built.recipe):
+            say(note)
     return built.recipe

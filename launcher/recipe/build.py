@@ -172,9 +172,20 @@ class _Checker:
         if tp is Component:
             return self.component(value, key)
         if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping) and hasattr(tp, "shorthand"):
+                return self.shorthand(value, tp, key)
             built = self.build(tp, value, key + ".")
             return _BAD if built is None else built
         return self.scalar(value, tp, key)
+
+    def shorthand(self, value: Any, tp: Any, key: str) -> Any:
+        """A section given as one word (`train.compile: true`, `train.activation_checkpointing: full`)."""
+        mapped = tp.shorthand(value)
+        if mapped is None:
+            words = {"CompileConfig": "true, false or a mapping", "Recompute": "none, full or {every: k}"}
+            self.problem(key, f"expected {words.get(tp.__name__, 'a section')}, got {describe(value)}")
+            return _BAD
+        return self.build(tp, mapped, key + ".")
 
     def literal(self, value: Any, choices: tuple[Any, ...], key: str) -> Any:
         if value in choices:

@@ -46,7 +46,10 @@ def _check_train(t: TrainConfig) -> list[str]:
         ("train.batch_size", t.batch_size, 1),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
         ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
+        ("train.activation_checkpointing.every", t.activation_checkpointing.every, 0),
     )
+    if not t.compile.backend:
+        problems.append("train.compile.backend: expected a torch.compile backend name (e.g. inductor), got ''")
     if not 0 <= t.seed < components.SEED_LIMIT:
         problems.append(f"train.seed: must be in [0, 2**32) (numpy takes 32-bit seeds), got {t.seed}")
     if t.max_time_s is not None and not t.max_time_s > 0:
@@ -56,6 +59,16 @@ def _check_train(t: TrainConfig) -> list[str]:
     if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
         problems.append(f"train.clip_grad_norm: must be > 0, or null for no clipping; got {t.clip_grad_norm}")
     return problems
+
+
+def deprecations(recipe: Recipe) -> list[str]:
+    """Notes on keys that still work but have a successor."""
+    if recipe.strategy.fsdp.activation_checkpointing:
+        return [
+            "note: strategy.fsdp.activation_checkpointing is deprecated (it still works): use "
+            "train.activation_checkpointing: full, which works with every strategy"
+        ]
+    return []
 
 
 def _at_least(*checks: tuple[str, int | None, int]) -> list[str]:

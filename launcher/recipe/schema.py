@@ -32,6 +32,41 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    """`train.compile`: `false` (the default), `true`, or these keys (a mapping of them turns compilation on)."""
+
+    enabled: bool = True
+    regional: bool = True  # compile each block (train.blocks) on its own: seconds, not minutes; false: the whole model
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = False  # fail on a graph break instead of running that part eagerly
+    dynamic: bool | None = None  # None: torch decides (it recompiles for a new shape, then marks it dynamic)
+    backend: str = "inductor"
+
+    @classmethod
+    def shorthand(cls, value: Any) -> dict[str, Any] | None:
+        return {"enabled": value} if isinstance(value, bool) else None
+
+    def plain(self) -> Any:
+        if not self.enabled:
+            return False
+        return True if self == CompileConfig() else {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """`train.activation_checkpointing`: `none`, `full` (every block) or `{every: k}` (every k-th block)."""
+
+    every: int = 0  # 0: no block is recomputed; 1: every block; k: blocks 0, k, 2k, ...
+
+    @classmethod
+    def shorthand(cls, value: Any) -> dict[str, Any] | None:
+        return {"none": {"every": 0}, "full": {"every": 1}}.get(value) if isinstance(value, str) else None
+
+    def plain(self) -> Any:
+        return {0: "none", 1: "full"}.get(self.every, {"every": self.every})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = None
     max_epochs: int | None = None
@@ -42,6 +77,9 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite_steps: int = 3  # consecutive skipped updates (non-finite loss or gradient) before the run stops
     max_time_s: float | None = None  # wall-time budget: stop, on every rank at the same step, once it is spent
+    compile: CompileConfig = CompileConfig(enabled=False)
+    activation_checkpointing: Recompute = Recompute()
+    blocks: tuple[str, ...] = ()  # the model's repeated block classes; empty: the model's `_no_split_modules`
     peak_flops: float | None = None  # FLOP/s of one device that MFU is measured against (None: the GPU table's)
 
 
@@ -155,6 +193,8 @@ BUILT_IN_TRACKERS = ("jsonl", "tensorboard")  # the others are their own package
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "plain"):  # a section with a shorthand writes itself back as the user would
+        return value.plain()
     if isinstance(value, Component):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

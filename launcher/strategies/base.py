@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from launcher.errors import say
 from launcher.strategies.memory import gib, state_bytes
 
 if TYPE_CHECKING:
@@ -86,6 +87,30 @@ class DDP:
             "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
             "step_scheduler_with_optimizer": False,
         }
+
+    def speed_up(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        """Activation checkpointing and compilation of the model's blocks, in place, before `shard` (FSDP2 shards
+        blocks already checkpointed and compiled, as torchtitan does) and before DDP's wrapper."""
+        from launcher import blocks
+
+        found = blocks.run_blocks(model, self.recipe)
+        every = blocks.recompute_every(self.recipe)
+        if every:
+            count = blocks.checkpoint_blocks(found, every)
+            self.note(accelerator, f"activation checkpointing: {count} of {len(found)} blocks recompute in backward")
+        if self.recipe.train.compile.enabled:
+            self.compile(accelerator, model, found)
+
+    def compile(self, accelerator: Accelerator, model: torch.nn.Module, found: list[torch.nn.Module]) -> None:
+        from launcher import compiling
+
+        what = compiling.compile_in_place(model, found, self.recipe.train.compile)
+        self.note(accelerator, f"compiling {what}: the first update includes it")
+
+    @staticmethod
+    def note(accelerator: Accelerator, line: str) -> None:
+        if accelerator.is_main_process:
+            say(f"note: {line}")
 
     def shard(self, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
         """The model as built, spread over the processes where the strategy does that itself (before the

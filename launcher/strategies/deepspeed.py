@@ -21,7 +21,9 @@ from launcher.strategies.base import DDP
 from launcher.strategies.memory import state_bytes
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
+    from torch.utils.data import DataLoader
 
     from launcher.recipe.schema import Recipe
 
@@ -83,6 +85,25 @@ class DeepSpeed(DDP):
             kwargs_handlers=[group],
             **self.accelerator_options(),
         )
+
+    def compile(self, accelerator: Accelerator, model: torch.nn.Module, found: list[torch.nn.Module]) -> None:
+        """Nothing yet: DeepSpeed's engine compiles its module itself, once prepared (see `prepare`); ZeRO-3's
+        hooks, which gather each module's parameters, would make blocks compiled before it recompile at every
+        call."""
+
+    def prepare(
+        self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, train: DataLoader
+    ) -> tuple[torch.nn.Module, Any, DataLoader]:
+        from launcher import compiling
+
+        model, optimizer, train = accelerator.prepare(model, optimizer, train)
+        cfg = self.recipe.train.compile
+        if cfg.enabled:
+            kwargs = compiling.options(cfg)
+            model.compile(backend=kwargs.pop("backend"), compile_kwargs=kwargs)
+            whole = " (its engine compiles the whole model: train.compile.regional does not apply)" * cfg.regional
+            self.note(accelerator, f"compiling with DeepSpeed's engine{whole}: the first update includes it")
+        return model, optimizer, train
 
     def problems(self) -> list[str]:
         import importlib.util

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from launcher.errors import RunFailed, say
+from launcher.errors import say
 from launcher.strategies.base import DDP
 from launcher.strategies.memory import state_bytes
 
@@ -48,10 +48,7 @@ class FSDP(DDP):
                 "note: strategy fsdp on CPU: Accelerate's FSDP needs a GPU, so the model is sharded with torch's "
                 "fully_shard over gloo, as the launcher does on GPUs too"
             )
-        try:
-            return fsdp_shard(model, self.recipe, accelerator.device)
-        except ValueError as e:
-            raise RunFailed(f"error: {e}", exit_code=2) from None
+        return fsdp_shard(model, self.recipe, accelerator.device)
 
     def prepare(
         self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, train: DataLoader
@@ -72,11 +69,10 @@ class FSDP(DDP):
         return []
 
     def how(self) -> str:
-        f = self.recipe.strategy.fsdp
+        f, names = self.recipe.strategy.fsdp, self.recipe.train.blocks or self.recipe.strategy.fsdp.wrap
         return (
-            f"fsdp (FSDP2 fully_shard; units: {', '.join(f.wrap) or 'the whole model'}; "
+            f"fsdp (FSDP2 fully_shard; units: {', '.join(names) or 'the blocks the model declares'}; "
             f"reshard after forward {'on' if f.reshard_after_forward else 'off'}"
-            f"{'; activation checkpointing' if f.activation_checkpointing else ''}"
             f"{'; CPU offload' if f.cpu_offload else ''})"
         )
 
@@ -89,28 +85,16 @@ class FSDP(DDP):
 
 
 def fsdp_shard(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """Apply FSDP2's `fully_shard` to each module of the `wrap` classes, then to the root (which holds the rest).
-
-    Raises ValueError naming the model's module classes when a `wrap` class is not among them.
-    """
+    """Apply FSDP2's `fully_shard` to each of the run's blocks (`train.blocks`, `strategy.fsdp.wrap` or the
+    model's declaration), then to the root (which holds the rest)."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    cfg = recipe.strategy.fsdp
-    present = {type(m).__name__ for m in model.modules()}
-    missing = [name for name in cfg.wrap if name not in present]
-    if missing:
-        raise ValueError(
-            f"strategy.fsdp.wrap: the model has no module of class {', '.join(missing)}; "
-            f"its classes are: {', '.join(sorted(present))}"
-        )
-    model.to(device)
-    units = [m for m in model.modules() if type(m).__name__ in cfg.wrap]
-    if cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint
+    from launcher import blocks
 
-        for unit in units:
-            checkpoint(unit)
+    cfg = recipe.strategy.fsdp
+    units = blocks.run_blocks(model, recipe)
+    model.to(device)
     options: dict[str, Any] = {"reshard_after_forward": cfg.reshard_after_forward}
     if recipe.train.mixed_precision == "bf16":
         # Compute and all-gather in bf16; gradients are reduced and the sharded master weights kept in fp32.
