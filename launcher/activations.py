@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from launcher import components
-from launcher.blocks import block_names, find_blocks, recomputed
+from launcher.blocks import block_names, find_blocks, recompute_every, recomputed
 from launcher.evaluation import compute_loss
 from launcher.recipe import Recipe
 from launcher.strategies.memory import gib as gib_or_mib
@@ -142,7 +142,7 @@ def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         return [f"activations   not estimated (the forward does not run on the meta device: {reason})"]
     count = len(saved.blocks)
-    every = getattr(getattr(recipe.train, "activation_checkpointing", None), "every", 0)
+    every = recompute_every(recipe)
     options = {0: ("none", saved.kept([False] * count))}
     if count:
         options[1] = ("full", saved.kept([True] * count))

@@ -90,17 +90,24 @@ def formula_flops(model: torch.nn.Module, inputs: Any) -> float | None:
 class FlopMeter:
     """This process's FLOPs over the micro-batches of one update: the model's formula, or torch's counter
     around each micro-batch's forward and backward. The counter only watches the operations as they run (the
-    numbers are the same bit for bit), under DDP, FSDP and DeepSpeed alike; collectives count for nothing."""
+    numbers are the same bit for bit), under DDP, FSDP and DeepSpeed alike; collectives count for nothing. A
+    compiled model is not counted (`may_count` False): compiling under the counter changes the run's numbers in
+    their last bits, so only a formula gives its FLOPs."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, may_count: bool = True):
         self.model = model  # unwrapped: the formula is the user's module's
+        self.may_count = may_count
         self.flops = 0.0
+        self.unknown = False
 
     @contextlib.contextmanager
     def counting(self, inputs: Any) -> Iterator[None]:
         by_formula = formula_flops(self.model, inputs)
         if by_formula is not None:
             self.flops += by_formula
+            yield
+        elif not self.may_count:
+            self.unknown = True
             yield
         else:
             with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
@@ -109,4 +116,12 @@ class FlopMeter:
 
     @property
     def per_update(self) -> float | None:
-        return self.flops if self.flops > 0 else None
+        return self.flops if self.flops > 0 and not self.unknown else None
+
+
+def compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` or any module in it is compiled (in place, or wrapped by `torch.compile`)."""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
+        for m in model.modules()
+    )

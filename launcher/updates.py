@@ -15,11 +15,15 @@ from launcher.build import Parts
 from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
 from launcher.evaluation import compute_loss
-from launcher.flops import FlopMeter
+from launcher.flops import FlopMeter, compiled
 from launcher.metrics import Throughput, peak_memory, sequence_tokens
 from launcher.trainstate import LogWindow, TrainState
 
 NOT_COUNTING = contextlib.nullcontext()
+FLOPS_NOTE = (
+    "note: flops_per_s and mfu are not logged: a compiled model's FLOPs are not counted (counting would change "
+    "its numbers); a model method flops_per_token(seq_len) or flops_per_sample() gives them"
+)
 
 
 class Updates:
@@ -45,7 +49,7 @@ class Updates:
         self.batches = 0
         self.grad_norm = torch.zeros(())
         # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is.
-        self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model))
+        self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model), not compiled(parts.model))
         self.logged_step = state.step
 
     def micro_step(self, inputs: Any, targets: Any) -> bool:
@@ -62,6 +66,8 @@ class Updates:
         self.throughput.add(len(targets) * world, sequence_tokens(targets) * world)
         if self.meter is not None and self.accelerator.sync_gradients:
             self.throughput.measured(self.meter.per_update)
+            if self.meter.unknown and self.accelerator.is_main_process:
+                self.progress.write(FLOPS_NOTE, file=sys.stderr)
             self.meter = None
         return self.accelerator.sync_gradients
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from launcher.flops import CPU_ATTENTION, FlopMeter, device_peak, formula_flops, peak_flops
+from launcher.flops import CPU_ATTENTION, FlopMeter, compiled, device_peak, formula_flops, peak_flops
 from launcher.metrics import Throughput, peak_memory
 from launcher.models.gpt import GPT
 
@@ -61,6 +61,22 @@ def test_counting_leaves_losses_and_gradients_the_same_bit_for_bit():
     (losses_a, params_a), (losses_b, params_b) = train(count=True), train(count=False)
     assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+
+
+def test_a_compiled_model_is_not_counted_unless_it_gives_a_formula():
+    model = torch.nn.Linear(4, 2)
+    assert not compiled(model)
+    model.compile(backend="eager")  # compiles lazily: nothing runs here
+    assert compiled(torch.nn.Sequential(model))
+    meter = FlopMeter(model, may_count=False)
+    with meter.counting(torch.zeros(3, 4)):
+        model(torch.zeros(3, 4)).sum().backward()
+    assert meter.per_update is None
+    gpt = GPT(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    meter = FlopMeter(gpt, may_count=False)
+    with meter.counting(torch.zeros(2, 8, dtype=torch.long)):
+        pass
+    assert meter.per_update == 2 * 8 * gpt.flops_per_token(8)
 
 
 def test_the_peak_table_knows_each_gpu_by_its_device_name():

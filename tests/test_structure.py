@@ -91,14 +91,7 @@ def test_the_import_graph_has_no_cycle():
 # The rooms of docs/architecture.md, in order: a module imports only from its own room or those before it.
 LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout"],
-    [
-        "launcher.components",
-        "launcher.blocks",
-        "launcher.models",
-        "launcher.data",
-        "launcher.schedules",
-        "launcher.early_stopping",
-    ],
+    ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
     ["launcher.recipe.schema"],
     ["launcher.blocks", "launcher.compiling"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
@@ -118,10 +111,10 @@ LAYERS = [
         "launcher.cli",
         "launcher.__main__",
         "launcher.report",
-        "launcher.activations",
         "launcher.diagnosis",
         "launcher.plots",
         "launcher.slurm",
+        "launcher.activations",
     ],
 ]
 
