@@ -4,7 +4,8 @@
 
 FLOPs per token are PaLM's estimate for a decoder: 6 N (N the non-embedding parameters, plus the tied output
 projection) + 12 L d T (attention scores and values, L layers, width d, sequence length T). MFU is the achieved
-model FLOP/s over the GPUs' dense bf16/fp16 peak (H100 SXM: 989 TFLOP/s, H200 the same, A100: 312).
+model FLOP/s over the GPUs' dense peak in the run's precision (`launcher.flops.PEAK_TFLOPS`, the table the
+launcher's own `mfu` uses).
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ from pathlib import Path
 
 import yaml
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+from launcher.flops import matmul_precision, peak_flops
 
 
-def peak_flops() -> tuple[str, float | None]:
+def device_name() -> str:
     import torch
 
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return name, tflops * 1e12
-    return name, None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 
 
 def flops_per_token(model: dict, vocab_size: int, block_size: int) -> float:
@@ -36,8 +33,9 @@ def flops_per_token(model: dict, vocab_size: int, block_size: int) -> float:
     return 6 * params + 12 * layers * width * block_size
 
 
-def report(run_dir: Path, peak: float | None) -> str:
+def report(run_dir: Path, device: str) -> str:
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    peak = peak_flops(device, matmul_precision(recipe["train"]["mixed_precision"]))
     env = json.loads((run_dir / "env.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["throughput/tokens_per_s"] for r in rows if "throughput/tokens_per_s" in r]
@@ -55,12 +53,13 @@ def report(run_dir: Path, peak: float | None) -> str:
 
 
 def main(paths: list[str]) -> None:
-    name, peak = peak_flops()
-    print(f"device: {name}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s per GPU (dense bf16/fp16)\n")
+    name = device_name()
+    peak = peak_flops(name, "bf16")
+    print(f"device: {name}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s per GPU (dense bf16)\n")
     print("| run | strategy | precision | GPUs | tokens/s | MFU | final val/loss |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for path in paths:
-        print(report(Path(path), peak))
+        print(report(Path(path), name))
 
 
 if __name__ == "__main__":

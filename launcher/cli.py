@@ -240,7 +240,7 @@ def _quiet_deepspeed() -> None:
 
 
 def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
-    from launcher import components, guards, plan
+    from launcher import activations, components, guards, plan
     from launcher.recipe import load_recipe
 
     recipe = load_recipe(path, overrides, check_files=False, this_machine=False)  # a plan for any machine
@@ -263,7 +263,18 @@ def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> 
     tokens = _tokens_per_sample(train_set) if train_set is not None else int(model_kwargs.get("block_size", 0))
     parameters = _count_parameters(recipe, model_kwargs)
     print(plan.describe_plan(recipe, made, samples, tokens, parameters, missing))
+    print("\n".join(activations.describe(recipe, _sample(train_set, model_kwargs), model_kwargs)))
     return 0
+
+
+def _sample(dataset: Any, model_kwargs: dict[str, Any]) -> Any:
+    """One (input, target) of the train set; without it, token ids of the recipe's block_size where it gives one."""
+    import torch
+
+    if dataset is not None:
+        return dataset[0]
+    block = int(model_kwargs.get("block_size") or 0)
+    return (torch.zeros(block, dtype=torch.long),) * 2 if block else None
 
 
 def _tokens_per_sample(dataset: Any) -> int:

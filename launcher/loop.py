@@ -24,6 +24,7 @@ from launcher.compiling import FirstUpdates
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
 from launcher.errors import RunFailed
 from launcher.evaluation import Evaluator
+from launcher.flops import device_peak
 from launcher.metrics import Throughput
 from launcher.preflight import Start, preflight
 from launcher.recipe import Recipe
@@ -99,7 +100,7 @@ class Training:
             dynamic_ncols=True,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
         )
-        throughput = Throughput()
+        throughput = Throughput(device_peak(t.peak_flops, accelerator.device, t.mixed_precision), self.files.note)
         writer = checkpoint.Writer(
             accelerator, p.model, p.optimizer, begin.scheduler, strategy.checkpoint_format, recipe.checkpoint.async_save
         )

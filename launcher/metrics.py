@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+GIB = 2**30
 
 
 def sequence_tokens(targets: Any) -> int:
@@ -42,12 +44,21 @@ def _finite_or_none(v: float) -> float | None:
 
 
 class Throughput:
-    """Samples and tokens per second of training since the last `rates()` call."""
+    """Samples, tokens and model FLOPs per second of training since the last `rates()` call, and the model FLOPs
+    utilisation against `peak_flops` (FLOP/s of one device) where that is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak_flops: float | None = None, note: Callable[[dict[str, Any]], None] | None = None):
         self.start = time.perf_counter()
         self.samples = 0
         self.tokens = 0
+        self.peak_flops = peak_flops
+        self.note = note  # told once what the FLOPs per update are, for the run's record
+        self.flops_per_update: float | None = None  # this process's, measured on the first update
+
+    def measured(self, flops_per_update: float | None) -> None:
+        self.flops_per_update = flops_per_update
+        if self.note is not None:
+            self.note({"flops_per_update": flops_per_update, "peak_flops": self.peak_flops})
 
     def add(self, samples: int, tokens: int) -> None:
         self.samples += samples
@@ -62,13 +73,36 @@ class Throughput:
         finally:
             self.start += time.perf_counter() - start
 
-    def rates(self) -> dict[str, float]:
+    def rates(self, updates: int = 0) -> dict[str, float]:
+        """The rates since the last call; `updates`: the updates done since then (for the FLOP rate)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {"throughput/samples_per_s": self.samples / elapsed}
         if self.tokens:
             out["throughput/tokens_per_s"] = self.tokens / elapsed
+        if self.flops_per_update is not None and updates:
+            out["flops_per_s"] = self.flops_per_update * updates / elapsed
+            if self.peak_flops:
+                out["mfu"] = out["flops_per_s"] / self.peak_flops
         self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
         return out
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    """This process's peak memory in GiB: on a GPU, allocated and reserved by torch since the last call (the peak
+    is reset); elsewhere the process's peak resident set since it started."""
+    import torch
+
+    if device.type == "cuda":
+        out = {
+            "memory/peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+        }
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"memory/peak_gib": peak * (1 if sys.platform == "darwin" else 1024) / GIB}
 
 
 def environment(world_size: int, distributed_type: str, mixed_precision: str, device: str) -> dict[str, Any]:

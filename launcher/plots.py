@@ -1,6 +1,6 @@
 """PNG plots of one or more runs against step: loss (train solid, validation dashed with markers), learning
-rate, gradient norm and throughput, every run in each plot, for comparing them. Needs matplotlib (the `plots`
-extra); nothing here imports it until a plot is drawn."""
+rate, gradient norm, throughput, model FLOP/s, MFU and peak memory, every run in each plot, for comparing them.
+Needs matplotlib (the `plots` extra); nothing here imports it until a plot is drawn."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ PLOTS = (
     ("lr.png", "Learning rate", "lr", [("lr", "-", "")]),
     ("grad_norm.png", "Gradient norm (before clipping)", "global norm", [("grad_norm", "-", "")]),
     ("throughput.png", "Throughput (training only)", "samples/s", [("throughput/samples_per_s", "-", "")]),
+    ("flops.png", "Model FLOP/s per process (training only)", "FLOP/s", [("flops_per_s", "-", "")]),
+    ("mfu.png", "Model FLOPs utilisation", "MFU", [("mfu", "-", "")]),
+    (
+        "memory.png",
+        "Peak memory per process",
+        "GiB",
+        [("memory/peak_gib", "-", "allocated"), ("memory/peak_reserved_gib", "--", "reserved")],
+    ),
 )
 LOG_SCALE_ABOVE = 100.0  # a logarithmic y axis where the values drawn span more than this factor
 

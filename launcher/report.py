@@ -228,7 +228,21 @@ def summary(run: Run) -> dict[str, Any]:
         "checkpoints": run.checkpoints,
         "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],
         "skipped_steps": run.skipped_steps,
+        **compute(run),
     }
+    return out
+
+
+def compute(run: Run) -> dict[str, Any]:
+    """Model FLOP/s and MFU per process (mean over the logged rows and the last one) and the peak memory."""
+    out: dict[str, Any] = {}
+    for key in ("flops_per_s", "mfu"):
+        values = [v for _, v in run.series(key)]
+        out[key] = {"mean": statistics.fmean(values), "last": values[-1]} if values else None
+    for key, name in (("memory/peak_gib", "peak_memory_gib"), ("memory/peak_reserved_gib", "peak_reserved_gib")):
+        values = [v for _, v in run.series(key)]
+        out[name] = max(values) if values else None
+    out["flops_per_update"] = run.env.get("flops_per_update")
     return out
 
 
@@ -282,6 +296,7 @@ def _figures(s: dict[str, Any]) -> list[str]:
         speed.append(f"{s['tokens_per_s']:,.0f} tokens/s")
     if speed:
         lines.append(f"  throughput    {', '.join(speed)} (median of the logged values)")
+    lines.extend(_compute_lines(s))
     if s["train_seconds"] is not None:
         lines.append(f"  time          {_duration(s['train_seconds'])} of training")
     if s["attempts"]:
@@ -293,6 +308,26 @@ def _figures(s: dict[str, Any]) -> list[str]:
     else:
         lines.append("  checkpoints   none")
     return lines
+
+
+def _compute_lines(s: dict[str, Any]) -> list[str]:
+    lines = []
+    flops, mfu = s.get("flops_per_s"), s.get("mfu")
+    if flops:
+        text = f"  compute       {_tflops(flops['mean'])} per process (mean; last {_tflops(flops['last'])})"
+        if mfu:
+            text += f", MFU {100 * mfu['mean']:.3g}% (last {100 * mfu['last']:.3g}%)"
+        lines.append(text)
+    if s.get("peak_memory_gib") is not None:
+        reserved = s.get("peak_reserved_gib")
+        more = f", {reserved:.2f} GiB reserved" if reserved is not None else ""
+        lines.append(f"  memory        peak {s['peak_memory_gib']:.2f} GiB{more} per process")
+    return lines
+
+
+def _tflops(value: float) -> str:
+    scale, unit = next(((s, u) for s, u in ((1e12, "T"), (1e9, "G"), (1e6, "M")) if value >= s), (1.0, ""))
+    return f"{value / scale:.3g} {unit}FLOP/s"
 
 
 def _diagnosis(logged: int, findings: list[Finding]) -> list[str]:

@@ -50,6 +50,12 @@ class RunDir:
             recipe.name or "launcher", config=flat_hparams(recipe.to_dict()), init_kwargs=tracker_options(self.path)
         )
 
+    def note(self, values: dict[str, Any]) -> None:
+        """Add what the run learns once it runs (the FLOPs of an update) to `env.json`."""
+        if self.accelerator.is_main_process:
+            path = self.path / ENV_FILE
+            path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
+
     def log(self, values: dict[str, float], step: int) -> None:
         self.accelerator.log(values, step=step)
         if self.jsonl is not None:

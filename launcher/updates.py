@@ -3,6 +3,7 @@ the optimizer step (or its skip), the schedule and the counters; and the row a l
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -14,8 +15,15 @@ from launcher.build import Parts
 from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
 from launcher.evaluation import compute_loss
-from launcher.metrics import Throughput, sequence_tokens
+from launcher.flops import FlopMeter, compiled
+from launcher.metrics import Throughput, peak_memory, sequence_tokens
 from launcher.trainstate import LogWindow, TrainState
+
+NOT_COUNTING = contextlib.nullcontext()
+FLOPS_NOTE = (
+    "note: flops_per_s and mfu are not logged: a compiled model's FLOPs are not counted (counting would change "
+    "its numbers); a model method flops_per_token(seq_len) or flops_per_sample() gives them"
+)
 
 
 class Updates:
@@ -40,16 +48,27 @@ class Updates:
         self.loss = torch.zeros((), device=accelerator.device)  # summed over the micro-batches of the current update
         self.batches = 0
         self.grad_norm = torch.zeros(())
+        # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is.
+        self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model), not compiled(parts.model))
+        self.logged_step = state.step
 
     def micro_step(self, inputs: Any, targets: Any) -> bool:
         """Forward and backward of one micro-batch; True when it closes an update (gradients are synchronised)."""
         p, world = self.parts, self.accelerator.num_processes
         # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's (see
         # StepAgreement).
-        loss = p.stepper.micro_step(lambda: compute_loss(p.loss_fn, p.model(inputs), targets), self.agreement.poisons)
+        with self.meter.counting(inputs) if self.meter is not None else NOT_COUNTING:
+            loss = p.stepper.micro_step(
+                lambda: compute_loss(p.loss_fn, p.model(inputs), targets), self.agreement.poisons
+            )
         self.loss = loss.detach() if self.batches == 0 else self.loss + loss.detach()
         self.batches += 1
         self.throughput.add(len(targets) * world, sequence_tokens(targets) * world)
+        if self.meter is not None and self.accelerator.sync_gradients:
+            self.throughput.measured(self.meter.per_update)
+            if self.meter.unknown and self.accelerator.is_main_process:
+                self.progress.write(FLOPS_NOTE, file=sys.stderr)
+            self.meter = None
         return self.accelerator.sync_gradients
 
     def update(self) -> Verdict:
@@ -99,8 +118,10 @@ class Updates:
             "grad_norm": float(self.grad_norm),
             "epoch": state.epoch + state.samples_in_epoch / samples_per_epoch,
             "train/skipped_steps": state.skipped_steps,
-            **self.throughput.rates(),
+            **self.throughput.rates(state.step - self.logged_step),
+            **peak_memory(self.accelerator.device),
         }
+        self.logged_step = state.step
         # Shown at the bar's next redraw: forcing one here would write a line to a log file each time.
         self.progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
         return values

@@ -69,6 +69,10 @@ def test_two_processes_train_one_run(tiny_recipe: Path, tmp_path: Path):
     train_steps = [r["step"] for r in rows if "train/loss" in r]
     assert train_steps == list(range(1, 41))  # written once, by the main process, for every step
     assert rows[0]["throughput/samples_per_s"] > 0
+    assert all(r["flops_per_s"] > 0 and r["memory/peak_gib"] > 0 for r in rows if "train/loss" in r)
+    # The MLP 8-32-3 on 32 samples a process: 2 FLOPs a weight forward, 4 backward (the first layer's input needs
+    # no gradient: 2), counted by torch on the first update.
+    assert env["flops_per_update"] == 32 * (6 * 32 * 3 + 4 * 8 * 32)
     assert proc.stdout.count("done at step 40/40") == 1
     assert (run_dir / "checkpoints" / "step_00000040" / "trainer_state.json").is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,32 @@ def test_plan_of_the_zero3_recipe_shows_strategy_memory_and_deepspeed_config(tmp
     assert "= 0.23 GiB" in out.split("memory")[1].splitlines()[0]
     assert '"train_batch_size": 512' in out and '"stage": 3' in out and '"gradient_clipping": 1.0' in out
     assert "learning rate cosine: " in out and "0.0006 at 700" in out
+    # Activations of one micro-batch (16 x 1024 tokens), measured on the meta device: recomputing the 12 blocks
+    # keeps their inputs and one block's activations instead of all of them.
+    line = out.split("activations   per process, one micro-batch of 16")[1].splitlines()[1]
+    none, full = (float(x) for x in re.findall(r"(?:none|full) ([\d.]+) GiB", line))
+    assert 1 < full < none / 2, line
+
+
+def test_activation_memory_is_what_a_real_forward_saves_and_recomputing_keeps_less():
+    import torch
+    from torch import nn
+
+    from launcher.activations import Saved, measure
+    from launcher.evaluation import compute_loss
+    from launcher.models.gpt import GPT
+
+    def saved(device: str) -> Saved:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = GPT(vocab_size=64, block_size=128, n_layer=3, n_head=4, n_embd=32)
+            idx = torch.zeros(2, 128, dtype=torch.long)
+        return measure(model, list(model.blocks), lambda: compute_loss(nn.CrossEntropyLoss(), model(idx), idx))
+
+    on_meta = saved("meta")
+    assert on_meta == saved("cpu")  # the meta device stands for a real forward (with a fused attention kernel)
+    assert on_meta.inputs == (2 * 128 * 32 * 4,) * 3  # each block's input: (batch, time, width) in fp32
+    none, full = on_meta.kept([False] * 3), on_meta.kept([True] * 3)
+    assert none == on_meta.outside + sum(on_meta.blocks)
+    assert full == on_meta.outside + sum(on_meta.inputs) + max(on_meta.blocks) < none
+    assert full < on_meta.kept([True, False, True]) < none

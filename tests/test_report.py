@@ -96,6 +96,8 @@ def test_a_healthy_quickstart_run_gets_no_finding(runs: dict[str, Path]):
     assert "diagnosis: nothing wrong found in the curves" in proc.stdout, proc.stdout
     for line in ("model            mlp(hidden_sizes=[128, 128])", "optimizer        adam(lr=0.0003)", "throughput"):
         assert line in proc.stdout, proc.stdout
+    assert re.search(r"compute       [\d.]+ [MGT]?FLOP/s per process \(mean; last [\d.]+ [MGT]?FLOP/s\)", proc.stdout)
+    assert re.search(r"memory        peak [\d.]+ GiB per process", proc.stdout), proc.stdout
     # The checkpoint retention of the recipe (newest 2, best 1) and the best val/accuracy with its step.
     assert "checkpoints   " in proc.stdout and "best: " in proc.stdout
     assert re.search(r"val/accuracy  best 0\.(8[89]|9)\d* at step \d+", proc.stdout), proc.stdout
@@ -120,7 +122,8 @@ def test_plots_overlay_the_runs(runs: dict[str, Path], tmp_path: Path):
     proc = run_cli("report", *(str(runs[n]) for n in names), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["grad_norm.png", "loss.png", "lr.png", "throughput.png"]
+    # No peak FLOP/s is known on CPU (train.peak_flops not given): no MFU plot.
+    assert files == ["flops.png", "grad_norm.png", "loss.png", "lr.png", "memory.png", "throughput.png"]
     image = matplotlib.image.imread(out / "loss.png")
     assert image.shape[:2] == (450, 800)
     # Each run is drawn in its own colour (matplotlib's C0, C1, C2): every one of them is on the picture.

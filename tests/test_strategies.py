@@ -298,6 +298,9 @@ def test_a_gpt_recipe_trains_checkpoints_resumes_and_exports_on_two_processes(
     state = json.loads((run_dir / "checkpoints" / "step_00000040" / "trainer_state.json").read_text())
     assert state["format"] == {"gpt_ddp": "full", "gpt_fsdp": "dcp", "gpt_zero3": "deepspeed"}[name]
     assert state["world_size"] == 2
+    # The GPT's own formula, on the parameters as built (ZeRO-3 and FSDP leave each rank only a part of them).
+    per_token = GPT(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64).flops_per_token(64)
+    assert json.loads((run_dir / "env.json").read_text())["flops_per_update"] == 8 * 64 * per_token
 
     out = tmp_path / "model.safetensors"
     proc = run_cli("ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--out", str(out))

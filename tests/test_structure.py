@@ -104,10 +104,18 @@ LAYERS = [
     ["launcher.runlock", "launcher.preflight"],
     ["launcher.trainstate"],
     ["launcher.build"],
-    ["launcher.rundir", "launcher.metrics", "launcher.trackers"],
+    ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops"],
     ["launcher.evaluation", "launcher.saving", "launcher.updates"],
     ["launcher.loop"],
-    ["launcher.cli", "launcher.__main__", "launcher.report", "launcher.diagnosis", "launcher.plots", "launcher.slurm"],
+    [
+        "launcher.cli",
+        "launcher.__main__",
+        "launcher.report",
+        "launcher.diagnosis",
+        "launcher.plots",
+        "launcher.slurm",
+        "launcher.activations",
+    ],
 ]
 
 

@@ -38,7 +38,7 @@ def test_quickstart_reaches_the_stated_accuracy_and_leaves_its_files(tmp_path: P
 
 
 def test_overrides_reach_the_printed_and_the_saved_recipe(tmp_path: Path):
-    overrides = ["optimizer.lr=1e-3", "train.max_steps=50", f"run_dir={tmp_path / 'run'}"]
+    overrides = ["optimizer.lr=1e-3", "train.max_steps=50", "train.peak_flops=2e9", f"run_dir={tmp_path / 'run'}"]
     printed = run_cli("train", "recipes/quickstart.yaml", *overrides, "--print-recipe")
     assert printed.returncode == 0, printed.stderr
     resolved = yaml.safe_load(printed.stdout)
@@ -52,6 +52,12 @@ def test_overrides_reach_the_printed_and_the_saved_recipe(tmp_path: Path):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["step"] == 50
     assert max(r["lr"] for r in rows if "lr" in r) == pytest.approx(1e-3)
+    # Every log row carries the model's FLOP rate, its utilisation of the peak given, and the peak memory.
+    logged = [r for r in rows if "train/loss" in r]
+    assert all(r["flops_per_s"] > 0 and r["memory/peak_gib"] > 0 for r in logged)
+    assert all(r["mfu"] == pytest.approx(r["flops_per_s"] / 2e9) for r in logged)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["flops_per_update"] > 0 and env["peak_flops"] == 2e9
 
 
 def test_a_model_from_a_module_beside_the_recipe_trains(tmp_path: Path):

@@ -83,6 +83,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        # Counted now: a strategy may shard or partition the parameters later (ZeRO-3 leaves them empty).
+        self.matmul_weights = sum(
+            p.numel() for name, p in self.named_parameters() if p.dim() == 2 and name != "wpe.weight"
+        )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -100,6 +104,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward and backward) per token of a sequence of `seq_len` tokens, as in PaLM's appendix
+        B: 6 per weight of every matmul (2 forward, 4 backward; the tied output projection is one of them, the
+        embeddings' lookups none) plus attention's scores and weighted values, 12 x layers x width x `seq_len`
+        (the causal mask not discounted: the kernels compute every score)."""
+        return 6.0 * self.matmul_weights + 12.0 * len(self.blocks) * self.wte.embedding_dim * seq_len
 
     @staticmethod
     def check_args(args: Mapping[str, Any], data: Mapping[str, Any]) -> list[tuple[str, str]]:

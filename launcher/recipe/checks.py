@@ -54,6 +54,8 @@ def _check_train(t: TrainConfig) -> list[str]:
         problems.append(f"train.seed: must be in [0, 2**32) (numpy takes 32-bit seeds), got {t.seed}")
     if t.max_time_s is not None and not t.max_time_s > 0:
         problems.append(f"train.max_time_s: must be > 0, got {t.max_time_s}")
+    if t.peak_flops is not None and not t.peak_flops > 0:
+        problems.append(f"train.peak_flops: must be > 0 (FLOP/s of one device), or null; got {t.peak_flops}")
     if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
         problems.append(f"train.clip_grad_norm: must be > 0, or null for no clipping; got {t.clip_grad_norm}")
     return problems

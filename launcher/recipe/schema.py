@@ -80,6 +80,7 @@ class TrainConfig:
     compile: CompileConfig = CompileConfig(enabled=False)
     activation_checkpointing: Recompute = Recompute()
     blocks: tuple[str, ...] = ()  # the model's repeated block classes; empty: the model's `_no_split_modules`
+    peak_flops: float | None = None  # FLOP/s of one device that MFU is measured against (None: the GPU table's)
 
 
 @dataclass(frozen=True)
