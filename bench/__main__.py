@@ -29,6 +29,7 @@ from bench.workloads import SHAKESPEARE, workloads
 
 # (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
 PLAN = {("a", 1): (3000, 7), ("b", 1): (300, 5), ("a", 2): (2000, 5), ("b", 2): (100, 3)}
+PARTS = ("loops", "checkpoint", "speed")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -71,11 +72,12 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["loops", "checkpoint"], default=["loops", "checkpoint"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"])
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")
+    parser.add_argument("--profiler-base", default=None, help="speed: the launcher before the profiler (a git ref)")
     parser.add_argument("--repeats", type=int, help="repeats of every run (default: as planned, 3 to 7)")
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
     parser.add_argument("--params-millions", type=float, default=100.0)
@@ -99,6 +101,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
             text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
+    if "speed" in args.parts:
+        from bench import speed
+
+        print("measuring the speed features", file=sys.stderr)
+        parts += ["### Speed features", speed.measure(args.quick, args.text, args.profiler_base or speed.PROFILER_BASE)]
     report = "\n\n".join(parts) + "\n"
     print(report)
     if headline:
