@@ -29,7 +29,10 @@ from bench.workloads import SHAKESPEARE, workloads
 
 # (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
 PLAN = {("a", 1): (3000, 7), ("b", 1): (300, 5), ("a", 2): (2000, 5), ("b", 2): (100, 3)}
+PARTS = ("loops", "checkpoint", "speed")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# The speed part has markers of its own: a run of it alone leaves the other parts' figures as they are.
+SPEED_BEGIN, SPEED_END = "<!-- bench:speed:begin -->", "<!-- bench:speed:end -->"
 
 
 def machine() -> str:
@@ -71,11 +74,12 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["loops", "checkpoint"], default=["loops", "checkpoint"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"])
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")
+    parser.add_argument("--profiler-base", default=None, help="speed: the launcher before the profiler (a git ref)")
     parser.add_argument("--repeats", type=int, help="repeats of every run (default: as planned, 3 to 7)")
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
     parser.add_argument("--params-millions", type=float, default=100.0)
@@ -84,9 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     command = "python -m bench " + " ".join(sys.argv[1:])
-    parts = [
-        f"Measured {datetime.date.today().isoformat()} by `{command.strip()}` on {machine()}.",
-    ]
+    measured = f"Measured {datetime.date.today().isoformat()} by `{command.strip()}` on {machine()}."
+    parts = [measured]
     headline: dict[str, float] = {}
     if "loops" in args.parts:
         text, headline = loops(args)
@@ -99,16 +102,34 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
             text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
-    report = "\n\n".join(parts) + "\n"
-    print(report)
+    if "speed" in args.parts:
+        from bench import speed
+
+        print("measuring the speed features", file=sys.stderr)
+        speed_report = "\n\n".join(
+            [measured, speed.measure(args.quick, args.text, args.profiler_base or speed.PROFILER_BASE)]
+        )
+    report = "\n\n".join(parts) + "\n" if len(parts) > 1 else ""
+    print(report + (speed_report + "\n" if "speed" in args.parts else ""))
     if headline:
         print("headline ratios (steps/s against the PyTorch loop):", json.dumps(headline, indent=1), file=sys.stderr)
     if args.out:
-        old = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
-        if BEGIN not in old or END not in old:
-            raise SystemExit(f"error: {args.out}: no {BEGIN} ... {END} markers to put the results between")
-        head, rest = old.split(BEGIN, 1)
-        args.out.write_text(f"{head}{BEGIN}\n{report}{END}{rest.split(END, 1)[1]}")
+        text = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
+        if report:
+            text = between(text, BEGIN, END, report, args.out)
+        if "speed" in args.parts:
+            if SPEED_BEGIN not in text:  # a new section at the end
+                text = text.rstrip("\n") + f"\n\n## Speed features\n\n{SPEED_BEGIN}\n{SPEED_END}\n"
+            text = between(text, SPEED_BEGIN, SPEED_END, speed_report + "\n", args.out)
+        args.out.write_text(text)
+
+
+def between(text: str, begin: str, end: str, report: str, path: Path) -> str:
+    """`text` with `report` between its markers `begin` and `end`."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {path}: no {begin} ... {end} markers to put the results between")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{report}{end}{rest.split(end, 1)[1]}"
 
 
 if __name__ == "__main__":

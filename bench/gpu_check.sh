@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU path, end to end, on a machine with CUDA GPUs: the GPT recipes (DDP, FSDP, ZeRO-3) with bf16 and fp16
 # for a short while on every GPU, each saved halfway, resumed from that checkpoint and finished; then tokens/s and
-# MFU per run (bench/gpu_report.py). Usage, from the repository root:
-#   bench/gpu_check.sh [TOKENS_DIR] [STEPS]
+# MFU per run (bench/gpu_report.py). Then the speed features: recipes/gpt_ddp.yaml in bf16 for SPEED_STEPS steps,
+# eager and compiled (`train.compile: true`, regional), each without and with activation checkpointing (full),
+# no evaluation or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed).
+# Usage, from the repository root:
+#   bench/gpu_check.sh [TOKENS_DIR] [STEPS] [SPEED_STEPS]
 # TOKENS_DIR holds train.bin/val.bin (GPT-2 tokens, vocab 50304); without it, byte-level tokens of Tiny
 # Shakespeare (vocab 256) are made with `launcher tokenize`. Runs go to runs/gpu_check/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=${2:-60}
+SPEED_STEPS=${3:-40}
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "gpu_check: no CUDA GPU here"; exit 2; }
 OUT=runs/gpu_check
@@ -43,3 +47,23 @@ for recipe in gpt_ddp gpt_fsdp gpt_zero3; do
     done
 done
 python bench/gpu_report.py "$OUT"/gpt_*
+
+# The speed features: short runs, nothing but training (the rates past the first quarter of the rows).
+SPEED=(
+    "train.max_steps=$SPEED_STEPS" "scheduler.warmup_steps=10" "logging.every_steps=5" "eval.every_steps=null"
+    "eval.every_epoch=false" "data.val=null" "early_stopping=null" "checkpoint.every_steps=null"
+    "checkpoint.keep_best=0" "checkpoint.save_final=false" "train.mixed_precision=bf16" "strategy.timeout_s=300"
+)
+speed_runs=()
+for compile in false true; do
+    for recompute in none full; do
+        run="$OUT/speed_compile-${compile}_ac-${recompute}"
+        rm -rf "$run"
+        echo "== gpt_ddp bf16, train.compile=$compile, train.activation_checkpointing=$recompute: $SPEED_STEPS steps"
+        "${LAUNCH[@]}" train recipes/gpt_ddp.yaml "run_dir=$run" "${DATA[@]}" "${SPEED[@]}" \
+            "train.compile=$compile" "train.activation_checkpointing=$recompute"
+        speed_runs+=("$run")
+    done
+done
+echo
+python bench/gpu_report.py --speed "${speed_runs[@]}"

@@ -1,11 +1,17 @@
 """The hand-written loops the launcher is measured against, one process of one variant per run:
 
-    python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS [--text FILE]
+    python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS [--text FILE] [--tokens DIR]
+    python -m bench.loops torch WORKLOAD STEPS --compile {regional,whole}
 
 Each is the loop a user would write for the workload: forward, backward, clip to norm 1.0, step, zero the
 gradients, the loss printed every 10 steps. Started by torchrun with 2 processes, each runs DDP over gloo. For the
 harness, the main process writes the time of its first optimizer step to $BENCH_FIRST_STEP_FILE, and at every
 10th step a line `{"step": N, "time": T}` to $BENCH_STEPS_FILE (as the launcher's metrics.jsonl has them).
+
+`--compile` (the PyTorch loop only) compiles the model in place as `train.compile` does: `regional` calls
+`Module.compile` on each of its blocks (the classes in its `_no_split_modules`), `whole` on the model. The loop then
+writes `{"compile_s": S}` to $BENCH_COMPILE_FILE: the first step's time beyond the second's, as the launcher's
+`compile_s`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,31 @@ def step_done(step: int) -> None:
             f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
 
 
+def compile_in_place(model: torch.nn.Module, how: str, backend: str = "inductor") -> None:
+    if how == "regional":
+        names = tuple(getattr(model, "_no_split_modules", ()))
+        blocks = [m for m in model.modules() if type(m).__name__ in names]
+        assert blocks, f"{type(model).__name__} declares no blocks"
+        for block in blocks:
+            block.compile(backend=backend)
+    elif how == "whole":
+        model.compile(backend=backend)
+
+
+class FirstSteps:
+    """The first two steps' times, for the compile time: the first step's time beyond the second's."""
+
+    def __init__(self) -> None:
+        self.times = [time.perf_counter()]
+
+    def tick(self) -> None:
+        if len(self.times) < 3:
+            self.times.append(time.perf_counter())
+            if len(self.times) == 3 and os.environ.get("BENCH_COMPILE_FILE"):
+                first, second = (b - a for a, b in zip(self.times, self.times[1:], strict=False))
+                Path(os.environ["BENCH_COMPILE_FILE"]).write_text(json.dumps({"compile_s": max(first - second, 0)}))
+
+
 def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     done, epoch = 0, 0
     while True:
@@ -45,13 +76,14 @@ def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torc
         epoch += 1
 
 
-def torch_loop(w: Workload, steps: int) -> None:
+def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "inductor") -> None:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group("gloo")
     torch.manual_seed(0)
     data = w.data()
     model = w.model(data)
+    compile_in_place(model, compile, backend)
     optimizer = w.optimizer(model.parameters())
     sampler = DistributedSampler(data, shuffle=True, seed=0) if distributed else None
     loader = DataLoader(data, batch_size=w.batch_size, shuffle=sampler is None, sampler=sampler)
@@ -59,12 +91,14 @@ def torch_loop(w: Workload, steps: int) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model)
     main = not distributed or torch.distributed.get_rank() == 0
     model.train()
+    first_steps = FirstSteps()
     for i, (x, y) in enumerate(batches(loader, steps)):
         loss = loss_of(model(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        first_steps.tick()
         if (i + 1) % LOG_EVERY == 0:
             value = loss.detach()
             if distributed:
@@ -151,11 +185,20 @@ VARIANTS = {"torch": torch_loop, "accelerate": accelerate_loop, "lightning": lig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("workload", choices=["a", "b"])
+    parser.add_argument("workload", choices=["a", "b", "g"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--text", type=Path, default=SHAKESPEARE)
+    parser.add_argument("--tokens", type=Path, help="workload (g): a folder of `launcher tokenize`'s token files")
+    parser.add_argument("--compile", choices=["none", "regional", "whole"], default="none", help="the PyTorch loop")
+    parser.add_argument("--backend", default="inductor", help="with --compile")
     args = parser.parse_args()
-    VARIANTS[args.variant](workloads(args.text)[args.workload], args.steps)
+    w = workloads(args.text, args.tokens)[args.workload]
+    if args.compile != "none":
+        if args.variant != "torch":
+            parser.error("--compile: the PyTorch loop only")
+        torch_loop(w, args.steps, args.compile, args.backend)
+    else:
+        VARIANTS[args.variant](w, args.steps)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The workloads every variant trains: the same model, data, batch size, optimizer and clipping.
 
 (a) a tiny MLP on the built-in synthetic set, where the cost per step of the loop itself dominates;
-(b) the char transformer of `recipes/charlm.yaml` on Tiny Shakespeare, where compute dominates.
+(b) the char transformer of `recipes/charlm.yaml` on Tiny Shakespeare, where compute dominates;
+(g) the CPU variant of `recipes/gpt_ddp.yaml` (2 layers, 64 wide) on byte tokens of Tiny Shakespeare, made by
+`launcher tokenize` (the speed part: bench/speed.py).
 
 torch is imported only where a model or optimizer is built: the harness that starts the runs stays small, since a
 child process's peak memory as the kernel reports it starts from its parent's.
@@ -34,6 +36,7 @@ class Workload:
     model: Callable[[Dataset], torch.nn.Module]
     optimizer: Callable[[Any], torch.optim.Optimizer]  # given the parameters
     recipe: Callable[[], str]  # the launcher's recipe for the same run (YAML)
+    overrides: tuple[str, ...] = ()  # given to `launcher train` after the recipe
 
 
 def _mlp_data() -> Dataset:
@@ -58,6 +61,48 @@ def _char_model(data: Dataset) -> torch.nn.Module:
     from launcher.models.gpt import GPT
 
     return GPT(**data.model_kwargs, n_layer=4, n_head=4, n_embd=128, dropout=0.1)  # type: ignore[attr-defined]
+
+
+def _token_data(tokens: Path) -> Dataset:
+    from launcher.data.memmap import TokenMemmap
+
+    return TokenMemmap(str(tokens / "{split}.bin"), split="train", block_size=64, vocab_size=256)
+
+
+def _small_gpt(data: Dataset) -> torch.nn.Module:
+    from launcher.models.gpt import GPT
+
+    return GPT(**data.model_kwargs, n_layer=2, n_head=2, n_embd=64, dropout=0.0)  # type: ignore[attr-defined]
+
+
+def _gpt_adamw(params: Any) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+# recipes/gpt_ddp.yaml made small enough for a CPU (as its own comment and the tests do), on one process, without
+# evaluation, checkpoints or data-loading workers: what the hand-written loop does too.
+GPT_CPU = (
+    "data.dataset.vocab_size=256",
+    "data.dataset.block_size=64",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "train.batch_size=8",
+    "train.gradient_accumulation_steps=1",
+    "train.mixed_precision=no",
+    "scheduler.warmup_steps=5",
+    f"logging.every_steps={LOG_EVERY}",
+    "data.val=null",
+    "data.num_workers=0",
+    "eval.every_steps=null",
+    "eval.every_epoch=false",
+    "early_stopping=null",
+    "checkpoint.every_steps=null",
+    "checkpoint.keep_best=0",
+    "checkpoint.save_final=false",
+)
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:
@@ -85,8 +130,9 @@ logging: {{every_steps: {LOG_EVERY}, progress_bar: true}}
 """
 
 
-def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
-    return {
+def workloads(text: Path = SHAKESPEARE, tokens: Path | None = None) -> dict[str, Workload]:
+    """The workloads; (g) only with `tokens`, a folder of `launcher tokenize`'s train.bin and val.bin."""
+    out = {
         "a": Workload(
             key="a",
             title="tiny MLP (32-64-4, 2.4k parameters) on the synthetic set, batch 32, Adam",
@@ -116,6 +162,19 @@ def workloads(text: Path = SHAKESPEARE) -> dict[str, Workload]:
             ),
         ),
     }
+    if tokens is not None:
+        out["g"] = Workload(
+            key="g",
+            title="GPT recipe's CPU variant (`recipes/gpt_ddp.yaml`: 2 layers, 64 wide, 0.1M parameters) on byte "
+            "tokens of Tiny Shakespeare, batch 8 x 64, AdamW, fp32",
+            batch_size=8,
+            data=functools.partial(_token_data, tokens),
+            model=_small_gpt,
+            optimizer=_gpt_adamw,
+            recipe=lambda: (REPO / "recipes" / "gpt_ddp.yaml").read_text(),
+            overrides=(*GPT_CPU, f"data.dataset.path={tokens}/{{split}}.bin"),
+        )
+    return out
 
 
 def loss_of(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,3 +29,19 @@ def test_the_harness_runs_every_variant_and_puts_its_tables_between_the_markers(
     ways = [line for line in text.splitlines() if line.startswith(("| save | ", "| load | ")) and " s | " in line]
     assert len(ways) == 8, text  # 5 ways to save, 3 to load
     assert "| background (`checkpoint.async_save: true`) |" in text
+
+
+def test_the_speed_part_runs_and_writes_its_tables(tmp_path: Path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "speed", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r for r in rows if r in ("| eager", "| compiled, regional")] == ["| eager", "| compiled, regional"], text
+    assert "| `none`" in rows and "| `full`" in rows, text
+    assert "| this launcher, no `profile` (off)" in rows and "| with the counter" in rows, text
+    assert "nan" not in text, text
