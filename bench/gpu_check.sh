@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU path, end to end, on a machine with CUDA GPUs: the GPT recipes (DDP, FSDP, ZeRO-3) with bf16 and fp16
-# for a short while on every GPU, each saved halfway, resumed from that checkpoint and finished; then tokens/s and
-# MFU per run (bench/gpu_report.py). Then the speed features: recipes/gpt_ddp.yaml in bf16 for SPEED_STEPS steps,
-# eager and compiled (`train.compile: true`, regional), each without and with activation checkpointing (full),
-# no evaluation or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed).
-# Usage, from the repository root:
+# The GPU path, end to end, on a machine with CUDA GPUs: no host sync in a steady-state training step
+# (bench/sync_check.py); the GPT recipes (DDP, FSDP, ZeRO-3) with bf16 and fp16 for a short while on every GPU,
+# each saved halfway, resumed from that checkpoint and finished; then tokens/s and MFU per run
+# (bench/gpu_report.py). Then the speed features: recipes/gpt_ddp.yaml in bf16 for SPEED_STEPS steps, eager and
+# compiled (`train.compile: true`, regional), each without and with activation checkpointing (full), no evaluation
+# or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed). Exits non-zero
+# at the end if the sync check failed. Usage, from the repository root:
 #   bench/gpu_check.sh [TOKENS_DIR] [STEPS] [SPEED_STEPS]
 # TOKENS_DIR holds train.bin/val.bin (GPT-2 tokens, vocab 50304); without it, byte-level tokens of Tiny
 # Shakespeare (vocab 256) are made with `launcher tokenize`. Runs go to runs/gpu_check/.
@@ -17,6 +18,10 @@ GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "gpu_check: no CUDA GPU here"; exit 2; }
 OUT=runs/gpu_check
 mkdir -p "$OUT"
+
+echo "== no host sync in a training step (one GPU, fused AdamW, a NaN update skipped on the device)"
+SYNC_OK=1
+python -m bench.sync_check || SYNC_OK=0
 
 if [ -n "${1:-}" ]; then
     DATA=("data.dataset.path=$1/{split}.bin")
@@ -67,3 +72,4 @@ for compile in false true; do
 done
 echo
 python bench/gpu_report.py --speed "${speed_runs[@]}"
+[ "$SYNC_OK" = 1 ] || { echo "gpu_check: bench/sync_check.py found a host sync in a training step (above)"; exit 1; }

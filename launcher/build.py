@@ -15,7 +15,7 @@ from launcher import checkpoint, components, plan, schedules
 from launcher.early_stopping import Tracker
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
-from launcher.strategies.stepping import Stepper
+from launcher.strategies.stepping import Stepper, fused_skipping, match_fused
 from launcher.trainstate import TrainState
 
 
@@ -46,7 +46,8 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     strategy.speed_up(accelerator, model)
     model = strategy.shard(accelerator, model)
     loss_fn = components.instantiate("loss", recipe.loss)
-    optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters())
+    fused = fused_default(recipe, strategy, accelerator)
+    optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters(), **fused)
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
     model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
@@ -54,6 +55,20 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
         val_loader = accelerator.prepare(val_loader)
     stepper = strategy.stepper(accelerator, model, optimizer)
     return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper)
+
+
+def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> dict[str, bool]:
+    """`fused=True` for torch's Adam, AdamW and SGD on CUDA when the recipe chooses neither `fused` nor `foreach`
+    (the HF Trainer's default is fused AdamW too): one kernel per step, and the skip of a non-finite update left to
+    the optimizer on the device (`Stepper.skips_on_device`) instead of a host sync per step. Not where the
+    optimizer steps on the CPU (offloaded) or inside DeepSpeed's engine; on CPU a recipe opts in with
+    `optimizer.fused: true`."""
+    given = recipe.optimizer.kwargs
+    if accelerator.device.type != "cuda" or {"fused", "foreach"} & set(given) or given.get("differentiable"):
+        return {}
+    if strategy.updates_in_backward or "optimizer" in strategy.offloaded():
+        return {}
+    return {"fused": True} if components.resolve("optimizer", recipe.optimizer.target) in fused_skipping() else {}
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
@@ -147,6 +162,7 @@ def resume(
 ) -> None:
     """Load the checkpoint into the built run, and say what a resume on another number of processes changes."""
     checkpoint.load(accelerator, path, parts.model, parts.optimizer, scheduler, strategy.checkpoint_format)
+    match_fused(parts.stepper.inner)
     accelerator.print(f"resumed from {path} at step {state.step}")
     if saved.get("world_size", accelerator.num_processes) != accelerator.num_processes:
         accelerator.print(world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes))

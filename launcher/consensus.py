@@ -3,7 +3,9 @@
 Per-rank facts are reduced into one verdict that every rank then acts on at the same step:
 - a non-finite loss rides on the gradient all-reduce the step does anyway: a rank whose loss is not finite makes
   its gradients NaN (`poison_nonfinite`), so the synchronised gradients, and the global norm every rank computes
-  from them, are not finite on every rank, and every rank skips the update;
+  from them, are not finite on every rank, and every rank skips the update. With a fused optimizer the skip is
+  left to the optimizer on the device, and the host reads which updates were skipped only now and then (see
+  `StepAgreement`);
 - requests to stop (a signal, the wall-time budget, a stop file) are reduced by an all-reduce of a few flags,
   about once a second at a step every rank knows in advance (`StopChecks`): at every step it would cost a small
   model's loop a sizeable share of its speed. With fp16, whose loss scaler makes overflowing gradients normal,
@@ -19,7 +21,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -42,6 +44,10 @@ class Verdict:
     stop_code: int  # why some rank was asked to stop (an index into STOP_REASONS); 0: nobody was
     skip_step: bool  # some rank saw a non-finite loss or gradient norm: no rank applies this update
     next_check_in: int = 1  # steps until the ranks next agree on stopping
+    # Decided on the device (skip_step is then False): the skip as a 0-d bool tensor the optimizer reads, the same
+    # on every rank, which the host does not read during the step.
+    skip_on_device: torch.Tensor | None = None
+    read_skips: bool = False  # on the device path: the host reads the skips decided since the last read now
 
     @property
     def stop(self) -> bool:
@@ -175,20 +181,31 @@ class StepAgreement:
     whose loss scaler makes overflowing gradients normal, only a non-finite loss is divergence, and only this
     rank's: it goes into the all-reduce, which then happens at every step. Otherwise the ranks agree on stopping
     about once a second (`StopChecks`). A single process watches its loss and norm together (one sum is finite
-    only if both are) and reads its stop requests at every step."""
+    only if both are) and reads its stop requests at every step.
+
+    On the device path (`on_device`: a fused optimizer skips the update itself, see `Stepper.skips_on_device`)
+    the finiteness is never read on the host during the step: the verdict hands it to the optimizer as a device
+    flag, and says at which steps the host reads the flags gathered since the last read (`read_skips`): with
+    several processes at each agreement on stopping (about once a second, the same step on every rank), with one
+    about once a second of its own. Every rank's flag is the same without a collective: it comes from the norm
+    of the synchronised gradients, the same bit for bit on every rank."""
 
     def __init__(self, accelerator: Accelerator, fp16: bool, requests: StopRequests, peers: LostPeers):
-        several = accelerator.num_processes > 1
+        self.several = accelerator.num_processes > 1
         self.accelerator = accelerator
         self.fp16 = fp16
-        self.poisons = several and not fp16
+        self.poisons = self.several and not fp16
         self.requests = requests
         self.peers = peers
-        self.checks = StopChecks(every_s=1.0 if several and not fp16 else 0.0)
+        self.checks = StopChecks(every_s=1.0 if self.poisons else 0.0)
+        self.reads = StopChecks(every_s=1.0)  # one process on the device path: when to read the skips
 
-    def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
-        """The verdict on the update closing at `step` (0-based), from this update's loss and gradient norm."""
+    def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, on_device: bool = False) -> Verdict:
+        """The verdict on the update closing at `step` (0-based), from this update's loss and gradient norm;
+        `on_device`: the optimizer can skip the update on the device (never with fp16)."""
         nonfinite = ~torch.isfinite(loss if self.fp16 else grad_norm if self.poisons else grad_norm + loss)
+        if on_device:
+            return self.device_verdict(step, nonfinite)
         if not self.checks.due(step):
             return Verdict(stop_code=0, skip_step=bool(nonfinite))
         with self.peers.waiting_for("the other processes' step verdict"):
@@ -196,6 +213,19 @@ class StepAgreement:
             verdict = agree(self.accelerator, self.requests.code(), nonfinite, proposal)
         self.checks.agreed(step, verdict.next_check_in)
         return verdict
+
+    def device_verdict(self, step: int, nonfinite: torch.Tensor) -> Verdict:
+        """The verdict with the skip left on the device; the ranks agree on stopping as on the host path."""
+        if not self.checks.due(step):
+            return Verdict(stop_code=0, skip_step=False, skip_on_device=nonfinite)
+        with self.peers.waiting_for("the other processes' step verdict"):
+            proposal = self.checks.proposal(step)
+            verdict = agree(self.accelerator, self.requests.code(), False, proposal)
+        self.checks.agreed(step, verdict.next_check_in)
+        read = self.several or self.reads.due(step)
+        if read and not self.several:
+            self.reads.agreed(step, self.reads.proposal(step))
+        return replace(verdict, skip_on_device=nonfinite, read_skips=read)
 
 
 class LostPeers:

@@ -150,19 +150,25 @@ class Training:
             else:
                 state.epoch += 1
                 state.samples_in_epoch = 0
-                if self.evaluator.due_at_epoch_end(state.step) and self.evaluate():
-                    stop_reason = "early stopping"
+                if self.evaluator.due_at_epoch_end(state.step):
+                    self.updates.read_skips()
+                    stop_reason = "diverged" if self.updates.diverged else "early stopping" if self.evaluate() else ""
         return stop_reason
 
     def after_update(self, verdict: consensus.Verdict) -> str:
-        """Log, evaluate and save when due; the reason to stop, if there is one now."""
-        step = self.state.step
+        """Log, evaluate and save when due; the reason to stop, if there is one now. Where any of these is due the
+        skips a fused optimizer decided on the device are read first (see `Updates.read_skips`): the row, the
+        checkpoint and the stop are those of the host path."""
+        step, total = self.state.step, self.budget.total_steps
         if self.compiling is not None and (seconds := self.compiling.tick()) is not None:
             self.compiling = None
             self.files.log({"compile_s": seconds}, step)
             if self.main:
                 self.say(f"compiled in about {seconds:.1f} s (the first update's time beyond the second's)")
-        if step % self.recipe.logging.every_steps == 0 or step == self.budget.total_steps:
+        logs = step % self.recipe.logging.every_steps == 0 or step == total
+        if logs or verdict.stop or step >= total or self.evaluator.due_at_step(step) or self.saver.due(step):
+            self.updates.read_skips()
+        if logs:
             with self.peers.waiting_for("the loss all-reduce for logging"):
                 self.files.log(self.updates.row(self.samples_per_epoch), step)
         if self.updates.diverged:
@@ -174,7 +180,7 @@ class Training:
             self.save()
         if verdict.stop and not stop_reason:
             stop_reason = verdict.stop_reason  # the same on every rank, whichever was asked
-        if not stop_reason and step >= self.budget.total_steps:
+        if not stop_reason and step >= total:
             stop_reason = "done"
         return stop_reason
 
@@ -184,6 +190,7 @@ class Training:
             return self.evaluator.run(lambda values: self.files.log(values, self.state.step), self.save, self.say)
 
     def save(self) -> None:
+        self.updates.read_skips()  # the counters and loss window saved are the host's
         with self.peers.waiting_for("the checkpoint barrier"):
             self.saver.save(self.state, self.window, self.evaluator.monitored(self.state.step), self.say)
 
@@ -219,7 +226,8 @@ class Training:
     def diverged_message(self) -> str:
         state, t, ckpt_dir = self.state, self.recipe.train, self.recipe.checkpoint_dir
         why = (
-            f"error: stopped at step {state.step}: {state.nonfinite_streak} updates in a row had a non-finite loss "
+            f"error: stopped at step {state.step}: {self.updates.diverged_streak or state.nonfinite_streak} updates in "
+            f"a row had a non-finite loss "
             f"or gradient norm (train.max_nonfinite_steps={t.max_nonfinite_steps}); "
         )
         if self.strategy.updates_in_backward:

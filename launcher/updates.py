@@ -1,11 +1,17 @@
 """One update at a time: each micro-batch forward and backward; at the update's last one, the ranks' verdict,
-the optimizer step (or its skip), the schedule and the counters; and the row a log line shows."""
+the optimizer step (or its skip), the schedule and the counters; and the row a log line shows.
+
+With a fused optimizer the skip is decided on the device (`Stepper.skips_on_device`): each update's flag, loss and
+micro-batches wait in `pending` until the host reads the flags (`read_skips`: at log, evaluation and save steps,
+where the run may stop, and about once a second), and are then counted in order exactly as the host path counts
+them at each update: the counters, the loss window, the warning and the divergence come out the same, later.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +30,15 @@ FLOPS_NOTE = (
     "note: flops_per_s and mfu are not logged: a compiled model's FLOPs are not counted (counting would change "
     "its numbers); a model method flops_per_token(seq_len) or flops_per_sample() gives them"
 )
+
+
+class Pending(NamedTuple):
+    """An update whose skip was decided on the device and not read on the host yet."""
+
+    step: int  # the state's step before it (0-based)
+    skip: torch.Tensor  # 0-d bool, on the device
+    loss: torch.Tensor  # summed over its micro-batches
+    batches: int
 
 
 class Updates:
@@ -51,6 +66,8 @@ class Updates:
         # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is.
         self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model), not compiled(parts.model))
         self.logged_step = state.step
+        self.pending: list[Pending] = []  # the device path's updates since the host last read their skips
+        self.diverged_streak = 0  # the streak that reached max_nonfinite_steps, once one did
 
     def micro_step(self, inputs: Any, targets: Any) -> bool:
         """Forward and backward of one micro-batch; True when it closes an update (gradients are synchronised)."""
@@ -77,39 +94,66 @@ class Updates:
         its skip."""
         stepper, state = self.parts.stepper, self.state
         self.grad_norm = stepper.clip(self.clip_grad_norm)
-        verdict = self.agreement.verdict(state.step, self.loss, self.grad_norm)
-        if verdict.skip_step:
-            self._skip()
+        verdict = self.agreement.verdict(state.step, self.loss, self.grad_norm, stepper.skips_on_device())
+        if verdict.skip_on_device is not None:
+            stepper.step(skip=verdict.skip_on_device)
+            self.pending.append(Pending(state.step, verdict.skip_on_device, self.loss, self.batches))
+        elif verdict.skip_step:
+            self._skipped(state.step)
+            if self.accelerator.scaler is not None:
+                self.accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
         else:
             stepper.step()
-            state.nonfinite_streak = 0
-            self.window.add(self.loss, self.batches)
+            self._applied(self.loss, self.batches)
         stepper.zero_grad()
         self.batches = 0
         self.scheduler.step()
         state.step += 1
         self.progress.update(1)
+        if verdict.read_skips:
+            self.read_skips()
         return verdict
 
-    def _skip(self) -> None:
+    def read_skips(self) -> None:
+        """The device path: read which updates since the last read were skipped (one host sync), and count them
+        in order as the host path counted each at its step. Nothing to do on the host path."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        skipped = torch.stack([update.skip for update in pending]).tolist()
+        for update, skip in zip(pending, skipped, strict=True):
+            if skip:
+                self._skipped(update.step)
+            else:
+                self._applied(update.loss, update.batches)
+
+    def _applied(self, loss: torch.Tensor, batches: int) -> None:
+        self.state.nonfinite_streak = 0
+        self.window.add(loss, batches)
+
+    def _skipped(self, step: int) -> None:
+        """Count the update closing at `step` (0-based) as skipped, and say so (throttled)."""
         state = self.state
         state.skipped_steps += 1
         state.nonfinite_streak += 1
+        if state.nonfinite_streak >= self.max_nonfinite_steps:
+            self.diverged_streak = state.nonfinite_streak
         if self.accelerator.is_main_process:
             self.skipped_notices.say(
-                f"warning: step {state.step + 1}: update skipped: the loss or gradient norm is not finite "
+                f"warning: step {step + 1}: update skipped: the loss or gradient norm is not finite "
                 f"({state.nonfinite_streak} in a row; {self.max_nonfinite_steps} in a row stop the run)",
                 write=lambda line: self.progress.write(line, file=sys.stderr),
             )
-        if self.accelerator.scaler is not None:
-            self.accelerator.scaler.update()  # closes the step that unscale_ opened, without applying it
 
     @property
     def diverged(self) -> bool:
-        return self.state.nonfinite_streak >= self.max_nonfinite_steps
+        """Whether max_nonfinite_steps updates in a row were skipped, as far as the host knows: on the device path
+        as of the last `read_skips` (a streak that reached the limit counts though updates were applied since)."""
+        return max(self.diverged_streak, self.state.nonfinite_streak) >= self.max_nonfinite_steps
 
     def row(self, samples_per_epoch: int) -> dict[str, float]:
         """The values of a log line: the loss averaged over the ranks and the updates since the last line."""
+        self.read_skips()
         state = self.state
         train_loss = self.accelerator.reduce(self.window.take_mean(self.loss), reduction="mean").item()
         values = {

@@ -45,3 +45,26 @@ def test_the_speed_part_runs_and_writes_its_tables(tmp_path: Path):
     assert "| `none`" in rows and "| `full`" in rows, text
     assert "| this launcher, no `profile` (off)" in rows and "| with the counter" in rows, text
     assert "nan" not in text, text
+
+
+def sync_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.sync_check", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+
+
+def test_the_sync_check_says_when_there_is_no_cuda_and_its_logic_runs_on_the_cpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        plain = sync_check()
+        assert plain.returncode == 0 and plain.stdout.startswith("sync_check: no CUDA here: skipped"), plain
+    cpu = sync_check("--cpu")
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr[-3000:]
+    assert "sync_check: ok on cpu (host reads refused): 16 steady-state updates" in cpu.stdout
+    # The check sees host reads: the host path (an optimizer that is not fused) reads every update's verdict.
+    host = sync_check("--cpu", "optimizer.fused=false")
+    assert host.returncode == 1, host.stdout + host.stderr[-3000:]
+    assert "sync_check: FAILED on cpu (host reads refused), batches on the device: a host read" in host.stdout
+    assert "consensus.py" in host.stdout

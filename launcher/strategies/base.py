@@ -77,14 +77,19 @@ class DDP:
 
     def accelerator_options(self) -> dict[str, Any]:
         """The Accelerator arguments every strategy shares."""
+        import torch
         from accelerate import DataLoaderConfiguration
         from accelerate.utils import ProjectConfiguration
 
         r, t = self.recipe, self.recipe.train
+        # On CUDA a batch (in pinned memory: see build.make_loader) is copied without the host waiting for it.
+        loaders = DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=t.seed, non_blocking=torch.cuda.is_available()
+        )
         return {
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "project_config": ProjectConfiguration(project_dir=r.run_dir, logging_dir=r.run_dir),
-            "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+            "dataloader_config": loaders,
             "step_scheduler_with_optimizer": False,
         }
 
@@ -130,7 +135,7 @@ class DDP:
 
         plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
         direct = accelerator.scaler is None and accelerator.distributed_type in plain
-        return Stepper(accelerator, model, optimizer, direct=direct)
+        return Stepper(accelerator, model, optimizer, direct=direct, device_skips=not self.updates_in_backward)
 
     # ------------------------------------------------------------------------------------------------ planning
 
