@@ -104,7 +104,7 @@ LAYERS = [
     ["launcher.trainstate"],
     ["launcher.build"],
     ["launcher.rundir", "launcher.metrics", "launcher.trackers"],
-    ["launcher.evaluation", "launcher.saving", "launcher.updates"],
+    ["launcher.evaluation", "launcher.saving", "launcher.updates", "launcher.profiling"],
     ["launcher.loop"],
     ["launcher.cli", "launcher.__main__", "launcher.report", "launcher.diagnosis", "launcher.plots", "launcher.slurm"],
 ]
