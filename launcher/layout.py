@@ -20,6 +20,9 @@ SLURM_ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per star
 LOCK_FILE = ".lock"  # held by a live run's main process: one run per run dir (see runlock.py)
 LOCK_HOLDER_FILE = ".lock_holder.json"  # who holds it: host, pid, SLURM job
 CHECKPOINTS_DIR = "checkpoints"  # in the run dir, unless the recipe's checkpoint.dir names another folder
+PROFILE_DIR = "profile"  # torch.profiler traces and CUDA memory snapshots (the recipe's `profile` section)
+TRACE_SUFFIX = ".pt.trace.json"  # Chrome-trace JSON; the suffix TensorBoard's profiler plugin looks for
+MEMORY_SNAPSHOT_SUFFIX = ".memory.pickle"  # torch.cuda.memory._dump_snapshot, for pytorch.org/memory_viz
 
 # In a checkpoint (a step dir).
 STATE_FILE = "trainer_state.json"  # written last: its presence makes the checkpoint complete
@@ -40,6 +43,11 @@ OLD_PREFIX = ".old-"  # the directory a save replaces, moved aside until the new
 UNIVERSAL_PREFIX = ".universal-"  # a DeepSpeed checkpoint converted for another world size, while it is loaded
 CHECKPOINT_PREFIXES = (STEP_PREFIX, TMP_PREFIX + STEP_PREFIX, OLD_PREFIX + STEP_PREFIX)  # saves a crash interrupted
 LATEST, BEST = "latest", "best"  # `<checkpoints>/latest` and `/best` name checkpoints (looked up, no links)
+
+
+def profile_name(rank: int, first: int, last: int, suffix: str) -> str:
+    """A profile file of one rank's recorded updates: `rank0.steps_5-7.pt.trace.json`."""
+    return f"rank{rank}.steps_{first}-{last}{suffix}"
 
 
 def step_dir_name(step: int) -> str:

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from launcher import build, checkpoint, consensus, guards, runlock, strategies
+from launcher import build, checkpoint, consensus, guards, profiling, runlock, strategies
 from launcher.compiling import FirstUpdates
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
 from launcher.errors import RunFailed
@@ -114,6 +114,11 @@ class Training:
             accelerator, p, begin.scheduler, agreement, self.state, self.window, self.progress, throughput,
             t.max_nonfinite_steps, t.clip_grad_norm,
         )  # fmt: skip
+        # None unless this rank profiles (the recipe's `profile`): all an update then costs is the check for None.
+        self.profiler = profiling.make(
+            recipe.profile, accelerator, recipe.run_dir, self.state.step, self.budget.total_steps,
+            lambda line: self.progress.write(line, file=sys.stderr),
+        )  # fmt: skip
 
     def run(self) -> RunResult:
         try:
@@ -121,6 +126,8 @@ class Training:
                 stop_reason = self.train()
                 self.finish(stop_reason)
         finally:
+            if self.profiler is not None:
+                self.profiler.close()  # on the way out with an error: what it recorded is written
             self.progress.close()
             self.files.close()
             with contextlib.suppress(Exception):  # on the way out with an error: let a write in flight land
@@ -145,6 +152,8 @@ class Training:
                         continue
                     verdict = self.updates.update()
                 stop_reason = self.after_update(verdict)
+                if self.profiler is not None:
+                    self.profiler.step(state.step)
                 if stop_reason:
                     break
             else:
@@ -199,6 +208,8 @@ class Training:
 
     def finish(self, stop_reason: str) -> None:
         """The final evaluation and checkpoint; every rank leaves together."""
+        if self.profiler is not None:
+            self.profiler.close()  # a window the run's end cut short: written as far as it went
         self.progress.close()
         step = self.state.step
         with self.peers.waiting_for("the final evaluation and checkpoint"):

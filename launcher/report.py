@@ -2,7 +2,8 @@
 
 A run dir holds everything needed: `metrics.jsonl` (every logged value, one line per step, rolled back to the
 checkpoint a resumed attempt continued from), `recipe.yaml`, `env.json`, `history.jsonl` (each attempt's start
-and end), `last_run.json`, the checkpoints and, under SLURM, `slurm/attempts.jsonl`.
+and end), `last_run.json`, the checkpoints, under SLURM `slurm/attempts.jsonl`, and the profiler's files in
+`profile/`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from launcher.layout import (
     ENV_FILE,
     HISTORY_FILE,
     LAST_RUN_FILE,
+    MEMORY_SNAPSHOT_SUFFIX,
     METRICS_FILE,
+    PROFILE_DIR,
     RECIPE_FILE,
     ROLLED_BACK_FILE,
     SLURM_ATTEMPTS_FILE,
     STATE_FILE,
+    TRACE_SUFFIX,
     complete_steps,
+    is_interrupted_name,
     read_json,
     read_jsonl,
     step_dir_name,
@@ -47,6 +52,7 @@ class Run:
     slurm_events: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     best_checkpoints: list[list[float]] = field(default_factory=list)
+    profile: list[str] = field(default_factory=list)  # trace and memory snapshot files in profile/
 
     @property
     def name(self) -> str:
@@ -106,7 +112,16 @@ def read_run(path: Path) -> Run:
     if run.checkpoints:
         state = read_json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)
         run.best_checkpoints = state.get("best_checkpoints") or []
+    run.profile = profile_files(path / PROFILE_DIR)
     return run
+
+
+def profile_files(folder: Path) -> list[str]:
+    """The traces and memory snapshots the profiler wrote, by name (not one it was still writing)."""
+    if not folder.is_dir():
+        return []
+    names = [f.name for f in folder.iterdir() if not is_interrupted_name(f.name)]
+    return sorted(n for n in names if n.endswith((TRACE_SUFFIX, MEMORY_SNAPSHOT_SUFFIX)))
 
 
 # ---------------------------------------------------------------------------------------------------- facts
@@ -229,6 +244,7 @@ def summary(run: Run) -> dict[str, Any]:
         "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],
         "skipped_steps": run.skipped_steps,
         **compute(run),
+        "profile": [str(run.path / PROFILE_DIR / name) for name in run.profile],
     }
     return out
 
@@ -307,6 +323,23 @@ def _figures(s: dict[str, Any]) -> list[str]:
         lines.append(f"  checkpoints   {len(ckpts)} at step(s) {', '.join(map(str, ckpts))}{best}")
     else:
         lines.append("  checkpoints   none")
+    return lines + _profile(s["profile"])
+
+
+def _profile(paths: list[str]) -> list[str]:
+    """The profiler's files, and how to open them."""
+    if not paths:
+        return []
+    folder = str(Path(paths[0]).parent)
+    traces = [Path(p).name for p in paths if p.endswith(TRACE_SUFFIX)]
+    snapshots = [Path(p).name for p in paths if p.endswith(MEMORY_SNAPSHOT_SUFFIX)]
+    lines = [f"  profile       {', '.join(traces + snapshots)} in {folder}/"]
+    hints = []
+    if traces:
+        hints.append(f"open a trace at https://ui.perfetto.dev, or: tensorboard --logdir {folder} (torch-tb-profiler)")
+    if snapshots:
+        hints.append("a memory snapshot at https://pytorch.org/memory_viz")
+    lines.append(f"                {'; '.join(hints)}")
     return lines
 
 

@@ -106,7 +106,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
     assert all(p.startswith(f"{path}: ") for p in problems)
     assert [p.removeprefix(f"{path}: ") for p in problems] == [
         "loging: unknown key (did you mean 'logging'? a recipe takes: name, run_dir, resume, model, data, loss, "
-        "optimizer, scheduler, train, eval, early_stopping, checkpoint, logging, strategy, slurm)",
+        "optimizer, scheduler, train, eval, early_stopping, checkpoint, logging, strategy, slurm, profile)",
         "train.batch_size: expected an integer, got a string ('two')",
         "train.mixed_precision: expected one of: no, bf16, fp16; got a string ('fp8')",
         "train.max_steps: must be >= 1, got 0",

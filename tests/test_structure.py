@@ -105,7 +105,7 @@ LAYERS = [
     ["launcher.trainstate"],
     ["launcher.build"],
     ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops"],
-    ["launcher.evaluation", "launcher.saving", "launcher.updates"],
+    ["launcher.evaluation", "launcher.saving", "launcher.updates", "launcher.profiling"],
     ["launcher.loop"],
     [
         "launcher.cli",

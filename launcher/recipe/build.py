@@ -164,11 +164,13 @@ class _Checker:
             if value is None and type(None) in args:
                 return None
             inner = [a for a in args if a is not type(None)]
+            if len(inner) > 1:
+                return self.one_of_forms(value, inner, key)
             return self.convert(value, inner[0], key)
         if origin is Literal:
             return self.literal(value, args, key)
         if origin is tuple:
-            return self.names(value, key)
+            return self.names(value, key) if args[0] is str else self.integers(value, key)
         if tp is Component:
             return self.component(value, key)
         if dataclasses.is_dataclass(tp):
@@ -203,6 +205,23 @@ class _Checker:
             self.problem(key, f"expected a list of names, got {describe(value)}")
             return _BAD
         return tuple(value)
+
+    def integers(self, value: Any, key: str) -> Any:
+        """A list of integers."""
+        if not isinstance(value, list):
+            self.problem(key, f"expected a list of integers, got {describe(value)}")
+            return _BAD
+        items = [self.scalar(v, int, key) for v in value]
+        return _BAD if any(v is _BAD for v in items) else tuple(items)
+
+    def one_of_forms(self, value: Any, forms: list[Any], key: str) -> Any:
+        """A value given in one of a few forms (`profile.ranks`: a list of integers, or `all`): the first it fits."""
+        for form in forms:
+            if components.mismatch(value, form) is None:
+                return self.convert(value, form, key)
+        wanted = " or ".join(_wanted(form) for form in forms)
+        self.problem(key, f"expected {wanted}, got {describe(value)}")
+        return _BAD
 
     def scalar(self, value: Any, tp: Any, key: str) -> Any:
         expected = components.mismatch(value, tp)
@@ -247,6 +266,13 @@ class _Checker:
             self.problem(f"{key}._component_", f"expected a string (a short name or a dotted path), got {what}")
             return False
         return True
+
+
+def _wanted(form: Any) -> str:
+    """What a form of a value takes, in words: `a list of integers`, `all`."""
+    if typing.get_origin(form) is Literal:
+        return " or ".join(map(str, typing.get_args(form)))
+    return components.mismatch([None], form) or components.mismatch(None, form) or str(form)
 
 
 def _looks_like_component_key(key: str, present: bool) -> bool:

@@ -14,6 +14,7 @@ from launcher.recipe.schema import (
     BUILT_IN_TRACKERS,
     TRACKERS,
     LoggingConfig,
+    ProfileConfig,
     Recipe,
     TrainConfig,
 )
@@ -33,6 +34,7 @@ def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = 
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
         *_check_resume(recipe.resume),
+        *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
     ]
 
 
@@ -156,6 +158,33 @@ def _check_logging(lg: LoggingConfig, check_files: bool) -> list[str]:
                 f"logging.trackers: {name} is not installed here (pip install {name.replace('_', '-')}), "
                 "or leave it out of the list"
             )
+    return problems
+
+
+def _check_profile(pr: ProfileConfig, this_machine: bool) -> list[str]:
+    """The profiled window's bounds, and ranks this launch has (with `this_machine`: the launch is this one)."""
+    problems = _at_least(
+        ("profile.start_step", pr.start_step, 1), ("profile.steps", pr.steps, 1), ("profile.warmup", pr.warmup, 0)
+    )
+    if pr.start_step >= 1 and pr.warmup >= pr.start_step:
+        problems.append(
+            f"profile.warmup: the warm-up runs the updates just before profile.start_step, so it must be less than "
+            f"start_step ({pr.start_step}), got {pr.warmup}"
+        )
+    if pr.ranks == "all":
+        return problems
+    if not pr.ranks:
+        problems.append("profile.ranks: empty; give the ranks to trace, e.g. [0], or all")
+    problems += [f"profile.ranks: a rank is an integer >= 0, got {r}" for r in pr.ranks if r < 0]
+    processes = component_checks.launched_processes() if this_machine else None
+    outside = sorted({r for r in pr.ranks if processes is not None and r >= processes})
+    if outside:
+        have = "1 process: rank 0" if processes == 1 else f"{processes} processes: ranks 0 to {processes - 1}"
+        problems.append(
+            f"profile.ranks: {', '.join(map(str, outside))} {'is' if len(outside) == 1 else 'are'} not among the "
+            f"ranks of this launch ({have}); "
+            "give ranks below the number of processes, or all"
+        )
     return problems
 
 

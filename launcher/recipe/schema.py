@@ -161,6 +161,18 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run first in the job: module load ..., source .venv/bin/activate
 
 
+@dataclass(frozen=True)
+class ProfileConfig:
+    """torch.profiler traces of a few updates, one file per traced rank in `<run_dir>/profile/`."""
+
+    start_step: int = 5  # the first update recorded (as logged: the first update is 1); past warm-up and compiling
+    steps: int = 3  # updates recorded
+    warmup: int = 1  # updates just before start_step that the profiler runs without recording
+    ranks: tuple[int, ...] | Literal["all"] = (0,)  # the ranks that trace, or all
+    memory: bool = False  # tensor allocations and shapes; on CUDA also a memory snapshot (pytorch.org/memory_viz)
+    with_stack: bool = False  # the Python stack of every op (larger traces)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str = ""
@@ -178,6 +190,7 @@ class Recipe:
     logging: LoggingConfig = LoggingConfig()
     strategy: StrategyConfig = StrategyConfig()
     slurm: SlurmConfig = SlurmConfig()
+    profile: ProfileConfig | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
