@@ -49,7 +49,7 @@ MODE_NAMES = {"eager": "eager", "regional": "compiled, regional", "whole": "comp
 RECOMPUTE = {"none": "none", "every 2": "{every: 2}", "full": "full"}
 LARGER = ("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "data.dataset.block_size=256", "train.batch_size=16")
 # The launcher as it was before the profiler: `profile` is off when it is left out, so a run without it is this one's.
-PROFILER_BASE = "1c08158"
+PROFILER_BASE = "c11a311"
 
 
 @dataclass(frozen=True)
