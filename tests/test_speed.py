@@ -3,6 +3,7 @@ and two processes with DDP, FSDP and ZeRO-3)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -149,9 +150,12 @@ def test_a_compiled_run_resumes_uncompiled_and_the_other_way_round(char_gpt: Pat
 
 
 @pytest.mark.slow
-def test_compiled_and_checkpointed_runs_match_plain_ddp_on_two_processes(char_gpt: Path, tmp_path: Path):
+def test_compiled_checkpointed_profiled_and_measured_runs_match_plain_ddp_on_two_processes(
+    char_gpt: Path, tmp_path: Path
+):
     """Compiled (aot_eager: the tracing and the graph, without generating kernels, to keep the test short) with
-    every block recomputed, under each strategy: the losses of a plain DDP run, step for step."""
+    every block recomputed, profiled on both ranks and measured (FLOP/s, MFU, peak memory), under each strategy:
+    the losses of a plain DDP run, step for step, and a trace per rank."""
 
     def two(run_dir: Path, *overrides: str) -> list[tuple[int, str, str]]:
         procs = start_ranks(2, "train", str(char_gpt), f"run_dir={run_dir}", *overrides, cwd=char_gpt.parent)
@@ -160,7 +164,12 @@ def test_compiled_and_checkpointed_runs_match_plain_ddp_on_two_processes(char_gp
         return results
 
     two(tmp_path / "plain")
-    fast = ["train.compile={backend: aot_eager}", "train.activation_checkpointing=full"]
+    fast = [
+        "train.compile={backend: aot_eager}",
+        "train.activation_checkpointing=full",
+        "profile={start_step: 3, steps: 2, ranks: all}",
+        "train.peak_flops=1e12",
+    ]
     for name, options in (
         ("ddp", []),
         ("fsdp", ["strategy.name=fsdp"]),
@@ -170,3 +179,9 @@ def test_compiled_and_checkpointed_runs_match_plain_ddp_on_two_processes(char_gp
         assert "note: activation checkpointing: 2 of 2 blocks recompute in backward" in results[0][2]
         assert "compiled in about" in results[0][1] and "compiled in about" not in results[1][1]
         assert_same_losses(losses(tmp_path / "plain"), losses(tmp_path / name))
+        rows = [r for r in read_metrics(tmp_path / name) if "train/loss" in r]
+        assert all(r["flops_per_s"] > 0 and r["mfu"] > 0 and r["memory/peak_gib"] > 0 for r in rows), rows
+        for rank in (0, 1):
+            trace = json.loads((tmp_path / name / "profile" / f"rank{rank}.steps_3-4.pt.trace.json").read_text())
+            steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+            assert steps == {"ProfilerStep#3", "ProfilerStep#4"}, (name, rank, steps)
