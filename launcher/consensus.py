@@ -202,27 +202,21 @@ class StepAgreement:
 
     def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, on_device: bool = False) -> Verdict:
         """The verdict on the update closing at `step` (0-based), from this update's loss and gradient norm;
-        `on_device`: the optimizer can skip the update on the device (never with fp16)."""
+        `on_device`: the optimizer can skip the update on the device (never with fp16). There the flag stays on
+        the device, out of the host's verdict, and the ranks agree on stopping as on the host path."""
         nonfinite = ~torch.isfinite(loss if self.fp16 else grad_norm if self.poisons else grad_norm + loss)
-        if on_device:
-            return self.device_verdict(step, nonfinite)
-        if not self.checks.due(step):
-            return Verdict(stop_code=0, skip_step=bool(nonfinite))
-        with self.peers.waiting_for("the other processes' step verdict"):
-            proposal = self.checks.proposal(step)
-            verdict = agree(self.accelerator, self.requests.code(), nonfinite, proposal)
-        self.checks.agreed(step, verdict.next_check_in)
-        return verdict
-
-    def device_verdict(self, step: int, nonfinite: torch.Tensor) -> Verdict:
-        """The verdict with the skip left on the device; the ranks agree on stopping as on the host path."""
-        if not self.checks.due(step):
-            return Verdict(stop_code=0, skip_step=False, skip_on_device=nonfinite)
-        with self.peers.waiting_for("the other processes' step verdict"):
-            proposal = self.checks.proposal(step)
-            verdict = agree(self.accelerator, self.requests.code(), False, proposal)
-        self.checks.agreed(step, verdict.next_check_in)
-        read = self.several or self.reads.due(step)
+        on_host = False if on_device else nonfinite
+        agreeing = self.checks.due(step)
+        if agreeing:
+            with self.peers.waiting_for("the other processes' step verdict"):
+                proposal = self.checks.proposal(step)
+                verdict = agree(self.accelerator, self.requests.code(), on_host, proposal)
+            self.checks.agreed(step, verdict.next_check_in)
+        else:
+            verdict = Verdict(stop_code=0, skip_step=bool(on_host))
+        if not on_device:
+            return verdict
+        read = agreeing and (self.several or self.reads.due(step))
         if read and not self.several:
             self.reads.agreed(step, self.reads.proposal(step))
         return replace(verdict, skip_on_device=nonfinite, read_skips=read)
