@@ -43,8 +43,8 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     train_set = components.instantiate("data", recipe.data.train, key="data.train")
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
-    strategy.speed_up(accelerator, model)
-    model = strategy.shard(accelerator, model)
+    blocks = strategy.speed_up(accelerator, model)
+    model = strategy.shard(accelerator, model, blocks)
     loss_fn = components.instantiate("loss", recipe.loss)
     fused = fused_default(recipe, strategy, accelerator)
     optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters(), **fused)

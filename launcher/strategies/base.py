@@ -93,9 +93,9 @@ class DDP:
             "step_scheduler_with_optimizer": False,
         }
 
-    def speed_up(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+    def speed_up(self, accelerator: Accelerator, model: torch.nn.Module) -> list[torch.nn.Module]:
         """Activation checkpointing and compilation of the model's blocks, in place, before `shard` (FSDP2 shards
-        blocks already checkpointed and compiled, as torchtitan does) and before DDP's wrapper."""
+        blocks already checkpointed and compiled, as torchtitan does) and before DDP's wrapper; the blocks."""
         from launcher import blocks
 
         found = blocks.run_blocks(model, self.recipe)
@@ -105,6 +105,7 @@ class DDP:
             self.note(accelerator, f"activation checkpointing: {count} of {len(found)} blocks recompute in backward")
         if self.recipe.train.compile.enabled:
             self.compile(accelerator, model, found)
+        return found
 
     def compile(self, accelerator: Accelerator, model: torch.nn.Module, found: list[torch.nn.Module]) -> None:
         from launcher import compiling
@@ -117,9 +118,9 @@ class DDP:
         if accelerator.is_main_process:
             say(f"note: {line}")
 
-    def shard(self, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, accelerator: Accelerator, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.nn.Module:
         """The model as built, spread over the processes where the strategy does that itself (before the
-        optimizer is built on its parameters)."""
+        optimizer is built on its parameters); `blocks`: its blocks (see `speed_up`)."""
         return model
 
     def prepare(

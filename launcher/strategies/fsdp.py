@@ -36,7 +36,7 @@ class FSDP(DDP):
         # Sharded, FSDP computes in bf16 through its MixedPrecisionPolicy, not autocast.
         return "no" if self.shards else self.recipe.train.mixed_precision
 
-    def shard(self, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, accelerator: Accelerator, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.nn.Module:
         import torch
 
         if not self.shards:
@@ -48,7 +48,7 @@ class FSDP(DDP):
                 "note: strategy fsdp on CPU: Accelerate's FSDP needs a GPU, so the model is sharded with torch's "
                 "fully_shard over gloo, as the launcher does on GPUs too"
             )
-        return fsdp_shard(model, self.recipe, accelerator.device)
+        return fsdp_shard(model, blocks, self.recipe, accelerator.device)
 
     def prepare(
         self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, train: DataLoader
@@ -84,16 +84,15 @@ class FSDP(DDP):
         return {"parameters", "gradients", "optimizer"} if self.recipe.strategy.fsdp.cpu_offload else set()
 
 
-def fsdp_shard(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """Apply FSDP2's `fully_shard` to each of the run's blocks (`train.blocks`, `strategy.fsdp.wrap` or the
-    model's declaration), then to the root (which holds the rest)."""
+def fsdp_shard(
+    model: torch.nn.Module, units: list[torch.nn.Module], recipe: Recipe, device: torch.device
+) -> torch.nn.Module:
+    """Apply FSDP2's `fully_shard` to each of the run's blocks (`units`: from `train.blocks`, `strategy.fsdp.wrap`
+    or the model's declaration, see `blocks.run_blocks`), then to the root (which holds the rest)."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    from launcher import blocks
-
     cfg = recipe.strategy.fsdp
-    units = blocks.run_blocks(model, recipe)
     model.to(device)
     options: dict[str, Any] = {"reshard_after_forward": cfg.reshard_after_forward}
     if recipe.train.mixed_precision == "bf16":
