@@ -202,6 +202,16 @@ def test_a_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path: Path):
         assert len(set(state_at(tmp_path / "run", step)["replica_checksums"])) == 1
 
 
+def assert_diverged_at_step_8(results: list[tuple[int, str, str]]) -> None:
+    """Both ranks stopped with exit 1 and one line: 3 updates in a row skipped by step 8, the last good state
+    saved there."""
+    assert [rc for rc, _, _ in results] == [1, 1], results
+    message = results[0][2].strip().splitlines()[-1]
+    assert message.startswith("error: stopped at step 8: 3 updates in a row had a non-finite loss or gradient norm")
+    assert "train.max_nonfinite_steps=3" in message and "step_00000008" in message
+    assert "Traceback" not in results[0][2] + results[1][2]
+
+
 def test_consecutive_nans_stop_every_rank_with_the_last_good_state(tmp_path: Path):
     recipe = nan_recipe(tmp_path, first=6, last=10_000)
     procs = start_ranks(
@@ -213,12 +223,7 @@ def test_consecutive_nans_stop_every_rank_with_the_last_good_state(tmp_path: Pat
         "train.max_nonfinite_steps=3",
         cwd=tmp_path,
     )
-    results = finish(procs, TIMEOUT)
-    assert [rc for rc, _, _ in results] == [1, 1], results
-    message = results[0][2].strip().splitlines()[-1]
-    assert message.startswith("error: stopped at step 8: 3 updates in a row had a non-finite loss or gradient norm")
-    assert "train.max_nonfinite_steps=3" in message and "step_00000008" in message
-    assert "Traceback" not in results[0][2] + results[1][2]
+    assert_diverged_at_step_8(finish(procs, TIMEOUT))
     state = state_at(tmp_path / "run", 8)
     assert state["skipped_steps"] == 3 and len(set(state["replica_checksums"])) == 1
 
