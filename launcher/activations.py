@@ -19,9 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from launcher import components
+from launcher import batches, components
 from launcher.blocks import block_names, find_blocks, recompute_every, recomputed
-from launcher.evaluation import compute_loss
 from launcher.recipe import Recipe
 from launcher.strategies.memory import gib as gib_or_mib
 
@@ -108,14 +107,16 @@ def measure(model: nn.Module, blocks: Sequence[nn.Module], forward: Callable[[],
     return Saved(outside[0], tuple(per_block), tuple(inputs))
 
 
-def meta_batch(sample: tuple[Any, Any], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_batch(sample: Any, batch_size: int) -> tuple[Any, torch.Tensor]:
     """A micro-batch of `batch_size` samples shaped like `sample`, on the meta device."""
 
     def stacked(value: Any) -> torch.Tensor:
         value = torch.as_tensor(value)
         return torch.empty((batch_size, *value.shape), dtype=value.dtype, device="meta")
 
-    inputs, targets = sample
+    inputs, targets = batches.split(sample)
+    if isinstance(inputs, dict):
+        return {name: stacked(value) for name, value in inputs.items()}, stacked(targets)
     return stacked(inputs), stacked(targets)
 
 
@@ -123,12 +124,14 @@ def estimate(recipe: Recipe, sample: tuple[Any, Any], model_kwargs: dict[str, An
     """The bytes one micro-batch of `recipe` saves for backward, and the block class names they are charged to."""
     with torch.device("meta"):
         model = components.instantiate("model", recipe.model, **model_kwargs)
-        loss_fn = components.instantiate("loss", recipe.loss)
+        loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
     model.train()
     inputs, targets = meta_batch(sample, recipe.train.batch_size)
     names = block_names(model, recipe)
     blocks = find_blocks(model, names)
-    return measure(model, blocks, lambda: compute_loss(loss_fn, model(inputs), targets)), names
+    return measure(
+        model, blocks, lambda: batches.batch_loss(loss_fn, inputs, batches.forward(model, inputs), targets)
+    ), names
 
 
 def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ class Parts:
     """What trains, as the strategy runs it."""
 
     model: torch.nn.Module
-    loss_fn: torch.nn.Module
+    loss_fn: torch.nn.Module | None  # None: the model's own loss (see `batches.batch_loss`)
     optimizer: Any
     train_loader: DataLoader
     val_loader: DataLoader | None
@@ -45,7 +45,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
     blocks = strategy.speed_up(accelerator, model)
     model = strategy.shard(accelerator, model, blocks)
-    loss_fn = components.instantiate("loss", recipe.loss)
+    loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
     fused = fused_default(recipe, strategy, accelerator)
     optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters(), **fused)
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)

@@ -281,9 +281,9 @@ def _tokens_per_sample(dataset: Any) -> int:
     """Tokens in one sample of a sequence dataset (integer targets of one or more dimensions); 0 otherwise."""
     import torch
 
-    from launcher.metrics import sequence_tokens
+    from launcher.batches import sequence_tokens, split
 
-    _, target = dataset[0]
+    _, target = split(dataset[0])
     return sequence_tokens(target[None]) if isinstance(target, torch.Tensor) else 0
 
 

@@ -25,11 +25,15 @@ import yaml
 MODELS = {
     "mlp": "launcher.models.mlp.MLP",
     "gpt": "launcher.models.gpt.GPT",
+    "hf_causal_lm": "launcher.models.hf.causal_lm",
+    "hf_classifier": "launcher.models.hf.classifier",
 }
 DATASETS = {
     "synthetic_classification": "launcher.data.synthetic.SyntheticClassification",
     "char_text": "launcher.data.text.CharText",
     "token_memmap": "launcher.data.memmap.TokenMemmap",
+    "hf_text": "launcher.data.hf.HFText",
+    "hf_classification": "launcher.data.hf.HFClassification",
 }
 LOSSES = {
     "cross_entropy": "torch.nn.CrossEntropyLoss",
@@ -91,6 +95,15 @@ class ResolveError(Exception):
     pass
 
 
+class ArgumentProblem(ValueError):
+    """What a component says of one of its arguments it cannot work with (a path with no model in it, a column the
+    data lacks): reported as the recipe key `<section>.<arg>: <message>`, or under `key` as given."""
+
+    def __init__(self, arg: str, message: str, key: str | None = None):
+        self.arg, self.message, self.key = arg, message, key
+        super().__init__(message)
+
+
 def import_object(path: str) -> Any:
     """Import `a.b.C` (or `a.b.C.method`): the longest importable module prefix, then attributes."""
     parts = path.split(".")
@@ -116,6 +129,18 @@ def import_object(path: str) -> Any:
             obj = getattr(obj, attr)
         return obj
     raise ResolveError(f"no module named '{parts[0]}' ({last_error})")
+
+
+def optional(module: str, extra: str) -> Any:
+    """A package of one of the launcher's extras, or one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ArgumentProblem(
+            "_component_",
+            f"needs the package '{module}', which is not installed: pip install -e '.[{extra}]' "
+            f"(or pip install 'launcher[{extra}]')",
+        ) from None
 
 
 def resolve(section: str, target: str) -> Callable[..., Any]:
@@ -252,6 +277,8 @@ def instantiate(section: str, spec: Component, *args: Any, key: str | None = Non
     kwargs.update(copy.deepcopy(dict(spec.kwargs)))
     try:
         return fn(*args, **kwargs)
+    except ArgumentProblem as e:
+        raise RecipeError(f"{e.key or f'{key or section}.{e.arg}'}: {e.message}") from None
     except Exception as e:
         if os.environ.get("LAUNCHER_FULL_ERROR") == "1":
             raise

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from launcher import consensus
+from launcher import batches, consensus
 from launcher.checkpoint import rank_best
 from launcher.errors import RecipeError
 from launcher.metrics import Throughput
@@ -96,43 +96,35 @@ def metric(values: dict[str, float], name: str, key: str) -> float:
     return values[name]
 
 
-def compute_loss(loss_fn: torch.nn.Module, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The loss of a batch; sequence outputs (batch, time, classes) with integer targets are flattened."""
-    if output.dim() > 2 and targets.dim() == output.dim() - 1 and not targets.is_floating_point():
-        return loss_fn(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
-    return loss_fn(output, targets)
-
-
 @torch.no_grad()
 def evaluate(
     accelerator: Accelerator,
     model: torch.nn.Module,
     loader: DataLoader,
-    loss_fn: torch.nn.Module,
+    loss_fn: torch.nn.Module | None,
     max_batches: int | None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
-    ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped."""
+    ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped. A model
+    that computes its own loss (`loss_fn` None) is scored with cross-entropy of its logits, per sample."""
+    loss_fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
     per_sample_loss_fn = copy.copy(loss_fn)
-    per_sample = hasattr(per_sample_loss_fn, "reduction")
-    if per_sample:
+    reduces = hasattr(per_sample_loss_fn, "reduction")
+    if reduces:
         per_sample_loss_fn.reduction = "none"
     classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
     model.eval()
     loss_total, correct_total, count = 0.0, 0.0, 0
-    for i, (inputs, targets) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        output = model(inputs)
-        batch = len(targets)
-        if per_sample:
-            losses = compute_loss(per_sample_loss_fn, output, targets).float().reshape(batch, -1).mean(dim=1)
+        inputs, targets = batches.split(batch)
+        output = batches.forward(model, inputs)
+        if reduces:
+            losses, right = batches.per_sample(per_sample_loss_fn, inputs, output, targets)
         else:  # a loss without `reduction`: its batch mean stands for each sample of the batch
-            losses = compute_loss(loss_fn, output, targets).float().expand(batch)
-        gathered = [losses]
-        if classify:
-            gathered.append((output.argmax(dim=-1) == targets).float().reshape(batch, -1).mean(dim=1))
-        gathered = accelerator.gather_for_metrics(gathered)
+            losses, right = batches.batch_loss(loss_fn, inputs, output, targets).float().expand(len(targets)), None
+        gathered = accelerator.gather_for_metrics([losses] if right is None else [losses, right])
         loss_total += gathered[0].sum().item()
         count += len(gathered[0])
         if classify:

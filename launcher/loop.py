@@ -20,6 +20,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from launcher import build, checkpoint, consensus, guards, profiling, runlock, strategies
+from launcher.batches import split
 from launcher.compiling import FirstUpdates
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
 from launcher.errors import RunFailed
@@ -145,7 +146,7 @@ class Training:
             if state.samples_in_epoch:  # resuming inside an epoch: same order, the samples already seen skipped
                 done = state.samples_in_epoch // self.samples_per_batch
                 batches = self.accelerator.skip_first_batches(p.train_loader, done)
-            for inputs, targets in self.peers.each(batches):
+            for inputs, targets in map(split, self.peers.each(batches)):
                 state.samples_in_epoch += self.samples_per_batch
                 with self.peers.waiting_for("the gradient all-reduce"):
                     if not self.updates.micro_step(inputs, targets):

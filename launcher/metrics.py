@@ -17,11 +17,6 @@ from typing import Any
 GIB = 2**30
 
 
-def sequence_tokens(targets: Any) -> int:
-    """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
-    return targets.numel() if targets.dim() >= 2 and not targets.is_floating_point() else 0
-
-
 class JsonlWriter:
     """One JSON object per line: `step`, `time` (Unix seconds, when the line was written) and the same tags
     TensorBoard gets. Flushed per line, so a crash loses at most the line being written."""

@@ -17,12 +17,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from launcher import batches
 from launcher.build import Parts
 from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
-from launcher.evaluation import compute_loss
 from launcher.flops import FlopMeter, compiled
-from launcher.metrics import Throughput, peak_memory, sequence_tokens
+from launcher.metrics import Throughput, peak_memory
 from launcher.trainstate import LogWindow, TrainState
 
 NOT_COUNTING = contextlib.nullcontext()
@@ -74,13 +74,14 @@ class Updates:
         p, world = self.parts, self.accelerator.num_processes
         # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's (see
         # StepAgreement).
-        with self.meter.counting(inputs) if self.meter is not None else NOT_COUNTING:
+        with self.meter.counting(batches.token_inputs(inputs)) if self.meter is not None else NOT_COUNTING:
             loss = p.stepper.micro_step(
-                lambda: compute_loss(p.loss_fn, p.model(inputs), targets), self.agreement.poisons
+                lambda: batches.batch_loss(p.loss_fn, inputs, batches.forward(p.model, inputs), targets),
+                self.agreement.poisons,
             )
         self.loss = loss.detach() if self.batches == 0 else self.loss + loss.detach()
         self.batches += 1
-        self.throughput.add(len(targets) * world, sequence_tokens(targets) * world)
+        self.throughput.add(batches.samples(inputs, targets) * world, batches.sequence_tokens(targets) * world)
         if self.meter is not None and self.accelerator.sync_gradients:
             self.throughput.measured(self.meter.per_update)
             if self.meter.unknown and self.accelerator.is_main_process:

@@ -83,7 +83,7 @@ def test_activation_memory_is_what_a_real_forward_saves_and_recomputing_keeps_le
     from torch import nn
 
     from launcher.activations import Saved, measure
-    from launcher.evaluation import compute_loss
+    from launcher.batches import compute_loss
     from launcher.models.gpt import GPT
 
     def saved(device: str) -> Saved:

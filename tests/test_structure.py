@@ -91,7 +91,14 @@ def test_the_import_graph_has_no_cycle():
 # The rooms of docs/architecture.md, in order: a module imports only from its own room or those before it.
 LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout"],
-    ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
+    [
+        "launcher.components",
+        "launcher.batches",
+        "launcher.models",
+        "launcher.data",
+        "launcher.schedules",
+        "launcher.early_stopping",
+    ],
     ["launcher.recipe.schema"],
     ["launcher.blocks", "launcher.compiling"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],

@@ -190,7 +190,9 @@ def _float_target_losses() -> tuple[type, ...]:
 
 def check_loss(recipe: Recipe) -> list[str]:
     """The loss resolves and takes its arguments; with a built-in dataset (class indices or token ids as targets)
-    it must take class indices."""
+    it must take class indices. Without a loss, the model's own or cross-entropy (nothing to check)."""
+    if recipe.loss is None:
+        return []
     problems = check_component("loss", "loss", recipe.loss)
     if problems:
         return problems
@@ -207,9 +209,12 @@ def check_loss(recipe: Recipe) -> list[str]:
     return []
 
 
-def evaluation_metrics(loss: Component) -> tuple[str, ...] | None:
+def evaluation_metrics(loss: Component | None) -> tuple[str, ...] | None:
     """The metrics an evaluation produces with this loss (loop.evaluate): val/loss, and val/accuracy for a
-    CrossEntropyLoss. None where that is not known without building the loss (a function that makes one)."""
+    CrossEntropyLoss (or none: a model's own loss is scored by cross-entropy). None where that is not known
+    without building the loss (a function that makes one)."""
+    if loss is None:
+        return ("val/accuracy", "val/loss")
     try:
         fn = components.resolve("loss", loss.target)
     except components.ResolveError:

@@ -180,7 +180,7 @@ class Recipe:
     resume: str = "none"
     model: Component
     data: DataConfig
-    loss: Component = Component("cross_entropy")
+    loss: Component | None = None  # None: the model's own loss where it computes one (Hugging Face), else cross-entropy
     optimizer: Component
     scheduler: Component = Component("constant")
     train: TrainConfig = TrainConfig()

@@ -1,0 +1,97 @@
+"""What a batch is, how it goes through the model, and its loss.
+
+A batch is an `(inputs, targets)` pair (the built-in datasets, most hand-written ones), or a mapping of named
+tensors (`input_ids`, `attention_mask`, `labels`: the Hugging Face way), which the model takes as keyword
+arguments. A model given `labels` computes its own loss (`output.loss`); a recipe without a `loss` section uses
+it, and cross-entropy otherwise. Labels of a causal language model are its inputs, unshifted: the model shifts
+them, and so does `sequence_pair` wherever the launcher computes a loss from the logits itself (evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # a label no loss counts (padding), as torch's cross-entropy and Hugging Face models agree
+
+
+def split(batch: Any) -> tuple[Any, Any]:
+    """`(inputs, targets)`: a pair as it is; a mapping as itself and its `labels`."""
+    if isinstance(batch, Mapping):
+        return batch, batch.get("labels")
+    inputs, targets = batch
+    return inputs, targets
+
+
+def forward(model: torch.nn.Module, inputs: Any) -> Any:
+    """The model's output: a mapping of inputs goes in as keyword arguments."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def logits(output: Any) -> torch.Tensor:
+    """The prediction in a model's output: a tensor, or a Hugging Face output's `logits`."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def samples(inputs: Any, targets: Any) -> int:
+    """The samples in a batch."""
+    if targets is not None:
+        return len(targets)
+    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
+    return len(first)
+
+
+def sequence_pair(inputs: Any, prediction: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction and targets aligned: a mapping batch's sequence labels are its inputs (a causal language model's
+    convention), so position t predicts label t+1."""
+    if isinstance(inputs, Mapping) and prediction.dim() == 3 and targets.dim() == 2:
+        return prediction[:, :-1], targets[:, 1:]
+    return prediction, targets
+
+
+def compute_loss(loss_fn: torch.nn.Module, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of a batch; sequence outputs (batch, time, classes) with integer targets are flattened."""
+    if output.dim() > 2 and targets.dim() == output.dim() - 1 and not targets.is_floating_point():
+        return loss_fn(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return loss_fn(output, targets)
+
+
+def batch_loss(loss_fn: torch.nn.Module | None, inputs: Any, output: Any, targets: Any) -> torch.Tensor:
+    """The loss to train on: the model's own (`loss_fn` None, and the output carries one), else `loss_fn`'s."""
+    own = getattr(output, "loss", None) if not isinstance(output, torch.Tensor) else None
+    if loss_fn is None and own is not None:
+        return own
+    fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
+    prediction, targets = sequence_pair(inputs, logits(output), targets)
+    return compute_loss(fn, prediction, targets)
+
+
+def per_sample(
+    loss_fn: torch.nn.Module, inputs: Any, output: Any, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's mean loss over its positions, and (for cross-entropy) its accuracy; `loss_fn` reduces with
+    `none`. In a mapping batch, labels equal to the loss's `ignore_index` (padding) count in neither."""
+    prediction, targets = sequence_pair(inputs, logits(output), targets)
+    batch = len(targets)
+    losses = compute_loss(loss_fn, prediction, targets).float().reshape(batch, -1)
+    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    right = (prediction.argmax(dim=-1) == targets).float().reshape(batch, -1) if classify else None
+    if not (classify and isinstance(inputs, Mapping)):
+        return losses.mean(dim=1), None if right is None else right.mean(dim=1)
+    counted = (targets != loss_fn.ignore_index).float().reshape(batch, -1)
+    per_position = counted.sum(dim=1).clamp(min=1)
+    return (losses * counted).sum(dim=1) / per_position, (right * counted).sum(dim=1) / per_position
+
+
+def sequence_tokens(targets: Any) -> int:
+    """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
+    if not isinstance(targets, torch.Tensor):
+        return 0
+    return targets.numel() if targets.dim() >= 2 and not targets.is_floating_point() else 0
+
+
+def token_inputs(inputs: Any) -> Any:
+    """The token ids of a batch's inputs (a mapping's `input_ids`), what FLOP formulas count."""
+    return inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs

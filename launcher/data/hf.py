@@ -1,0 +1,290 @@
+"""Datasets over `datasets.load_dataset` with a Hugging Face tokenizer: text packed into blocks for causal language
+modelling (`hf_text`), and labelled text, truncated and padded, for sequence classification
+(`hf_classification`).
+
+The data is a local `json`/`jsonl`/`csv`/`parquet`/`text` file (`{split}` in its path names one file per split), or
+a Hub dataset where the machine reaches the Hub. It is tokenized once and cached (`cache_dir`, by default under
+the `datasets` cache) in plain numpy files, keyed by the file, the tokenizer and the arguments that change the
+tokens. The first process to need it builds it under a file lock; every other one (any rank, any later run) waits
+for it and maps the same files. The samples are then a map-style set like the built-in ones, so a resumed run
+continues at the same sample, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import Dataset
+
+from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem, optional
+
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+CACHE_VERSION = 1  # bumped when the cached files' meaning changes, so older caches are not read
+
+
+def hf_datasets() -> Any:
+    return optional("datasets", "hf")
+
+
+def load_tokenizer(name: str) -> Any:
+    """`AutoTokenizer` from a local directory or Hub name; a tokenizer without a padding token pads with its end
+    of text token, as Hugging Face's recipes do."""
+    auto_tokenizer = optional("transformers", "hf").AutoTokenizer
+    if (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
+        raise ArgumentProblem("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})")
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ArgumentProblem("tokenizer", f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def fingerprint(tokenizer: Any) -> str:
+    """What identifies a tokenizer's encoding: its whole definition where it is a fast one, else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{text}|{tokenizer.all_special_tokens}".encode()).hexdigest()
+
+
+def source(path: str, split: str) -> tuple[str, Path | None]:
+    """The path with `{split}` filled in, and the local file it names (None: a Hub dataset's name)."""
+    name = path.replace("{split}", split)
+    file = Path(name).expanduser()
+    if file.is_file():
+        return name, file
+    if os.path.exists(name) or name.startswith(("/", ".", "~")) or Path(name).suffix in FORMATS:
+        raise ArgumentProblem("path", f"file not found: {file} (relative paths start at {Path.cwd()})")
+    return name, None
+
+
+def load_records(name: str, file: Path | None, format: str | None, columns: tuple[str, ...]) -> Any:
+    """The file's records as a `datasets.Dataset`; a column it lacks is refused, naming those it has."""
+    datasets = hf_datasets()
+    builder = format or (FORMATS.get(file.suffix.lower()) if file is not None else None)
+    if file is not None and builder is None:
+        raise ArgumentProblem(
+            "format", f"cannot tell the format of {file}: give one of {', '.join(sorted(set(FORMATS.values())))}"
+        )
+    options = {"keep_linebreaks": True} if builder == "text" else {}
+    try:
+        if file is None:
+            records = datasets.load_dataset(name, split="train")
+        else:
+            records = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
+    except Exception as e:  # the Hub unreachable, a file that does not parse as its format
+        raise ArgumentProblem("path", f"cannot load {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for column in columns:
+        if column not in records.column_names:
+            raise ArgumentProblem(
+                "column" if column == columns[0] else "label_column",
+                f"{name} has no column {column!r} (its columns: {', '.join(records.column_names)})",
+            )
+    return records
+
+
+def cached(cache_dir: str | None, key: Mapping[str, Any], make: Callable[[], dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The arrays `make` returns, built once per `key` into `cache_dir` under a file lock, then memory-mapped."""
+    root = Path(cache_dir).expanduser() if cache_dir else Path(hf_datasets().config.HF_DATASETS_CACHE) / "launcher"
+    digest = hashlib.sha256(json.dumps({**key, "version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
+    folder = root / digest
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{digest}.lock")):
+        if not (folder / "done").is_file():
+            folder.mkdir(exist_ok=True)
+            for name, array in make().items():
+                np.save(folder / f"{name}.tmp.npy", array)
+                (folder / f"{name}.tmp.npy").replace(folder / f"{name}.npy")
+            (folder / "done").write_text(json.dumps(key, sort_keys=True))
+    return {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy") if not f.stem.endswith(".tmp")}
+
+
+def file_key(name: str, file: Path | None) -> dict[str, Any]:
+    if file is None:
+        return {"hub": name}
+    stat = file.stat()
+    return {"file": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def split_range(count: int, split: str, val_fraction: float, own_file: bool) -> range:
+    """The items of `split`: all of a split's own file, else the last `val_fraction` of them for val."""
+    if own_file:
+        return range(count)
+    cut = count - max(int(count * val_fraction), 1)
+    return range(cut) if split == "train" else range(cut, count)
+
+
+class HFText(Dataset):
+    """Records of text tokenized (no special tokens but an end-of-text token between records), concatenated and cut
+    into `block_size` token blocks; the labels are the inputs (the model shifts them). The last `val_fraction` of
+    the blocks are val, unless the path has `{split}` (one file per split)."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str,
+        split: str = "train",
+        block_size: int = 512,
+        column: str = "text",
+        val_fraction: float = 0.05,
+        format: str | None = None,
+        cache_dir: str | None = None,
+    ):
+        self.tokenizer = load_tokenizer(tokenizer)
+        name, file = source(path, split)
+        key = {"kind": "text", **file_key(name, file), "tokenizer": fingerprint(self.tokenizer), "column": column}
+        arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column)})
+        self.tokens = arrays["tokens"]
+        self.block_size = block_size
+        blocks = len(self.tokens) // block_size
+        self.items = split_range(blocks, split, val_fraction, "{split}" in path)
+        if len(self.items) == 0:
+            raise ArgumentProblem(
+                "block_size", f"{name} has {len(self.tokens):,} tokens: no {split} block of {block_size}"
+            )
+        self.model_kwargs = {
+            "vocab_size": len(self.tokenizer),
+            "block_size": block_size,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def _tokenize(self, name: str, file: Path | None, format: str | None, column: str) -> np.ndarray:
+        records = load_records(name, file, format, (column,))
+        lines = (format or FORMATS.get(file.suffix.lower() if file else "", "")) == "text"
+        eos = [] if lines or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        encode = self.tokenizer
+
+        def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+            ids = encode([str(t) for t in batch[column]], add_special_tokens=False)["input_ids"]
+            return {"ids": [x + eos for x in ids]}
+
+        tokenized = records.map(tokenize, batched=True, remove_columns=records.column_names)
+        dtype = np.uint32 if len(self.tokenizer) >= 2**16 else np.uint16
+        return np.fromiter((t for ids in tokenized["ids"] for t in ids), dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = self.items[i] * self.block_size
+        ids = torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return common_problems(args, "block_size")
+
+
+class HFClassification(Dataset):
+    """Labelled text: each record's text tokenized, truncated and padded to `max_length`, with its label's index.
+    Labels may be integers or names; names are numbered in sorted order over the whole file (or as `labels` lists
+    them), so every split numbers them alike."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str,
+        split: str = "train",
+        max_length: int = 128,
+        column: str = "text",
+        label_column: str = "label",
+        labels: list[str] | None = None,
+        val_fraction: float = 0.1,
+        format: str | None = None,
+        cache_dir: str | None = None,
+    ):
+        self.tokenizer = load_tokenizer(tokenizer)
+        name, file = source(path, split)
+        key = {
+            "kind": "classification",
+            **file_key(name, file),
+            "tokenizer": fingerprint(self.tokenizer),
+            "columns": [column, label_column],
+            "max_length": max_length,
+            "labels": labels,
+        }
+        arrays = cached(
+            cache_dir, key, lambda: self._tokenize(name, file, format, column, label_column, labels, max_length)
+        )
+        self.arrays = arrays
+        self.names = [str(n) for n in json.loads(bytes(arrays["names"]).decode())]
+        self.items = split_range(len(arrays["labels"]), split, val_fraction, "{split}" in path)
+        self.model_kwargs = {
+            "vocab_size": len(self.tokenizer),
+            "block_size": max_length,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "num_labels": len(self.names),
+            "labels": self.names,
+        }
+
+    def _tokenize(
+        self,
+        name: str,
+        file: Path | None,
+        format: str | None,
+        column: str,
+        label_column: str,
+        labels: list[str] | None,
+        max_length: int,
+    ) -> dict[str, np.ndarray]:
+        records = load_records(name, file, format, (column, label_column))
+        values = records[label_column]
+        names = [str(n) for n in labels] if labels else sorted({str(v) for v in values}, key=natural)
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted({str(v) for v in values} - set(index))
+        if unknown:
+            raise ArgumentProblem("labels", f"{name} has labels not in the list: {', '.join(unknown[:5])}")
+        encoded = self.tokenizer(
+            [str(t) for t in records[column]], truncation=True, max_length=max_length, padding="max_length"
+        )
+        return {
+            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int32),
+            "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int8),
+            "labels": np.asarray([index[str(v)] for v in values], dtype=np.int64),
+            "names": np.frombuffer(json.dumps(names).encode(), dtype=np.uint8),
+        }
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = self.items[i]
+        return {
+            "input_ids": torch.from_numpy(self.arrays["input_ids"][j].astype(np.int64)),
+            "attention_mask": torch.from_numpy(self.arrays["attention_mask"][j].astype(np.int64)),
+            "labels": torch.tensor(int(self.arrays["labels"][j])),
+        }
+
+    @staticmethod
+    def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return common_problems(args, "max_length")
+
+
+def natural(name: str) -> tuple[int, Any]:
+    """Integers in numeric order before names in text order."""
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str]]:
+    checks = [
+        (length, integer_problem(args.get(length), 2)),
+        ("val_fraction", fraction_problem(args.get("val_fraction"), zero=False)),
+    ]
+    for name in ("path", "tokenizer"):
+        if not isinstance(args.get(name), str):
+            checks.append((name, f"missing: expected a string, got {describe(args.get(name))}"))
+    if args.get("split") not in ("train", "val"):
+        checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
+    fmt = args.get("format")
+    if fmt is not None and fmt not in set(FORMATS.values()):
+        checks.append(("format", f"expected one of: {', '.join(sorted(set(FORMATS.values())))}; got {describe(fmt)}"))
+    return [(name, problem) for name, problem in checks if problem]

@@ -1,0 +1,200 @@
+"""Hugging Face `transformers` models: causal language models (`hf_causal_lm`) and sequence classifiers
+(`hf_classifier`), loaded from a local directory or a Hub name (`pretrained`), or built fresh from a config
+(`config: {model_type: llama, hidden_size: ...}`).
+
+What the data tells the model (`vocab_size`, `block_size`, `pad_token_id`, `num_labels`) fills a fresh config's
+gaps and is checked against a pretrained one: a tokenizer larger than the embedding, or blocks longer than the
+positions the model has, are refused before anything trains. The key-value cache is off: training does not use
+it, and its objects in the output only cost memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.components import ArgumentProblem, describe, optional
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONFIG_FILE = "config.json"
+
+
+def transformers_module() -> Any:
+    """`transformers`, or one line naming the extra that installs it."""
+    return optional("transformers", "hf")
+
+
+def local(name: str) -> bool:
+    """Whether `name` is meant as a local path rather than a Hub name (`org/model`)."""
+    return os.path.exists(name) or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def load_config(pretrained: str | None, config: Mapping[str, Any] | None, trust_remote_code: bool = False) -> Any:
+    """The model's `PretrainedConfig`: a saved model's (a local directory with config.json, or a Hub name), or one
+    built from the recipe's `config` (its `model_type` and fields)."""
+    transformers = transformers_module()
+    if (pretrained is None) == (config is None):
+        raise ArgumentProblem("pretrained", "give either pretrained (a directory or Hub name) or config, not both")
+    if config is not None:
+        fields = dict(config)
+        model_type = fields.pop("model_type", None)
+        if not isinstance(model_type, str):
+            raise ArgumentProblem("config.model_type", "missing: the architecture, such as llama, gpt2 or bert")
+        try:
+            return transformers.AutoConfig.for_model(model_type, **fields)
+        except ValueError as e:
+            raise ArgumentProblem("config.model_type", str(e).splitlines()[0]) from None
+    assert pretrained is not None
+    if local(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_dir():
+            raise ArgumentProblem("pretrained", f"no such directory: {path} (relative paths start at {Path.cwd()})")
+        if not (path / CONFIG_FILE).is_file():
+            raise ArgumentProblem("pretrained", f"{path} has no {CONFIG_FILE}: not a saved Hugging Face model")
+    try:
+        return transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ArgumentProblem("pretrained", f"cannot load {pretrained!r}: {str(e).splitlines()[0]}") from None
+
+
+def max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def fit_to_data(config: Any, fresh: Mapping[str, Any] | None, told: Mapping[str, Any]) -> None:
+    """Fill the config from what the data tells (the fields a fresh config, `fresh`, leaves unset; None for a
+    pretrained model) and refuse what cannot fit."""
+    vocab = told.get("vocab_size")
+    if vocab is not None:
+        if fresh is not None and "vocab_size" not in fresh:
+            config.vocab_size = vocab
+        if vocab > config.vocab_size:
+            raise ArgumentProblem(
+                "vocab_size",
+                f"the tokenizer has {vocab:,} tokens, more than the model's embedding of {config.vocab_size:,} "
+                "(config.vocab_size): use the model's own tokenizer, or a config with a larger vocab_size",
+                key="model",
+            )
+    block, positions = told.get("block_size"), max_positions(config)
+    if block is not None and positions is not None and block > positions:
+        raise ArgumentProblem(
+            "block_size",
+            f"the data's block_size {block} is more than the model's {positions} positions "
+            "(max_position_embeddings): use a smaller block_size",
+            key="model",
+        )
+    if told.get("pad_token_id") is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = told["pad_token_id"]
+    if told.get("num_labels") is not None:
+        names = told.get("labels") or [str(i) for i in range(told["num_labels"])]
+        config.num_labels = told["num_labels"]
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+    config.use_cache = False
+
+
+def build(
+    auto_class: str,
+    pretrained: str | None,
+    config: Mapping[str, Any] | None,
+    dtype: str,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    told: Mapping[str, Any],
+) -> torch.nn.Module:
+    """The model: a pretrained one's weights loaded, a fresh one initialised from the seeded RNG. On the meta device
+    (validation, `launcher plan`) only the config is read, never the weights."""
+    if dtype not in DTYPES:
+        raise ArgumentProblem("dtype", f"expected one of: {', '.join(DTYPES)}, got {describe(dtype)}")
+    hf_config = load_config(pretrained, config, trust_remote_code)
+    fit_to_data(hf_config, config, told)
+    auto = getattr(transformers_module(), auto_class)
+    options: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    try:
+        if pretrained is None or torch.get_default_device().type == "meta":
+            return auto.from_config(hf_config, **options)
+        return auto.from_pretrained(pretrained, config=hf_config, **options)
+    except ValueError as e:  # an architecture without this head, an attention implementation it lacks
+        raise ArgumentProblem("pretrained" if config is None else "config", str(e).splitlines()[0]) from None
+
+
+def causal_lm(
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    vocab_size: int | None = None,
+    block_size: int | None = None,
+    pad_token_id: int | None = None,
+) -> torch.nn.Module:
+    """A causal language model (`AutoModelForCausalLM`). `vocab_size`, `block_size` and `pad_token_id` come from
+    the data (its tokenizer and blocks)."""
+    told = {"vocab_size": vocab_size, "block_size": block_size, "pad_token_id": pad_token_id}
+    return build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told)
+
+
+def classifier(
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    vocab_size: int | None = None,
+    block_size: int | None = None,
+    pad_token_id: int | None = None,
+    num_labels: int | None = None,
+    labels: list[str] | None = None,
+) -> torch.nn.Module:
+    """A sequence classifier (`AutoModelForSequenceClassification`); `num_labels` and their names come from the
+    data. A pretrained model gets a fresh classification head of that size."""
+    told = {
+        "vocab_size": vocab_size,
+        "block_size": block_size,
+        "pad_token_id": pad_token_id,
+        "num_labels": num_labels,
+        "labels": labels,
+    }
+    return build(
+        "AutoModelForSequenceClassification", pretrained, config, dtype, attn_implementation, trust_remote_code, told
+    )
+
+
+def check_args(args: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(argument, problem) pairs for what the builders refuse without reading anything."""
+    problems = []
+    if (args.get("pretrained") is None) == (args.get("config") is None):
+        problems.append(("pretrained", "give either pretrained (a directory or Hub name) or config, not both"))
+    if args.get("dtype") not in DTYPES:
+        problems.append(("dtype", f"expected one of: {', '.join(DTYPES)}, got {describe(args.get('dtype'))}"))
+    return problems
+
+
+causal_lm.check_args = check_args  # type: ignore[attr-defined]
+classifier.check_args = check_args  # type: ignore[attr-defined]
+
+
+def export_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, bytes]:
+    """The files a Hugging Face model directory has besides its weights: its config, generation config and the
+    tokenizer it trained with, by name. Empty for a model that is not a `transformers` one."""
+    if not hasattr(model, "config") or not hasattr(model.config, "to_json_string"):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
