@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from launcher import checkpoint, components, plan, schedules
 from launcher.early_stopping import Tracker
+from launcher.models import hf
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
 from launcher.strategies.stepping import Stepper, fused_skipping, match_fused
@@ -29,6 +30,7 @@ class Parts:
     train_loader: DataLoader
     val_loader: DataLoader | None
     stepper: Stepper
+    model_files: dict[str, bytes]  # a Hugging Face model's config and tokenizer files, kept in every checkpoint
 
     def val_batches(self, max_batches: int | None) -> int:
         """The batches an evaluation reads."""
@@ -43,6 +45,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     train_set = components.instantiate("data", recipe.data.train, key="data.train")
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
+    model_files = hf.export_files(model, getattr(train_set, "tokenizer", None))
     blocks = strategy.speed_up(accelerator, model)
     model = strategy.shard(accelerator, model, blocks)
     loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
@@ -54,7 +57,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     stepper = strategy.stepper(accelerator, model, optimizer)
-    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper)
+    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files)
 
 
 def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> dict[str, bool]:

@@ -50,7 +50,7 @@ def run_verb(args: argparse.Namespace) -> int:
         "report": lambda: report_command(args.run_dirs, args.out, args.json),
         "tokenize": lambda: tokenize_command(args.text, args.out, args.val_fraction),
         "ckpt info": lambda: ckpt_info_command(args.path),
-        "ckpt export": lambda: ckpt_export_command(args.path, args.out, args.force),
+        "ckpt export": lambda: ckpt_export_command(args.path, args.out, args.force, args.format, args.max_shard_size),
     }
     return commands[verb]()
 
@@ -74,10 +74,17 @@ def make_parser() -> argparse.ArgumentParser:
     ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True, metavar="VERB")
     info = ckpt_verbs.add_parser("info", help="step, metric, world size, size and completeness of checkpoints")
     info.add_argument("path", help="a checkpoint, <checkpoints>/latest or /best, a checkpoints folder or a run dir")
-    export = ckpt_verbs.add_parser("export", help="the weights as one plain safetensors file")
+    export = ckpt_verbs.add_parser("export", help="the weights as one safetensors file, or a Hugging Face model")
     export.add_argument("path", help="a checkpoint, or <checkpoints>/latest or /best")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--out", required=True, help="the .safetensors file (or, with --format hf, folder) to write")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="hf: config, safetensors shards with their index, generation config and tokenizer (from_pretrained)",
+    )
+    export.add_argument("--max-shard-size", default="5GB", help="with --format hf: the largest shard (e.g. 2GB)")
 
     slurm = verbs.add_parser("slurm", help="run a recipe as a SLURM job; how a job is doing")
     slurm_verbs = slurm.add_subparsers(dest="slurm_verb", required=True, metavar="VERB")
@@ -359,7 +366,9 @@ def _size(info: dict) -> str:
     return f"{size:.1f} {units[0]} in {info['files']} files"
 
 
-def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
+def ckpt_export_command(
+    path_text: str, out_text: str, force: bool, fmt: str = "safetensors", max_shard_size: str = "5GB"
+) -> int:
     from launcher import checkpoint
     from launcher.checkpoint import integrity
 
@@ -379,7 +388,9 @@ def ckpt_export_command(path_text: str, out_text: str, force: bool) -> int:
     from launcher.checkpoint.shards import UnsafeCheckpoint
 
     try:
-        count = checkpoint.export(path, out)
+        count = checkpoint.export(path, out, fmt, max_shard_size)
+    except checkpoint.NotHuggingFace as e:
+        raise RecipeError(f"{path_text}: {e}") from None
     except UnsafeCheckpoint as e:
         raise RecipeError(e.refusal(f"{path_text}:")) from None
     except integrity.Damaged as e:  # written before manifests, and damaged since

@@ -33,6 +33,7 @@ SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"  # fp16 only
 RNG_FILE = "rng.pt"  # every rank's RNG state
 DCP_DIR = "dcp"  # `dcp` format (FSDP): every process's shard
+HF_DIR = "hf"  # a Hugging Face model's config, generation config and tokenizer: what `ckpt export --format hf` adds
 DEEPSPEED_DIR = "deepspeed"  # `deepspeed` format: the tag of DeepSpeed's checkpoint, its ZeRO partitions
 
 # Step dirs, and the hidden siblings a save or resume makes of one (`.tmp-step_00000400`).

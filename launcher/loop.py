@@ -105,6 +105,7 @@ class Training:
         writer = checkpoint.Writer(
             accelerator, p.model, p.optimizer, begin.scheduler, strategy.checkpoint_format, recipe.checkpoint.async_save
         )
+        writer.files = p.model_files
         self.saver = Saver(accelerator, recipe, strategy, p.model, writer, self.budget, throughput)
         self.evaluator = Evaluator(accelerator, recipe, p.model, p.val_loader, p.loss_fn, self.state, throughput)
         self.compiling = FirstUpdates() if t.compile.enabled else None

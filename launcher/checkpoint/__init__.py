@@ -17,6 +17,7 @@ naming the file (`restore.py`), and passed over by `resume=auto` (`retention.py`
 """
 
 from launcher.checkpoint.formats import FORMATS, Format, checkpoint_format, format_of
+from launcher.checkpoint.hf_export import NotHuggingFace
 from launcher.checkpoint.info import export, summary
 from launcher.checkpoint.restore import load
 from launcher.checkpoint.retention import (
@@ -50,6 +51,7 @@ __all__ = [
     "STATE_FILE",
     "WEIGHTS_FILE",
     "Format",
+    "NotHuggingFace",
     "Writer",
     "best",
     "checkpoint_format",

@@ -9,15 +9,19 @@ from safetensors.torch import save_file
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, checkpoint_format
+from launcher.checkpoint.hf_export import export_hf
 from launcher.checkpoint.retention import interrupted
 from launcher.layout import RECIPE_FILE, TMP_PREFIX
 
 
-def export(path: Path, out: Path) -> int:
+def export(path: Path, out: Path, fmt: str = "safetensors", max_shard_size: str = "5GB") -> int:
     """One plain safetensors file of the checkpoint's weights (sharded ones consolidated), every key its own
-    tensor, loadable with `safetensors.torch.load_file` and `load_state_dict` and nothing else. Returns the
-    number of tensors. Raises `shards.UnsafeCheckpoint` for a file that is not plain tensors, `Damaged` for one
-    that does not load."""
+    tensor, loadable with `safetensors.torch.load_file` and `load_state_dict` and nothing else; with `fmt` "hf",
+    the Hugging Face model directory (`hf_export`). Returns the number of tensors. Raises
+    `shards.UnsafeCheckpoint` for a file that is not plain tensors, `Damaged` for one that does not load,
+    `NotHuggingFace` for an hf export of another model."""
+    if fmt == "hf":
+        return export_hf(path, out, max_shard_size)
     weights = FORMATS[checkpoint_format(path)].weights(path)
     state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in weights.items()}
     tmp = out.parent / f"{TMP_PREFIX}{out.name}"

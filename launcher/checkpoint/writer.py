@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, host_copy
-from launcher.layout import RECIPE_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE, old_dir, tmp_dir
+from launcher.layout import HF_DIR, RECIPE_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE, old_dir, tmp_dir
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Save:
     recipe_text: str
     after: Callable[[], None]
     rng_states: list[dict[str, Any]]
+    files: dict[str, bytes]
 
 
 class Writer:
@@ -67,6 +68,7 @@ class Writer:
         self.background = background
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.files: dict[str, bytes] = {}  # written into every checkpoint's HF_DIR (a Hugging Face model's config)
 
     def save(
         self,
@@ -77,7 +79,7 @@ class Writer:
     ) -> None:
         """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
         state = {**trainer_state, "world_size": self.accelerator.num_processes, "format": self.format.name}
-        save = Save(path, state, recipe_text, after, _gather_rng(self.accelerator))
+        save = Save(path, state, recipe_text, after, _gather_rng(self.accelerator), self.files)
         if self.format.sharded:
             self._save_shards(save)
         else:
@@ -147,6 +149,10 @@ def _complete(save: Save, snapshot: dict[str, Any]) -> None:
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
     (tmp / RECIPE_FILE).write_text(save.recipe_text)
+    if save.files:
+        (tmp / HF_DIR).mkdir(exist_ok=True)
+        for name, content in save.files.items():
+            (tmp / HF_DIR / name).write_bytes(content)
     # Every file is in place (other ranks' shards too): their sizes and checksums go into the file that completes it.
     trainer_state = {**save.state, integrity.MANIFEST_KEY: integrity.manifest(tmp)}
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

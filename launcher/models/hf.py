@@ -191,6 +191,7 @@ def export_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, bytes]:
     if not hasattr(model, "config") or not hasattr(model.config, "to_json_string"):
         return {}
     with tempfile.TemporaryDirectory() as tmp:
+        model.config.architectures = [type(model).__name__]  # what `ckpt export --format hf` builds
         model.config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None and getattr(model, "can_generate", lambda: False)():
