@@ -139,6 +139,7 @@ class HFText(Dataset):
         format: str | None = None,
         cache_dir: str | None = None,
     ):
+        hf_datasets()  # needed to build the cache, and asked for even where it is built already: one rule
         self.tokenizer = load_tokenizer(tokenizer)
         name, file = source(path, split)
         key = {"kind": "text", **file_key(name, file), "tokenizer": fingerprint(self.tokenizer), "column": column}
@@ -202,6 +203,7 @@ class HFClassification(Dataset):
         format: str | None = None,
         cache_dir: str | None = None,
     ):
+        hf_datasets()  # needed to build the cache, and asked for even where it is built already: one rule
         self.tokenizer = load_tokenizer(tokenizer)
         name, file = source(path, split)
         key = {

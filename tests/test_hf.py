@@ -1,0 +1,220 @@
+"""Hugging Face models, tokenizers and datasets in a recipe, with real processes: a tiny Llama built from a config
+trains as a causal LM and as a classifier on one and two processes under DDP, FSDP and ZeRO-3, resumes bitwise after
+SIGKILL, and exports a directory `from_pretrained` loads whose logits are the trained model's. The tokenizer is a
+byte-level BPE the tests train themselves; nothing is downloaded. Bad input is refused in one line, exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHAKESPEARE, finish, read_metrics, run_cli, start_ranks
+from test_distributed import TIMEOUT
+
+from launcher import checkpoint
+
+pytest.importorskip("datasets")
+pytest.importorskip("transformers")
+
+LLAMA = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true, attention_dropout: 0.1}"
+)
+CAUSAL = """\
+model: {_component_: hf_causal_lm, config: LLAMA}
+data:
+  dataset:
+    {_component_: hf_text, path: DATA/text.jsonl, tokenizer: DATA/tokenizer, block_size: 32, cache_dir: DATA/cache}
+optimizer: {_component_: adamw, lr: 0.003}
+train: {max_steps: 12, batch_size: 4, seed: 5}
+eval: {every_steps: 6, every_epoch: false}
+checkpoint: {every_steps: 4, keep_last: 3}
+logging: {every_steps: 1, trackers: [jsonl], progress_bar: false}
+strategy: {timeout_s: 60}
+"""
+CLASSIFY = (
+    CAUSAL.replace("hf_causal_lm", "hf_classifier")
+    .replace("{_component_: hf_text, path: DATA/text.jsonl", "{_component_: hf_classification, path: DATA/labels.csv")
+    .replace("block_size: 32", "max_length: 32")
+)
+STRATEGIES = {
+    "ddp": [],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer trained here, paragraphs as JSON lines, and a CSV of paragraphs labelled by length."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("hf_data")
+    corpus = SHAKESPEARE if SHAKESPEARE.is_file() else REPO / "docs" / "recipes.md"
+    text = corpus.read_text()[:120_000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(out / "tokenizer")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    (out / "text.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    with open(out / "labels.csv", "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["text", "label"])
+        rows.writerows([p, "long" if len(p) > 150 else "short"] for p in paragraphs[:300])
+    return out
+
+
+def recipe(data: Path, tmp_path: Path, template: str = CAUSAL, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(template.replace("LLAMA", LLAMA).replace("DATA", str(data)))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def kill_after_a_checkpoint(procs: list, checkpoints: Path) -> int:
+    """SIGKILL every rank once a checkpoint past the first is complete, as when a node is lost; its step."""
+    deadline = time.monotonic() + TIMEOUT
+    while not [s for s in checkpoint.complete_steps(checkpoints) if s >= 4]:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 1)
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    return max(checkpoint.complete_steps(checkpoints))
+
+
+def exported_logits_match(run_dir: Path, data: Path, out: Path) -> None:
+    """`from_pretrained` loads the export with no missing, unexpected or mismatched key and ties the head; its
+    logits on the val blocks give the val/loss the launcher logged for the trained model at the same step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.data.hf import HFText
+
+    proc = run_cli("ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as trained
+    assert AutoTokenizer.from_pretrained(out)("To be")["input_ids"]
+    val = HFText(str(data / "text.jsonl"), str(data / "tokenizer"), "val", 32, cache_dir=str(data / "cache"))
+    ids = torch.stack([val[i]["input_ids"] for i in range(len(val))])
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    per_sample = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    logged = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+    assert abs(per_sample.mean().item() - logged) < 1e-5
+
+
+def test_a_causal_lm_trains_on_one_process_and_exports_what_from_pretrained_loads(data: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", str(recipe(data, tmp_path)), f"run_dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = losses(run_dir)
+    assert sorted(rows) == list(range(1, 13)) and rows[12] < rows[1]
+    assert sorted((run_dir / "checkpoints" / "step_00000012" / "hf").iterdir())
+    exported_logits_match(run_dir, data, tmp_path / "export")
+    # Sharded: several safetensors files and their index, as from_pretrained expects them.
+    shards = tmp_path / "shards"
+    proc = run_cli(
+        "ckpt",
+        "export",
+        str(run_dir / "checkpoints" / "latest"),
+        "--format",
+        "hf",
+        "--out",
+        str(shards),
+        "--max-shard-size",
+        "20KB",
+    )
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert len(list(shards.glob("model-*.safetensors"))) == len(set(index["weight_map"].values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["causal", "classify"])
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_killed_two_process_run_resumes_bitwise_and_exports(data: Path, tmp_path: Path, name: str, task: str):
+    path = recipe(data, tmp_path, CAUSAL if task == "causal" else CLASSIFY)
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    mode = STRATEGIES[name]
+    results = finish(start_ranks(2, "train", str(path), f"run_dir={full}", *mode, cwd=tmp_path), TIMEOUT)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+
+    procs = start_ranks(2, "train", str(path), f"run_dir={crashed}", *mode, cwd=tmp_path)
+    resumed_from = kill_after_a_checkpoint(procs, crashed / "checkpoints")
+    results = finish(
+        start_ranks(2, "train", str(path), f"run_dir={crashed}", *mode, "resume=auto", cwd=tmp_path), TIMEOUT
+    )
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert f"at step {resumed_from}" in results[0][1]
+    assert losses(crashed) == losses(full) and sorted(losses(full)) == list(range(1, 13))  # bitwise
+    if task == "classify":
+        assert any("val/accuracy" in r for r in read_metrics(full))
+    else:
+        exported_logits_match(full, data, tmp_path / "export")
+
+
+REFUSALS = {
+    "no model dir": (["~model.config", "model.pretrained=DATA/nowhere"], "model.pretrained: no such directory"),
+    "no config": (["~model.config", "model.pretrained=DATA/tokenizer"], "has no config.json"),
+    "vocab": (["model.config.vocab_size=100"], "model: the tokenizer has"),
+    "column": (["data.dataset.column=txt"], "has no column 'txt' (its columns: text)"),
+    "block size": (["data.dataset.block_size=128"], "model: the data's block_size 128 is more than the model's 64"),
+    "no tokenizer": (["data.dataset.tokenizer=DATA/none"], "tokenizer: no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_input_is_refused_in_one_line_before_anything_runs(data: Path, tmp_path: Path, case: str):
+    overrides, expected = REFUSALS[case]
+    proc = run_cli(
+        "train",
+        str(recipe(data, tmp_path)),
+        f"run_dir={tmp_path / 'run'}",
+        *[o.replace("DATA", str(data)) for o in overrides],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_that_needs_the_hf_extra_names_it_when_it_is_missing(data: Path, tmp_path: Path):
+    blocker = tmp_path / "blocked"
+    (blocker / "datasets").mkdir(parents=True)
+    (blocker / "datasets" / "__init__.py").write_text("raise ImportError('datasets is not installed')\n")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "validate", str(recipe(data, tmp_path))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "needs the package 'datasets', which is not installed: pip install -e '.[hf]'" in proc.stderr
