@@ -10,6 +10,7 @@ it, and its objects in the output only cost memory.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Mapping
@@ -123,10 +124,32 @@ def build(
         options["attn_implementation"] = attn_implementation
     try:
         if pretrained is None or torch.get_default_device().type == "meta":
-            return auto.from_config(hf_config, **options)
-        return auto.from_pretrained(pretrained, config=hf_config, **options)
+            model = auto.from_config(hf_config, **options)
+        else:
+            model = auto.from_pretrained(pretrained, config=hf_config, **options)
     except ValueError as e:  # an architecture without this head, an attention implementation it lacks
         raise ArgumentProblem("pretrained" if config is None else "config", str(e).splitlines()[0]) from None
+    declare_flops(model)
+    return model
+
+
+def declare_flops(model: torch.nn.Module) -> None:
+    """Give the model PaLM's formula (appendix B) as `flops_per_token`, as the built-in GPT has: 6 FLOPs per weight
+    of every matmul per token, plus attention's 12 x layers x width x sequence length. Counted now, as built:
+    sharding leaves each rank only a part of the weights. A model with a formula is not run under torch's FLOP
+    counter, whose dispatch changes a Hugging Face model's gradients in their last bits (a resumed run would then
+    differ from the uninterrupted one)."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(width, int):
+        return
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    model.flops_per_token = functools.partial(palm_flops, float(sum(weights.values())), layers, width)
+
+
+def palm_flops(matmul_weights: float, layers: int, width: int, seq_len: int) -> float:
+    return 6.0 * matmul_weights + 12.0 * layers * width * seq_len
 
 
 def causal_lm(
