@@ -34,10 +34,36 @@ def hf_datasets() -> Any:
     return optional("datasets", "hf")
 
 
+BYTES = "bytes"  # the built-in tokenizer: one token per byte, and an end-of-text token
+END_OF_TEXT = "<|endoftext|>"
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer with no merges (GPT-2's byte alphabet): any text, 257 tokens, nothing to download.
+    It saves and loads like any other (`ckpt export --format hf` writes it beside the model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in byte_characters().items()} | {END_OF_TEXT: 256}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    fast = optional("transformers", "hf").PreTrainedTokenizerFast
+    return fast(tokenizer_object=bpe, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def byte_characters() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte value, so that a token's id is its byte's value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
 def load_tokenizer(name: str) -> Any:
-    """`AutoTokenizer` from a local directory or Hub name; a tokenizer without a padding token pads with its end
-    of text token, as Hugging Face's recipes do."""
+    """`AutoTokenizer` from a local directory or Hub name, or the built-in `bytes`; a tokenizer without a padding
+    token pads with its end of text token, as Hugging Face's recipes do."""
     auto_tokenizer = optional("transformers", "hf").AutoTokenizer
+    if name == BYTES:
+        return byte_tokenizer()
     if (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
         raise ArgumentProblem("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})")
     try:
