@@ -28,7 +28,14 @@ from bench import overhead  # not torch: the runs' peak memory would start from 
 from bench.workloads import SHAKESPEARE, workloads
 
 # (workload, processes) -> (steps, repeats): long enough that the steps outweigh the machine's noise
-PLAN = {("a", 1): (3000, 7), ("b", 1): (300, 5), ("a", 2): (2000, 5), ("b", 2): (100, 3)}
+PLAN = {
+    ("a", 1): (3000, 7),
+    ("b", 1): (300, 5),
+    ("h", 1): (150, 5),
+    ("a", 2): (2000, 5),
+    ("b", 2): (100, 3),
+    ("h", 2): (60, 3),
+}
 PARTS = ("loops", "checkpoint", "speed")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # The speed part has markers of its own: a run of it alone leaves the other parts' figures as they are.
@@ -54,8 +61,8 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
         sections.append('Lightning is not installed (`pip install -e ".[bench]"`): its rows are left out.')
     for processes in args.processes:
         for key in args.workloads:
-            if key == "b" and not args.text.is_file():
-                sections.append(f"Workload (b) left out: {args.text} does not exist (give --text FILE).")
+            if key in ("b", "h") and not args.text.is_file():
+                sections.append(f"Workload ({key}) left out: {args.text} does not exist (give --text FILE).")
                 continue
             steps, repeats = (20, 1) if args.quick else PLAN[key, processes]
             repeats = args.repeats or repeats
@@ -75,7 +82,7 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"])
+    parser.add_argument("--workloads", nargs="+", choices=["a", "b", "h"], default=["a", "b", "h"])
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")

@@ -22,11 +22,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, loss_of, workloads
+from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, step_loss, workloads
 
 
 def step_done(step: int) -> None:
@@ -92,8 +93,8 @@ def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "i
     main = not distributed or torch.distributed.get_rank() == 0
     model.train()
     first_steps = FirstSteps()
-    for i, (x, y) in enumerate(batches(loader, steps)):
-        loss = loss_of(model(x), y)
+    for i, batch in enumerate(batches(loader, steps)):
+        loss = step_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -124,8 +125,8 @@ def accelerate_loop(w: Workload, steps: int) -> None:
     loader = DataLoader(data, batch_size=w.batch_size, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
-    for i, (x, y) in enumerate(batches(loader, steps)):
-        loss = loss_of(model(x), y)
+    for i, batch in enumerate(batches(loader, steps)):
+        loss = step_loss(model, batch)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -148,8 +149,8 @@ def lightning_loop(w: Workload, steps: int) -> None:
             super().__init__()
             self.model = model
 
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            loss = loss_of(self.model(batch[0]), batch[1])
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = step_loss(self.model, batch)
             self.log("train/loss", loss, prog_bar=True, sync_dist=False)
             return loss
 
@@ -185,7 +186,7 @@ VARIANTS = {"torch": torch_loop, "accelerate": accelerate_loop, "lightning": lig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("workload", choices=["a", "b", "g"])
+    parser.add_argument("workload", choices=["a", "b", "g", "h"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--text", type=Path, default=SHAKESPEARE)
     parser.add_argument("--tokens", type=Path, help="workload (g): a folder of `launcher tokenize`'s token files")

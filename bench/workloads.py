@@ -12,6 +12,7 @@ child process's peak memory as the kernel reports it starts from its parent's.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,7 @@ def workloads(text: Path = SHAKESPEARE, tokens: Path | None = None) -> dict[str,
             ),
         ),
     }
+    out["h"] = hf_workload(text)
     if tokens is not None:
         out["g"] = Workload(
             key="g",
@@ -175,6 +177,63 @@ def workloads(text: Path = SHAKESPEARE, tokens: Path | None = None) -> dict[str,
             overrides=(*GPT_CPU, f"data.dataset.path={tokens}/{{split}}.bin"),
         )
     return out
+
+
+HF_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+def _hf_data(text: Path) -> Dataset:
+    from launcher.data.hf import HFText
+
+    return HFText(str(text), "bytes", split="train", block_size=128)
+
+
+def _hf_model(data: Dataset) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**HF_LLAMA, vocab_size=data.model_kwargs["vocab_size"], use_cache=False)  # type: ignore[attr-defined]
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _hf_adamw(params: Any) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def hf_workload(text: Path) -> Workload:
+    """(h): the default of `recipes/hf_causal_lm.yaml`, a tiny Llama from a config, its own loss."""
+    return Workload(
+        key="h",
+        title="Hugging Face Llama from a config (`recipes/hf_causal_lm.yaml`: 4 layers, 64 wide, 0.2M parameters) "
+        "on Tiny Shakespeare's bytes, batch 8 x 128, AdamW, the model's own loss",
+        batch_size=8,
+        data=functools.partial(_hf_data, text),
+        model=_hf_model,
+        optimizer=_hf_adamw,
+        recipe=lambda: _recipe(
+            f"{{_component_: hf_causal_lm, config: {json.dumps(HF_LLAMA)}}}",
+            f"{{_component_: hf_text, path: '{text}', tokenizer: bytes, block_size: 128}}",
+            "{_component_: adamw, lr: 0.001, betas: [0.9, 0.95], weight_decay: 0.1}",
+            8,
+        ),
+    )
+
+
+def step_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """A batch's loss: a mapping (Hugging Face) through the model's own loss, a pair through `loss_of`."""
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return loss_of(model(batch[0]), batch[1])
 
 
 def loss_of(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
