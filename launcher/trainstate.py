@@ -28,6 +28,7 @@ class TrainState:
     log_windows: list[dict[str, Any]] = field(default_factory=list)  # per rank: losses not logged yet (see save)
     early_stopping: Tracker = field(default_factory=Tracker)
     best_checkpoints: list[list[float]] = field(default_factory=list)  # [step, metric], best first
+    flops_per_update: float | None = None  # this process's, measured on the run's first update (see FlopMeter)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

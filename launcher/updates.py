@@ -63,8 +63,13 @@ class Updates:
         self.loss = torch.zeros((), device=accelerator.device)  # summed over the micro-batches of the current update
         self.batches = 0
         self.grad_norm = torch.zeros(())
-        # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is.
+        # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is. A resumed
+        # run takes the count of the run it continues: counting dispatches some operations (attention) otherwise,
+        # which changes that update's numbers in their last bits, and the resumed run would not match.
         self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model), not compiled(parts.model))
+        if state.flops_per_update is not None:
+            throughput.measured(state.flops_per_update)
+            self.meter = None
         self.logged_step = state.step
         self.pending: list[Pending] = []  # the device path's updates since the host last read their skips
         self.diverged_streak = 0  # the streak that reached max_nonfinite_steps, once one did
@@ -84,6 +89,7 @@ class Updates:
         self.throughput.add(batches.samples(inputs, targets) * world, batches.sequence_tokens(targets) * world)
         if self.meter is not None and self.accelerator.sync_gradients:
             self.throughput.measured(self.meter.per_update)
+            self.state.flops_per_update = self.meter.per_update
             if self.meter.unknown and self.accelerator.is_main_process:
                 self.progress.write(FLOPS_NOTE, file=sys.stderr)
             self.meter = None

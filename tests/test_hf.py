@@ -166,10 +166,34 @@ def test_a_killed_two_process_run_resumes_bitwise_and_exports(data: Path, tmp_pa
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert f"at step {resumed_from}" in results[0][1]
     assert losses(crashed) == losses(full) and sorted(losses(full)) == list(range(1, 13))  # bitwise
+    # The resumed run takes the FLOPs the first attempt measured on its first update, instead of counting again.
+    flops = [json.loads((d / "env.json").read_text())["flops_per_update"] for d in (full, crashed)]
+    assert flops[0] == flops[1] > 0
     if task == "classify":
         assert any("val/accuracy" in r for r in read_metrics(full))
     else:
         exported_logits_match(full, data, tmp_path / "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_causal_lm", "hf_classify"])
+def test_the_shipped_recipes_run_as_their_headers_say(data: Path, tmp_path: Path, name: str):
+    path = data / ("text.jsonl" if name == "hf_causal_lm" else "labels.csv")
+    run_dir = tmp_path / "run"
+    short = ["train.max_steps=6", "eval.every_steps=3", "eval.max_batches=2", "checkpoint.every_steps=3"]
+    proc = run_cli(
+        "train",
+        str(REPO / "recipes" / f"{name}.yaml"),
+        f"data.dataset.path={path}",
+        f"run_dir={run_dir}",
+        f"data.dataset.cache_dir={data / 'cache'}",
+        *short,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "val/accuracy" in r] == [3, 6]
+    assert (run_dir / "checkpoints" / "step_00000006" / "hf" / "tokenizer.json").is_file()
 
 
 REFUSALS = {
