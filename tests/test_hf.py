@@ -121,6 +121,16 @@ def exported_logits_match(run_dir: Path, data: Path, out: Path) -> None:
     assert abs(per_sample.mean().item() - logged) < 1e-5
 
 
+def exported_classifier_loads(run_dir: Path, out: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    proc = run_cli("ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert model.config.id2label == {0: "long", 1: "short"} and model.config.pad_token_id is not None
+
+
 def test_a_causal_lm_trains_on_one_process_and_exports_what_from_pretrained_loads(data: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", str(recipe(data, tmp_path)), f"run_dir={run_dir}", cwd=tmp_path)
@@ -171,6 +181,7 @@ def test_a_killed_two_process_run_resumes_bitwise_and_exports(data: Path, tmp_pa
     assert flops[0] == flops[1] > 0
     if task == "classify":
         assert any("val/accuracy" in r for r in read_metrics(full))
+        exported_classifier_loads(full, tmp_path / "export")
     else:
         exported_logits_match(full, data, tmp_path / "export")
 
