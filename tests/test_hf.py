@@ -158,6 +158,46 @@ def test_a_causal_lm_trains_on_one_process_and_exports_what_from_pretrained_load
     assert len(list(shards.glob("model-*.safetensors"))) == len(set(index["weight_map"].values()))
 
 
+def test_a_pretrained_local_model_is_trained_from_its_weights(data: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(9)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    # A learning rate of 1e-30 leaves the weights as loaded: the export must be the pretrained model's.
+    args = ["~model.config", f"model.pretrained={tmp_path / 'pretrained'}", "optimizer.lr=1e-30", "train.max_steps=1"]
+    proc = run_cli(
+        "train", str(recipe(data, tmp_path)), f"run_dir={tmp_path / 'run'}", *args, "optimizer.weight_decay=0"
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "export"
+    proc = run_cli(
+        "ckpt", "export", str(tmp_path / "run" / "checkpoints" / "latest"), "--format", "hf", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    before, after = load_file(tmp_path / "pretrained" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+    small = tmp_path / "small"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config.to_dict(), "vocab_size": 100})).save_pretrained(
+        small
+    )
+    proc = run_cli("validate", str(recipe(data, tmp_path)), "~model.config", f"model.pretrained={small}")
+    assert proc.returncode == 2
+    assert "model: the tokenizer has 320 tokens, more than the model's embedding of 100" in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["causal", "classify"])
 @pytest.mark.parametrize("name", list(STRATEGIES))
