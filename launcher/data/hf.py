@@ -149,6 +149,19 @@ def split_range(count: int, split: str, val_fraction: float, own_file: bool) -> 
     return range(cut) if split == "train" else range(cut, count)
 
 
+def opened(path: str, tokenizer: str, split: str, kind: str) -> tuple[Any, str, Path | None, dict[str, Any]]:
+    """The tokenizer, the split's source (its name, and its local file), and the cache key they make."""
+    hf_datasets()  # needed to build the cache, and asked for even where it is built already: one rule
+    loaded = load_tokenizer(tokenizer)
+    name, file = source(path, split)
+    return loaded, name, file, {"kind": kind, **file_key(name, file), "tokenizer": fingerprint(loaded)}
+
+
+def told(tokenizer: Any, length: int) -> dict[str, Any]:
+    """What a tokenized set tells the model: its vocabulary, sequence length and padding token."""
+    return {"vocab_size": len(tokenizer), "block_size": length, "pad_token_id": tokenizer.pad_token_id}
+
+
 class HFText(Dataset):
     """Records of text tokenized (no special tokens but an end-of-text token between records), concatenated and cut
     into `block_size` token blocks; the labels are the inputs (the model shifts them). The last `val_fraction` of
@@ -165,10 +178,8 @@ class HFText(Dataset):
         format: str | None = None,
         cache_dir: str | None = None,
     ):
-        hf_datasets()  # needed to build the cache, and asked for even where it is built already: one rule
-        self.tokenizer = load_tokenizer(tokenizer)
-        name, file = source(path, split)
-        key = {"kind": "text", **file_key(name, file), "tokenizer": fingerprint(self.tokenizer), "column": column}
+        self.tokenizer, name, file, key = opened(path, tokenizer, split, "text")
+        key["column"] = column
         arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column)})
         self.tokens = arrays["tokens"]
         self.block_size = block_size
@@ -178,11 +189,7 @@ class HFText(Dataset):
             raise ArgumentProblem(
                 "block_size", f"{name} has {len(self.tokens):,} tokens: no {split} block of {block_size}"
             )
-        self.model_kwargs = {
-            "vocab_size": len(self.tokenizer),
-            "block_size": block_size,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
+        self.model_kwargs = told(self.tokenizer, block_size)
 
     def _tokenize(self, name: str, file: Path | None, format: str | None, column: str) -> np.ndarray:
         records = load_records(name, file, format, (column,))
@@ -229,30 +236,15 @@ class HFClassification(Dataset):
         format: str | None = None,
         cache_dir: str | None = None,
     ):
-        hf_datasets()  # needed to build the cache, and asked for even where it is built already: one rule
-        self.tokenizer = load_tokenizer(tokenizer)
-        name, file = source(path, split)
-        key = {
-            "kind": "classification",
-            **file_key(name, file),
-            "tokenizer": fingerprint(self.tokenizer),
-            "columns": [column, label_column],
-            "max_length": max_length,
-            "labels": labels,
-        }
+        self.tokenizer, name, file, key = opened(path, tokenizer, split, "classification")
+        key.update(columns=[column, label_column], max_length=max_length, labels=labels)
         arrays = cached(
             cache_dir, key, lambda: self._tokenize(name, file, format, column, label_column, labels, max_length)
         )
         self.arrays = arrays
         self.names = [str(n) for n in json.loads(bytes(arrays["names"]).decode())]
         self.items = split_range(len(arrays["labels"]), split, val_fraction, "{split}" in path)
-        self.model_kwargs = {
-            "vocab_size": len(self.tokenizer),
-            "block_size": max_length,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "num_labels": len(self.names),
-            "labels": self.names,
-        }
+        self.model_kwargs = {**told(self.tokenizer, max_length), "num_labels": len(self.names), "labels": self.names}
 
     def _tokenize(
         self,
