@@ -28,6 +28,7 @@ class TrainState:
     log_windows: list[dict[str, Any]] = field(default_factory=list)  # per rank: losses not logged yet (see save)
     early_stopping: Tracker = field(default_factory=Tracker)
     best_checkpoints: list[list[float]] = field(default_factory=list)  # [step, metric], best first
+    decay: str = "all"  # the optimizer's weight-decay rule (param_groups); checkpoints that lack it used "all"
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -93,7 +93,7 @@ LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout"],
     ["launcher.components", "launcher.models", "launcher.data", "launcher.schedules", "launcher.early_stopping"],
     ["launcher.recipe.schema"],
-    ["launcher.blocks", "launcher.compiling"],
+    ["launcher.blocks", "launcher.compiling", "launcher.param_groups"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
     ["launcher.strategies"],
