@@ -3,6 +3,7 @@ from (a checkpoint's, when it resumes) and its learning-rate schedule over the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, decay)
 
 
-def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Any) -> str:
+def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str], None]) -> str:
     """The recipe's `optimizer.decay`, or on resume the checkpoint's (its optimizer state has that rule's groups;
     one written before the rule existed has none recorded and put weight decay on every parameter)."""
     chosen = param_groups.launcher_keys(recipe.optimizer)[1]

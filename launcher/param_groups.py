@@ -73,13 +73,13 @@ def form_problems(spec: Component, options: list[str] | None, name: str) -> list
     decay = spec.kwargs.get("decay", "matrices")
     if decay not in DECAY_MODES:
         problems.append(f"optimizer.decay: expected one of: {', '.join(DECAY_MODES)}, got {describe(decay)}")
-    groups = spec.kwargs.get("groups", [])
-    if not isinstance(groups, list):
+    groups = spec.kwargs.get("groups")
+    if groups is not None and not isinstance(groups, list):
         return [
             *problems,
             f"optimizer.groups: expected a list of {{params: PATTERN, <settings>}}, got {describe(groups)}",
         ]
-    for i, group in enumerate(groups):
+    for i, group in enumerate(groups or []):
         key = f"optimizer.groups[{i}]"
         if not isinstance(group, Mapping):
             problems.append(f"{key}: expected a section {{params: PATTERN, <settings>}}, got {describe(group)}")
@@ -127,28 +127,36 @@ def unmatched(names: Iterable[str], groups: list[Any]) -> list[str]:
     return problems
 
 
-def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_decay: float | None) -> list[Group]:
-    """The param groups, empty ones left out, each in the model's order of parameters (tied ones once).
-    `weight_decay`: the optimizer's own (None: it takes none, so the rule has nothing to split)."""
-    named = list(model.named_parameters())  # de-duplicated by identity, as model.parameters()
-    kept = no_decay(model) if decay == "matrices" and weight_decay is not None else set()
-    taken: dict[int, int] = {}  # parameter identity -> index of the group that took it
+def first_matches(named: list[tuple[str, Any]], groups: list[Any]) -> dict[int, int]:
+    """Parameter identity -> the index of the first group whose patterns match its name."""
+    taken: dict[int, int] = {}
     for name, p in named:
         for i, group in enumerate(groups):
-            if id(p) not in taken and any(fnmatch.fnmatchcase(name, pat) for pat in patterns_of(group["params"])):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns_of(group["params"])):
                 taken[id(p)] = i
+                break
+    return taken
+
+
+def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_decay: float | None) -> list[Group]:
+    """The param groups, empty ones left out, each in the model's order of parameters (tied ones once): the
+    recipe's groups in order, then the default ones. `weight_decay`: the optimizer's own (None: it takes none, so
+    the rule has nothing to split)."""
+    named = list(model.named_parameters())  # de-duplicated by identity, as model.parameters()
+    kept = no_decay(model) if decay == "matrices" and weight_decay is not None else set()
+    taken = first_matches(named, groups)
     out = []
     for i, group in [*enumerate(groups), (None, {})]:
         params = [p for _, p in named if taken.get(id(p)) == i]
         own = {k: v for k, v in group.items() if k != "params"}
-        where = f" ({', '.join(patterns_of(group['params']))})" if i is not None else ""
-        if "weight_decay" in own or not kept:
+        where = "" if i is None else f" ({', '.join(patterns_of(group['params']))})"
+        if "weight_decay" in own or not kept:  # the group's own decay, or nothing for the rule to keep from it
             out.append(Group(label_of(own, weight_decay, None) + where, own, params))
             continue
-        out.append(Group(label_of(own, weight_decay, True) + where, own, [p for p in params if id(p) not in kept]))
-        out.append(
-            Group(label_of(own, weight_decay, False) + where, {**own, "weight_decay": 0.0}, params_kept(params, kept))
-        )
+        decaying = [p for p in params if id(p) not in kept]
+        out.append(Group(label_of(own, weight_decay, True) + where, own, decaying))
+        not_decaying = [p for p in params if id(p) in kept]
+        out.append(Group(label_of(own, weight_decay, False) + where, {**own, "weight_decay": 0.0}, not_decaying))
     return [g for g in out if g.params]
 
 
@@ -156,14 +164,9 @@ def groups_for(spec: Component, model: torch.nn.Module, decay: str | None = None
     """The param groups of the optimizer `spec` over `model` (well-formed groups assumed, see `form_problems`);
     `decay` overrides the spec's rule (a resumed checkpoint's)."""
     own, chosen, groups = launcher_keys(spec)
-    weight_decay = components.effective_args(components.resolve("optimizer", own.target), own.kwargs).get(
-        "weight_decay"
-    )
+    fn = components.resolve("optimizer", own.target)
+    weight_decay = components.effective_args(fn, own.kwargs).get("weight_decay")
     return make_groups(model, decay or chosen, groups, weight_decay)
-
-
-def params_kept(params: list[torch.nn.Parameter], kept: set[int]) -> list[torch.nn.Parameter]:
-    return [p for p in params if id(p) in kept]
 
 
 def setting(key: str, value: Any) -> str:
