@@ -85,7 +85,7 @@ def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "i
     data = w.data()
     model = w.model(data)
     compile_in_place(model, compile, backend)
-    optimizer = w.optimizer(model.parameters())
+    optimizer = w.optimizer(model)
     sampler = DistributedSampler(data, shuffle=True, seed=0) if distributed else None
     loader = DataLoader(data, batch_size=w.batch_size, shuffle=sampler is None, sampler=sampler)
     if distributed:
@@ -121,7 +121,7 @@ def accelerate_loop(w: Workload, steps: int) -> None:
     torch.manual_seed(0)
     data = w.data()
     model = w.model(data)
-    optimizer = w.optimizer(model.parameters())
+    optimizer = w.optimizer(model)
     loader = DataLoader(data, batch_size=w.batch_size, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -155,7 +155,7 @@ def lightning_loop(w: Workload, steps: int) -> None:
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return w.optimizer(self.parameters())
+            return w.optimizer(self.model)
 
         def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
             if self.trainer.is_global_zero:

@@ -270,7 +270,7 @@ def counter_cost(w: Workload, updates: int) -> dict[str, float]:
     data = w.data()
     model = w.model(data)
     model.flops_per_token = None  # the formula would win over counting
-    optimizer = w.optimizer(model.parameters())
+    optimizer = w.optimizer(model)
     loader = torch.utils.data.DataLoader(data, batch_size=w.batch_size, shuffle=True)
     it = batches(loader, 3 + 1 + 2 * updates)
 

@@ -35,7 +35,7 @@ class Workload:
     batch_size: int  # per process
     data: Callable[[], Dataset]
     model: Callable[[Dataset], torch.nn.Module]
-    optimizer: Callable[[Any], torch.optim.Optimizer]  # given the parameters
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]  # given the model: the launcher's param groups
     recipe: Callable[[], str]  # the launcher's recipe for the same run (YAML)
     overrides: tuple[str, ...] = ()  # given to `launcher train` after the recipe
 
@@ -76,10 +76,17 @@ def _small_gpt(data: Dataset) -> torch.nn.Module:
     return GPT(**data.model_kwargs, n_layer=2, n_head=2, n_embd=64, dropout=0.0)  # type: ignore[attr-defined]
 
 
-def _gpt_adamw(params: Any) -> torch.optim.Optimizer:
+def _groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The launcher's default param groups (`optimizer.decay: matrices`), so that every variant decays alike."""
+    from launcher import param_groups
+
+    return param_groups.to_torch(param_groups.make_groups(model, "matrices", [], weight_decay))
+
+
+def _gpt_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     import torch
 
-    return torch.optim.AdamW(params, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch.optim.AdamW(_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 # recipes/gpt_ddp.yaml made small enough for a CPU (as its own comment and the tests do), on one process, without
@@ -106,16 +113,16 @@ GPT_CPU = (
 )
 
 
-def _adam(params: Any) -> torch.optim.Optimizer:
+def _adam(model: torch.nn.Module) -> torch.optim.Optimizer:
     import torch
 
-    return torch.optim.Adam(params, lr=1e-3)
+    return torch.optim.Adam(_groups(model, 0.0), lr=1e-3)
 
 
-def _adamw(params: Any) -> torch.optim.Optimizer:
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     import torch
 
-    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    return torch.optim.AdamW(_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
 
 def _recipe(model: str, dataset: str, optimizer: str, batch_size: int) -> str:

@@ -3,6 +3,7 @@ from (a checkpoint's, when it resumes) and its learning-rate schedule over the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import checkpoint, components, plan, schedules
+from launcher import checkpoint, components, param_groups, plan, schedules
 from launcher.early_stopping import Tracker
+from launcher.errors import RecipeError
 from launcher.models import hf
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
@@ -31,6 +33,7 @@ class Parts:
     val_loader: DataLoader | None
     stepper: Stepper
     model_files: dict[str, bytes]  # a Hugging Face model's config and tokenizer files, kept in every checkpoint
+    decay: str = "matrices"  # the optimizer's weight-decay rule (param_groups), recorded in checkpoints
 
     def val_batches(self, max_batches: int | None) -> int:
         """The batches an evaluation reads."""
@@ -38,8 +41,9 @@ class Parts:
         return n if max_batches is None else min(n, max_batches)
 
 
-def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
-    """Build in the order that fixes what the seeded RNG gives each part (datasets, model, loss, optimizer)."""
+def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[str, Any] | None = None) -> Parts:
+    """Build in the order that fixes what the seeded RNG gives each part (datasets, model, loss, optimizer);
+    `saved`: the trainer state of the checkpoint the run resumes from."""
     t = recipe.train
     # The train set may tell the model what it needs (vocab_size, num_classes); the recipe's values win.
     train_set = components.instantiate("data", recipe.data.train, key="data.train")
@@ -50,14 +54,42 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP) -> Parts:
     model = strategy.shard(accelerator, model, blocks)
     loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
     fused = fused_default(recipe, strategy, accelerator)
-    optimizer = components.instantiate("optimizer", recipe.optimizer, model.parameters(), **fused)
+    decay = decay_rule(recipe, saved, accelerator.print)
+    optimizer = make_optimizer(recipe, model, decay, fused)
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
     model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     stepper = strategy.stepper(accelerator, model, optimizer)
-    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files)
+    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay)
+
+
+def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str], None]) -> str:
+    """The recipe's `optimizer.decay`, or on resume the checkpoint's (its optimizer state has that rule's groups;
+    one written before the rule existed has none recorded and put weight decay on every parameter)."""
+    chosen = param_groups.launcher_keys(recipe.optimizer)[1]
+    if saved is None or saved.get("decay", "all") == chosen:
+        return chosen
+    if "decay" not in saved:
+        say(
+            "note: this checkpoint was written with weight decay on every parameter; the resumed run keeps that "
+            "(optimizer.decay=all)"
+        )
+        return "all"
+    say(f"note: this checkpoint was written with optimizer.decay={saved['decay']}; the resumed run keeps that")
+    return str(saved["decay"])
+
+
+def make_optimizer(recipe: Recipe, model: torch.nn.Module, decay: str, fused: dict[str, bool]) -> Any:
+    """The optimizer over the model's param groups (see param_groups); a group pattern that matches no parameter
+    is the recipe's problem."""
+    spec, _, groups = param_groups.launcher_keys(recipe.optimizer)
+    problems = param_groups.unmatched((name for name, _ in model.named_parameters()), groups)
+    if problems:
+        raise RecipeError(problems)
+    made = param_groups.groups_for(recipe.optimizer, model, decay)
+    return components.instantiate("optimizer", spec, param_groups.to_torch(made), **fused)
 
 
 def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> dict[str, bool]:
@@ -121,6 +153,7 @@ def begin(
         len(parts.train_loader), t.gradient_accumulation_steps, global_batch, t.max_steps, t.max_epochs, saved
     )
     state.schedule_total, state.schedule_batch = budget.schedule_total, budget.schedule_batch
+    state.decay = parts.decay
     scheduler = make_scheduler(recipe, parts.stepper.optimizer, budget)
     if resume_from is not None and saved is not None:
         resume(accelerator, resume_from, parts, scheduler, strategy, saved, state, budget)

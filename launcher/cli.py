@@ -268,8 +268,10 @@ def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> 
     if model_kwargs is None:
         model_kwargs = {k: v for k, v in recipe.data.train.kwargs.items() if k in ("block_size", "vocab_size")}
     tokens = _tokens_per_sample(train_set) if train_set is not None else int(model_kwargs.get("block_size", 0))
-    parameters = _count_parameters(recipe, model_kwargs)
-    print(plan.describe_plan(recipe, made, samples, tokens, parameters, missing))
+    model = _meta_model(recipe, model_kwargs)
+    parameters = None if model is None else sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    groups = plan.describe_groups(recipe, model)
+    print(plan.describe_plan(recipe, made, samples, tokens, parameters, missing, groups))
     print("\n".join(activations.describe(recipe, _sample(train_set, model_kwargs), model_kwargs)))
     return 0
 
@@ -294,8 +296,9 @@ def _tokens_per_sample(dataset: Any) -> int:
     return sequence_tokens(target[None]) if isinstance(target, torch.Tensor) else 0
 
 
-def _count_parameters(recipe: Any, model_kwargs: dict[str, Any]) -> int | None:
-    """The model's parameters (tied ones once), built on the meta device so no memory is allocated."""
+def _meta_model(recipe: Any, model_kwargs: dict[str, Any]) -> Any:
+    """The model built on the meta device, so no memory is allocated (None: it does not build there). Its
+    parameters are counted tied ones once."""
     import torch
 
     from launcher import components
@@ -305,7 +308,7 @@ def _count_parameters(recipe: Any, model_kwargs: dict[str, Any]) -> int | None:
             model = components.instantiate("model", recipe.model, **model_kwargs)
     except Exception:  # a model that cannot be built on the meta device: no estimate
         return None
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return model
 
 
 def ckpt_info_command(path_text: str) -> int:

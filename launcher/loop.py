@@ -85,7 +85,7 @@ class Training:
         self.accelerator, self.recipe, self.strategy = accelerator, recipe, strategy
         self.main = accelerator.is_main_process
         set_seed(t.seed)
-        self.parts = p = build.build(accelerator, recipe, strategy)
+        self.parts = p = build.build(accelerator, recipe, strategy, start.saved)
         self.samples_per_batch = t.batch_size * world  # one micro-batch on every rank
         self.samples_per_epoch = len(p.train_loader) * self.samples_per_batch
         consensus.refuse_uneven_data(accelerator, len(p.train_loader), p.val_batches(recipe.eval.max_batches))

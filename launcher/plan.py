@@ -7,11 +7,16 @@ loop uses (Accelerate gives every process the same number of batches, padding th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from launcher import schedules, strategies
+from launcher import param_groups, schedules, strategies
 from launcher.errors import RecipeError
 from launcher.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 SPARK = " ▁▂▃▄▅▆▇█"
 
@@ -151,6 +156,13 @@ def describe_strategy(recipe: Recipe, processes: int, parameters: int | None) ->
     return strategies.choose(recipe, processes).describe(parameters, slots)
 
 
+def describe_groups(recipe: Recipe, model: torch.nn.Module | None) -> list[str]:
+    """The optimizer's param groups over `model` (built on the meta device; None: it would not build there)."""
+    if model is None:
+        return ["param groups  not shown (the model does not build on the meta device)"]
+    return param_groups.describe_groups(param_groups.groups_for(recipe.optimizer, model))
+
+
 def describe_plan(
     recipe: Recipe,
     plan: Plan,
@@ -158,6 +170,7 @@ def describe_plan(
     tokens_per_sample: int = 0,
     parameters: int | None = None,
     missing: str = "",
+    groups: Sequence[str] = (),
 ) -> str:
     t = recipe.train
     lines = [
@@ -191,6 +204,7 @@ def describe_plan(
         f"{f' and {c.keep_best} best by {c.monitor}' if c.keep_best else ''}"
     )
     lines.extend(describe_strategy(recipe, plan.processes, parameters))
+    lines.extend(groups)
     if plan.lr_points is not None:
         points = ", ".join(f"{lr:.3g} at {step}" for step, lr in plan.lr_points)
         lines.append(f"learning rate {recipe.scheduler.target}: {points}")

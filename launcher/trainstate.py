@@ -29,6 +29,7 @@ class TrainState:
     early_stopping: Tracker = field(default_factory=Tracker)
     best_checkpoints: list[list[float]] = field(default_factory=list)  # [step, metric], best first
     flops_per_update: float | None = None  # this process's, measured on the run's first update (see FlopMeter)
+    decay: str = "all"  # the optimizer's weight-decay rule (param_groups); checkpoints that lack it used "all"
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,6 +24,8 @@ def test_a_checkpoint_of_an_earlier_release_resumes_to_the_same_end(tmp_path: Pa
     done = run_cli("train", str(FIXTURE / "recipe.yaml"), f"run_dir={run_dir}", "resume=auto", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout and "at step 3" in done.stdout
+    # Its optimizer state has one group: the run keeps weight decay on every parameter, and says so.
+    assert "note: this checkpoint was written with weight decay on every parameter" in done.stdout
 
     expected = load_file(FIXTURE / "expected_step_6.safetensors")
     got = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher import param_groups
 from launcher.checkpoint import statefile
 
 
 def trained_optimizer() -> torch.optim.Optimizer:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
+    groups = param_groups.to_torch(param_groups.make_groups(model, "matrices", [], 0.1))  # as the launcher's
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
     for _ in range(2):
         model(torch.randn(5, 4)).sum().backward()
         optimizer.step()
@@ -37,14 +39,16 @@ def test_a_loaded_state_drives_an_optimizer_like_the_saved_one(tmp_path: Path):
     optimizer = trained_optimizer()
     statefile.save(optimizer.state_dict(), tmp_path / "o.safetensors")
     params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups for p in g["params"]]
-    twin = torch.optim.AdamW(params)
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    twin = torch.optim.AdamW([{"params": params[sum(sizes[:i]) : sum(sizes[: i + 1])]} for i in range(len(sizes))])
     twin.load_state_dict(statefile.load(tmp_path / "o.safetensors"))
     for a, b in zip([p for g in optimizer.param_groups for p in g["params"]], params, strict=True):
         a.grad = torch.ones_like(a)
         b.grad = torch.ones_like(b)
     optimizer.step()
     twin.step()
-    assert all(torch.equal(a, b) for a, b in zip(optimizer.param_groups[0]["params"], params, strict=False))
+    mine = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(sizes) == 2 and all(torch.equal(a, b) for a, b in zip(mine, params, strict=True))
 
 
 def test_tensors_sharing_memory_and_nested_values_are_kept(tmp_path: Path):

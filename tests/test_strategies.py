@@ -25,7 +25,9 @@ STRATEGIES = {
     "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
 }
 # Clipping active on most steps (norms are 0.3-0.9) and 2 micro-batches per update: the global norm, after sync.
+# Weight decay on the weights only (the optimizer's two param groups): each strategy must keep the groups apart.
 RUN = [
+    "optimizer.weight_decay=0.01",
     "train.max_steps=20",
     "train.clip_grad_norm=0.5",
     "train.gradient_accumulation_steps=2",
@@ -297,7 +299,7 @@ def test_a_gpt_recipe_trains_checkpoints_resumes_and_exports_on_two_processes(
     assert sorted(curve(run_dir, "train/loss")) == list(range(5, 41, 5))
     state = json.loads((run_dir / "checkpoints" / "step_00000040" / "trainer_state.json").read_text())
     assert state["format"] == {"gpt_ddp": "full", "gpt_fsdp": "dcp", "gpt_zero3": "deepspeed"}[name]
-    assert state["world_size"] == 2
+    assert state["world_size"] == 2 and state["decay"] == "matrices"  # two param groups, resumed as written
     # The GPT's own formula, on the parameters as built (ZeRO-3 and FSDP leave each rank only a part of them).
     per_token = GPT(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64).flops_per_token(64)
     assert json.loads((run_dir / "env.json").read_text())["flops_per_update"] == 8 * 64 * per_token

@@ -100,7 +100,7 @@ LAYERS = [
         "launcher.early_stopping",
     ],
     ["launcher.recipe.schema"],
-    ["launcher.blocks", "launcher.compiling"],
+    ["launcher.blocks", "launcher.compiling", "launcher.param_groups"],
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
     ["launcher.strategies"],

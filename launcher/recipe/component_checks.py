@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher import components, guards, schedules
+from launcher import components, guards, param_groups, schedules
 from launcher.components import INT64_MAX, Component, describe, finite_number
 from launcher.data import DataFacts
 from launcher.errors import RecipeError
@@ -145,7 +145,7 @@ def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> 
     problems = [f"model.{arg}: {msg}" for arg, msg in fn.check_args(args, data) if arg in given or arg not in data]
     if problems or facts is None:
         return problems
-    return _build_on_meta(spec, data, this_machine)
+    return _build_on_meta(spec, data, this_machine, recipe.optimizer)
 
 
 def built_in_model(recipe: Recipe) -> bool:
@@ -155,7 +155,9 @@ def built_in_model(recipe: Recipe) -> bool:
         return False
 
 
-def _build_on_meta(spec: Component, data: dict[str, Any], this_machine: bool) -> list[str]:
+def _build_on_meta(spec: Component, data: dict[str, Any], this_machine: bool, optimizer: Component) -> list[str]:
+    """The model built on the meta device: what its constructor refuses, parameters beyond memory, and
+    `optimizer.groups` patterns that match none of its parameters (once the groups' form is right)."""
     import torch
 
     try:
@@ -164,7 +166,11 @@ def _build_on_meta(spec: Component, data: dict[str, Any], this_machine: bool) ->
     except RecipeError as e:
         return e.problems
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return _too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
+    problems = _too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
+    if not param_groups.form_problems(optimizer, None, ""):
+        names = (name for name, _ in model.named_parameters())
+        problems += param_groups.unmatched(names, param_groups.launcher_keys(optimizer)[2])
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -250,46 +256,64 @@ def _number_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
 
 
 def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
-    """The optimizer resolves, takes its arguments and values, and builds; `dense_model`: the model is a built-in
-    one, whose gradients are dense, so the optimizer also takes one step on a dense gradient."""
-    problems = check_component("optimizer", "optimizer", spec, passed=("params",))
+    """The optimizer resolves, takes its arguments and values (its groups' too), and builds; `dense_model`: the
+    model is a built-in one, whose gradients are dense, so the optimizer also takes one step on a dense gradient."""
+    problems = check_component("optimizer", "optimizer", spec, passed=("params",), extra=param_groups.KEYS)
     if problems:
         return problems
-    if _needs_closure(components.resolve("optimizer", spec.target)):
+    fn = components.resolve("optimizer", spec.target)
+    if _needs_closure(fn):
         return [
             f"optimizer._component_: {spec.target}'s step needs a closure that re-evaluates the loss, which the "
             "training loop does not give; use adamw, adam or sgd"
         ]
-    problems = _number_problems("optimizer", dict(spec.kwargs))
-    reported = {p.split(":", 1)[0].removeprefix("optimizer.") for p in problems}
-    kw = {k: v for k, v in spec.kwargs.items() if k not in reported}
+    name = components.registry("optimizer").get(spec.short_name or "", spec.target)
+    problems = param_groups.form_problems(spec, param_groups.group_options(fn), name)
+    if problems:
+        return problems
+    own, _, groups = param_groups.launcher_keys(spec)
+    problems = _value_problems("optimizer", dict(own.kwargs))
+    for i, group in enumerate(groups):
+        problems += _value_problems(f"optimizer.groups[{i}]", {k: v for k, v in group.items() if k != "params"})
+    return problems or _trial_step(own, groups, dense_model)
+
+
+def _value_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
+    """The optimizer's settings (or a group's) in their ranges."""
+    problems = _number_problems(key, kwargs)
+    reported = {p.split(":", 1)[0].removeprefix(f"{key}.") for p in problems}
+    kw = {k: v for k, v in kwargs.items() if k not in reported}
     if "lr" in kw and not (finite_number(kw["lr"]) and kw["lr"] > 0):
-        problems.append(f"optimizer.lr: must be a number > 0, got {describe(kw['lr'])}")
+        problems.append(f"{key}.lr: must be a number > 0, got {describe(kw['lr'])}")
     if "weight_decay" in kw and not (finite_number(kw["weight_decay"]) and kw["weight_decay"] >= 0):
-        problems.append(f"optimizer.weight_decay: must be a number >= 0, got {describe(kw['weight_decay'])}")
+        problems.append(f"{key}.weight_decay: must be a number >= 0, got {describe(kw['weight_decay'])}")
     if "momentum" in kw and not (finite_number(kw["momentum"]) and 0 <= kw["momentum"] < 1):
-        problems.append(f"optimizer.momentum: must be a number in [0, 1), got {describe(kw['momentum'])}")
+        problems.append(f"{key}.momentum: must be a number in [0, 1), got {describe(kw['momentum'])}")
     betas = kw.get("betas")
     if betas is not None and not (
         isinstance(betas, list) and len(betas) == 2 and all(finite_number(b) and 0 <= b < 1 for b in betas)
     ):
-        problems.append(f"optimizer.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {describe(betas)}")
-    return problems or _trial_step(spec, dense_model)
+        problems.append(f"{key}.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {describe(betas)}")
+    return problems
 
 
-def _trial_step(spec: Component, step: bool) -> list[str]:
+def _trial_step(spec: Component, groups: list[Any], step: bool) -> list[str]:
     """Optimizers check their own arguments when built, some only when they step (SparseAdam refuses dense
-    gradients there): one parameter is enough to let them, before any model."""
+    gradients there): one parameter per group (and one for the default group) is enough to let them, before any
+    model."""
     import torch
 
-    param = torch.nn.Parameter(torch.zeros(1))
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(len(groups) + 1)]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    torch_groups = [{"params": [p], **own} for p, own in zip(params, [*settings, {}], strict=True)]
     try:
-        optimizer = components.instantiate("optimizer", spec, [param])
+        optimizer = components.instantiate("optimizer", spec, torch_groups)
     except RecipeError as e:
         return e.problems
     if not step:
         return []
-    param.grad = torch.ones(1)
+    for param in params:
+        param.grad = torch.ones(1)
     try:
         optimizer.step()
     except Exception as e:

@@ -1,0 +1,194 @@
+"""The optimizer's parameter groups: weight decay only where it belongs, and per-group settings by name pattern.
+
+`optimizer.decay: matrices` (the default) is nanoGPT's and the Hugging Face Trainer's rule with embeddings left out
+too: parameters of two or more dimensions (the weights of linear layers, convolutions, attention) decay; biases,
+norm weights and embedding tables do not (a head tied to an embedding is the embedding's tensor, so it does not
+either). `all` puts the optimizer's `weight_decay` on every parameter, as a checkpoint written before the rule
+existed did.
+
+`optimizer.groups` gives some parameters settings of their own: a list of `{params: PATTERN or [PATTERNS], lr: ...}`,
+the patterns fnmatch globs on the names `named_parameters()` gives (`"*.bias"`, `"lm_head.*"`). The first group
+whose pattern matches a parameter takes it; the rest stay in the default groups. A group's own keys win; one that
+sets no `weight_decay` keeps the rule (its parameters split into a decaying and a non-decaying group).
+
+Pure decisions on a model's parameters (meta, sharded DTensor or real: only names, shapes and identities count).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from launcher import components
+from launcher.components import Component, describe
+
+DECAY_MODES = ("matrices", "all")
+KEYS = ("decay", "groups")  # the launcher's own keys of the optimizer section, taken out before building it
+if TYPE_CHECKING:
+    import torch
+
+NAMES_SHOWN = 4  # parameter names quoted when a pattern matches none
+
+
+@dataclass(frozen=True)
+class Group:
+    """One parameter group: its own settings over the optimizer's, its parameters and what `launcher plan` calls
+    it."""
+
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def launcher_keys(spec: Component) -> tuple[Component, str, list[Any]]:
+    """The optimizer's own spec (the launcher's keys taken out), the decay rule and the groups as given."""
+    kwargs = {k: v for k, v in spec.kwargs.items() if k not in KEYS}
+    groups = spec.kwargs.get("groups") or []
+    return Component(spec.target, kwargs), spec.kwargs.get("decay", "matrices"), groups
+
+
+def group_options(optimizer: Any) -> list[str] | None:
+    """The settings a param group of `optimizer` (a class) takes: its arguments but `params`; None where its
+    signature does not say (it takes any keyword)."""
+    try:
+        params = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n, p in params.items() if n != "params" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def form_problems(spec: Component, options: list[str] | None, name: str) -> list[str]:
+    """One line per malformed `optimizer.decay` or `optimizer.groups` entry; `options`: what a group of the
+    optimizer (called `name`) takes (None: anything)."""
+    problems = []
+    decay = spec.kwargs.get("decay", "matrices")
+    if decay not in DECAY_MODES:
+        problems.append(f"optimizer.decay: expected one of: {', '.join(DECAY_MODES)}, got {describe(decay)}")
+    groups = spec.kwargs.get("groups")
+    if groups is not None and not isinstance(groups, list):
+        return [
+            *problems,
+            f"optimizer.groups: expected a list of {{params: PATTERN, <settings>}}, got {describe(groups)}",
+        ]
+    for i, group in enumerate(groups or []):
+        key = f"optimizer.groups[{i}]"
+        if not isinstance(group, Mapping):
+            problems.append(f"{key}: expected a section {{params: PATTERN, <settings>}}, got {describe(group)}")
+            continue
+        if "params" not in group:
+            problems.append(f"{key}.params: missing required value (a pattern or list of patterns)")
+        elif not patterns_of(group["params"]):
+            problems.append(f"{key}.params: expected a pattern or list of patterns, got {describe(group['params'])}")
+        for option in group:
+            if option != "params" and options is not None and option not in options:
+                problems.append(f"{key}.{option}: not an option of {name}'s groups (it takes: {', '.join(options)})")
+    return problems
+
+
+def patterns_of(value: Any) -> list[str]:
+    """A group's `params` as a list of patterns; [] when it is not a pattern or a non-empty list of them."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    return []
+
+
+def no_decay(model: torch.nn.Module) -> set[int]:
+    """The identities of the parameters the rule keeps from decay: those of fewer than two dimensions, and the
+    embeddings' (whatever else holds the same tensor, a tied head, is the same Parameter)."""
+    from torch import nn
+
+    kept = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return kept | {id(p) for p in model.parameters() if p.ndim < 2}
+
+
+def unmatched(names: Iterable[str], groups: list[Any]) -> list[str]:
+    """One line per pattern of well-formed `groups` that matches no parameter name."""
+    names = list(names)
+    problems = []
+    for i, group in enumerate(groups):
+        for pattern in patterns_of(group.get("params")):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
+                problems.append(
+                    f"optimizer.groups[{i}].params: {pattern!r} matches no parameter of the model "
+                    f"(names look like: {shown})"
+                )
+    return problems
+
+
+def first_matches(named: list[tuple[str, Any]], groups: list[Any]) -> dict[int, int]:
+    """Parameter identity -> the index of the first group whose patterns match its name."""
+    taken: dict[int, int] = {}
+    for name, p in named:
+        for i, group in enumerate(groups):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns_of(group["params"])):
+                taken[id(p)] = i
+                break
+    return taken
+
+
+def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_decay: float | None) -> list[Group]:
+    """The param groups, empty ones left out, each in the model's order of parameters (tied ones once): the
+    recipe's groups in order, then the default ones. `weight_decay`: the optimizer's own (None: it takes none, so
+    the rule has nothing to split)."""
+    named = list(model.named_parameters())  # de-duplicated by identity, as model.parameters()
+    kept = no_decay(model) if decay == "matrices" and weight_decay is not None else set()
+    taken = first_matches(named, groups)
+    out = []
+    for i, group in [*enumerate(groups), (None, {})]:
+        params = [p for _, p in named if taken.get(id(p)) == i]
+        own = {k: v for k, v in group.items() if k != "params"}
+        where = "" if i is None else f" ({', '.join(patterns_of(group['params']))})"
+        if "weight_decay" in own or not kept:  # the group's own decay, or nothing for the rule to keep from it
+            out.append(Group(label_of(own, weight_decay, None) + where, own, params))
+            continue
+        decaying = [p for p in params if id(p) not in kept]
+        out.append(Group(label_of(own, weight_decay, True) + where, own, decaying))
+        not_decaying = [p for p in params if id(p) in kept]
+        out.append(Group(label_of(own, weight_decay, False) + where, {**own, "weight_decay": 0.0}, not_decaying))
+    return [g for g in out if g.params]
+
+
+def groups_for(spec: Component, model: torch.nn.Module, decay: str | None = None) -> list[Group]:
+    """The param groups of the optimizer `spec` over `model` (well-formed groups assumed, see `form_problems`);
+    `decay` overrides the spec's rule (a resumed checkpoint's)."""
+    own, chosen, groups = launcher_keys(spec)
+    fn = components.resolve("optimizer", own.target)
+    weight_decay = components.effective_args(fn, own.kwargs).get("weight_decay")
+    return make_groups(model, decay or chosen, groups, weight_decay)
+
+
+def setting(key: str, value: Any) -> str:
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{'decay' if key == 'weight_decay' else key} {shown}"
+
+
+def label_of(own: Mapping[str, Any], weight_decay: float | None, decays: bool | None) -> str:
+    """How `launcher plan` names a group: its own settings, then its decay where the optimizer's applies
+    (`decays`: the rule's choice; None: no split)."""
+    parts = [setting(k, v) for k, v in own.items()]
+    if "weight_decay" not in own and weight_decay is not None:
+        parts.append("no decay" if decays is False else setting("weight_decay", float(weight_decay)))
+    return ", ".join(parts) or "all parameters"
+
+
+def to_torch(groups: list[Group]) -> list[dict[str, Any]]:
+    """What a torch optimizer takes as its params."""
+    return [{"params": g.params, **g.options} for g in groups]
+
+
+def describe_groups(groups: list[Group]) -> list[str]:
+    """`launcher plan`'s lines: one per group, its parameters and tensors."""
+    lines = [f"{g.label}: {g.numel:,} parameters in {len(g.params)} tensors" for g in groups]
+    return [f"{'param groups' if i == 0 else '':<14}{line}" for i, line in enumerate(lines)]
