@@ -211,10 +211,10 @@ def _hf_model(data: Dataset) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def _hf_adamw(params: Any) -> torch.optim.Optimizer:
+def _hf_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     import torch
 
-    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch.optim.AdamW(_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def hf_workload(text: Path) -> Workload:

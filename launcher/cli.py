@@ -78,12 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="a checkpoint, or <checkpoints>/latest or /best")
     export.add_argument("--out", required=True, help="the .safetensors file (or, with --format hf, folder) to write")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
-    export.add_argument(
-        "--format",
-        choices=("safetensors", "hf"),
-        default="safetensors",
-        help="hf: config, safetensors shards with their index, generation config and tokenizer (from_pretrained)",
-    )
+    hf_help = "hf: config, safetensors shards with their index, generation config, tokenizer (from_pretrained)"
+    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors", help=hf_help)
     export.add_argument("--max-shard-size", default="5GB", help="with --format hf: the largest shard (e.g. 2GB)")
 
     slurm = verbs.add_parser("slurm", help="run a recipe as a SLURM job; how a job is doing")
@@ -292,7 +288,7 @@ def _tokens_per_sample(dataset: Any) -> int:
 
     from launcher.batches import sequence_tokens, split
 
-    _, target = split(dataset[0])
+    target = split(dataset[0])[1]
     return sequence_tokens(target[None]) if isinstance(target, torch.Tensor) else 0
 
 
@@ -305,10 +301,9 @@ def _meta_model(recipe: Any, model_kwargs: dict[str, Any]) -> Any:
 
     try:
         with torch.device("meta"):
-            model = components.instantiate("model", recipe.model, **model_kwargs)
+            return components.instantiate("model", recipe.model, **model_kwargs)
     except Exception:  # a model that cannot be built on the meta device: no estimate
         return None
-    return model
 
 
 def ckpt_info_command(path_text: str) -> int:
