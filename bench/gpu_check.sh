@@ -4,7 +4,8 @@
 # each saved halfway, resumed from that checkpoint and finished; then tokens/s and MFU per run
 # (bench/gpu_report.py). Then the speed features: recipes/gpt_ddp.yaml in bf16 for SPEED_STEPS steps, eager and
 # compiled (`train.compile: true`, regional), each without and with activation checkpointing (full), no evaluation
-# or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed). Exits non-zero
+# or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed). Then
+# recipes/hf_causal_lm.yaml in bf16 under FSDP and ZeRO-3, resumed and exported with --format hf. Exits non-zero
 # at the end if the sync check failed. Usage, from the repository root:
 #   bench/gpu_check.sh [TOKENS_DIR] [STEPS] [SPEED_STEPS]
 # TOKENS_DIR holds train.bin/val.bin (GPT-2 tokens, vocab 50304); without it, byte-level tokens of Tiny
@@ -72,4 +73,23 @@ for compile in false true; do
 done
 echo
 python bench/gpu_report.py --speed "${speed_runs[@]}"
+# Hugging Face: recipes/hf_causal_lm.yaml's tiny Llama in bf16 under FSDP (and ZeRO-3), saved, resumed and
+# exported to the Hugging Face format, which transformers then loads (needs `datasets`: skipped without it).
+if python -c "import datasets" 2>/dev/null; then
+    for strategy in fsdp deepspeed; do
+        run="$OUT/hf_${strategy}"
+        rm -rf "$run"
+        echo "== hf_causal_lm bf16, strategy $strategy on $GPUS GPU(s): $STEPS steps, saved and resumed halfway"
+        HF=("data.dataset.path=../shared/data/tinyshakespeare.txt" "train.mixed_precision=bf16"
+            "strategy.name=$strategy" "strategy.deepspeed.zero_stage=3" "eval.max_batches=5" "strategy.timeout_s=300")
+        "${LAUNCH[@]}" train recipes/hf_causal_lm.yaml "run_dir=$run" "${HF[@]}" "train.max_steps=$((STEPS / 2))" \
+            "checkpoint.every_steps=$((STEPS / 2))"
+        "${LAUNCH[@]}" train recipes/hf_causal_lm.yaml "run_dir=$run" "${HF[@]}" "train.max_steps=$STEPS" resume=auto
+        launcher ckpt export "$run/checkpoints/latest" --format hf --out "$run/export" --force
+        python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$run/export').cuda()"
+    done
+    python bench/gpu_report.py "$OUT"/hf_*
+else
+    echo "== hf_causal_lm skipped: the datasets package is not installed here"
+fi
 [ "$SYNC_OK" = 1 ] || { echo "gpu_check: bench/sync_check.py found a host sync in a training step (above)"; exit 1; }
