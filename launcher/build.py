@@ -98,10 +98,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: boo
         drop_last=drop_last,
         num_workers=recipe.data.num_workers,
         pin_memory=torch.cuda.is_available(),
-        # Workers kept across epochs would keep their copy of a set that changes with the epoch (`set_epoch`);
-        # such a set gets new workers each epoch, made after it was told the epoch.
-        persistent_workers=recipe.data.num_workers > 0 and not hasattr(dataset, "set_epoch"),
+        # Workers kept across epochs would keep their copy of a set that changes with the epoch; such a set gets
+        # new workers each epoch, made after it was told the epoch.
+        persistent_workers=recipe.data.num_workers > 0 and not changes_with_epoch(dataset),
     )
+
+
+def changes_with_epoch(dataset: Dataset) -> bool:
+    """Whether a set reads other samples in other epochs: one with `set_epoch` does, unless it says its epochs are
+    alike (`epochs_differ`: the built-in text sets with fixed block offsets)."""
+    return hasattr(dataset, "set_epoch") and getattr(dataset, "epochs_differ", True)
 
 
 @dataclass

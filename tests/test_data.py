@@ -102,3 +102,12 @@ def test_the_train_set_is_told_the_epoch_where_accelerate_does_not_pass_it_on(tm
     assert train.starts.offset == epoch_offset(1, 0, 8)  # accelerate alone left it at epoch 0's blocks
     Parts(None, None, None, loader, None, None).set_epoch(epoch)
     assert train.starts.offset == epoch_offset(1, epoch, 8)
+
+
+def test_only_a_set_whose_epochs_differ_gets_new_loader_workers_each_epoch(tmp_path: Path):
+    from launcher.build import changes_with_epoch
+
+    (tmp_path / "t.txt").write_text("abcdefghij" * 100)
+    fixed, moving = (CharText(str(tmp_path / "t.txt"), block_size=8, offsets=o) for o in ("fixed", "random"))
+    assert changes_with_epoch(moving) and not changes_with_epoch(fixed)
+    assert not changes_with_epoch(SyntheticClassification("train", 8))

@@ -51,6 +51,7 @@ class TokenMemmap(Dataset):
         self.block_size = block_size
         self.starts = starts_for(split, block_size, offsets, seed, len(tokens), str(file))
         self.blocks = self.starts.count(len(tokens))
+        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
         self.model_kwargs = {"block_size": block_size}
         if vocab_size is not None:
             self.model_kwargs["vocab_size"] = vocab_size

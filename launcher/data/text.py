@@ -44,6 +44,7 @@ class CharText(Dataset):
         self.block_size = block_size
         self.starts = starts_for(split, block_size, offsets, seed, len(self.tokens), path, "characters")
         self.blocks = self.starts.count(len(self.tokens))
+        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
         self.model_kwargs = {"vocab_size": len(self.vocab), "block_size": block_size}
 
     def __len__(self) -> int:
