@@ -6,8 +6,10 @@
 
 Parts: `loops` (the launcher against hand-written PyTorch, Accelerate and Lightning loops: workloads (a) and (b),
 1 and 2 processes; see bench/overhead.py) and `checkpoint` (save and load of a 100M-parameter model with AdamW
-state against one plain write, and the stall of background saving; see bench/checkpoint_io.py). Run it on an
-otherwise idle machine: anything else running skews the ratios.
+state against one plain write, and the stall of background saving; see bench/checkpoint_io.py); `speed`
+(bench/speed.py) and `sampling` (random block offsets and weight decay against the char transformer's val/loss:
+bench/sampling.py) write sections of their own. Run it on an otherwise idle machine: anything else running skews
+the ratios.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ PLAN = {
     ("b", 2): (100, 3),
     ("h", 2): (60, 3),
 }
-PARTS = ("loops", "checkpoint", "speed")
+PARTS = ("loops", "checkpoint", "speed", "sampling")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-# The speed part has markers of its own: a run of it alone leaves the other parts' figures as they are.
-SPEED_BEGIN, SPEED_END = "<!-- bench:speed:begin -->", "<!-- bench:speed:end -->"
+# Parts with markers of their own (`<!-- bench:NAME:begin -->`), under these headings: a run of one alone leaves
+# the other parts' figures as they are.
+OWN_SECTIONS = {"speed": "Speed features", "sampling": "Sampling and weight decay on Tiny Shakespeare"}
+
+
+def markers(part: str) -> tuple[str, str]:
+    return f"<!-- bench:{part}:begin -->", f"<!-- bench:{part}:end -->"
 
 
 def machine() -> str:
@@ -89,6 +96,7 @@ def main() -> None:
     parser.add_argument("--profiler-base", default=None, help="speed: the launcher before the profiler (a git ref)")
     parser.add_argument("--repeats", type=int, help="repeats of every run (default: as planned, 3 to 7)")
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the text of workload (b)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="sampling: the seeds of every variant (default: 1337)")
     parser.add_argument("--params-millions", type=float, default=100.0)
     parser.add_argument("--out", type=Path, help="a Markdown file to put the results into, between its markers")
     parser.add_argument("--raw", type=Path, help="a JSON file for every run's figures")
@@ -109,26 +117,34 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
             text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
-    if "speed" in args.parts:
-        from bench import speed
-
-        print("measuring the speed features", file=sys.stderr)
-        speed_report = "\n\n".join(
-            [measured, speed.measure(args.quick, args.text, args.profiler_base or speed.PROFILER_BASE)]
-        )
+    own = {part: "\n\n".join([measured, own_section(part, args)]) for part in OWN_SECTIONS if part in args.parts}
     report = "\n\n".join(parts) + "\n" if len(parts) > 1 else ""
-    print(report + (speed_report + "\n" if "speed" in args.parts else ""))
+    print(report + "".join(section + "\n" for section in own.values()))
     if headline:
         print("headline ratios (steps/s against the PyTorch loop):", json.dumps(headline, indent=1), file=sys.stderr)
     if args.out:
         text = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
         if report:
             text = between(text, BEGIN, END, report, args.out)
-        if "speed" in args.parts:
-            if SPEED_BEGIN not in text:  # a new section at the end
-                text = text.rstrip("\n") + f"\n\n## Speed features\n\n{SPEED_BEGIN}\n{SPEED_END}\n"
-            text = between(text, SPEED_BEGIN, SPEED_END, speed_report + "\n", args.out)
+        for part, section in own.items():
+            begin, end = markers(part)
+            if begin not in text:  # a new section at the end
+                text = text.rstrip("\n") + f"\n\n## {OWN_SECTIONS[part]}\n\n{begin}\n{end}\n"
+            text = between(text, begin, end, section + "\n", args.out)
         args.out.write_text(text)
+
+
+def own_section(part: str, args: argparse.Namespace) -> str:
+    """The Markdown of a part with a section of its own."""
+    if part == "speed":
+        from bench import speed
+
+        print("measuring the speed features", file=sys.stderr)
+        return speed.measure(args.quick, args.text, args.profiler_base or speed.PROFILER_BASE)
+    from bench import sampling
+
+    print("measuring sampling and weight decay", file=sys.stderr)
+    return sampling.measure(args.quick, args.text, tuple(args.seeds) if args.seeds else None)
 
 
 def between(text: str, begin: str, end: str, report: str, path: Path) -> str:

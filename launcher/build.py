@@ -40,13 +40,21 @@ class Parts:
         n = 0 if self.val_loader is None else len(self.val_loader)
         return n if max_batches is None else min(n, max_batches)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch for the loader's shuffle and for a train set that changes with it (random block offsets).
+        Accelerate passes the epoch on to the dataset only where no sampler takes it (one process, no resume), so
+        the set is told here too, before the epoch's iterator (and its worker processes) starts."""
+        self.train_loader.set_epoch(epoch)
+        if hasattr(self.train_loader.dataset, "set_epoch"):
+            self.train_loader.dataset.set_epoch(epoch)
+
 
 def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[str, Any] | None = None) -> Parts:
     """Build in the order that fixes what the seeded RNG gives each part (datasets, model, loss, optimizer);
     `saved`: the trainer state of the checkpoint the run resumes from."""
     t = recipe.train
     # The train set may tell the model what it needs (vocab_size, num_classes); the recipe's values win.
-    train_set = components.instantiate("data", recipe.data.train, key="data.train")
+    train_set = components.instantiate("data", recipe.data.train, key="data.train", **epoch_seed(recipe))
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
     model_files = hf.export_files(model, getattr(train_set, "tokenizer", None))
@@ -106,6 +114,14 @@ def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> di
     return {"fused": True} if components.resolve("optimizer", recipe.optimizer.target) in fused_skipping() else {}
 
 
+def epoch_seed(recipe: Recipe) -> dict[str, int]:
+    """`train.seed` as the default `seed` of a train set that changes with the epoch (one with `set_epoch`, such as
+    random block offsets), so its epochs follow the run's seed; a set that does not keeps its own default (the
+    synthetic set's clusters do not move with the run's seed)."""
+    changes = hasattr(components.resolve("data", recipe.data.train.target), "set_epoch")
+    return {"seed": recipe.train.seed} if changes else {}
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
     return DataLoader(
         dataset,
@@ -117,8 +133,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: boo
         drop_last=drop_last,
         num_workers=recipe.data.num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=recipe.data.num_workers > 0,
+        # Workers kept across epochs would keep their copy of a set that changes with the epoch; such a set gets
+        # new workers each epoch, made after it was told the epoch.
+        persistent_workers=recipe.data.num_workers > 0 and not changes_with_epoch(dataset),
     )
+
+
+def changes_with_epoch(dataset: Dataset) -> bool:
+    """Whether a set reads other samples in other epochs: one with `set_epoch` does, unless it says its epochs are
+    alike (`epochs_differ`: the built-in text sets with fixed block offsets)."""
+    return hasattr(dataset, "set_epoch") and getattr(dataset, "epochs_differ", True)
 
 
 @dataclass

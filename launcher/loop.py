@@ -142,7 +142,7 @@ class Training:
         stop_reason = "done" if state.step >= self.budget.total_steps else ""
         p.model.train()
         while not stop_reason:
-            p.train_loader.set_epoch(state.epoch)
+            p.set_epoch(state.epoch)
             batches = p.train_loader
             if state.samples_in_epoch:  # resuming inside an epoch: same order, the samples already seen skipped
                 done = state.samples_in_epoch // self.samples_per_batch

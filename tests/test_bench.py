@@ -50,6 +50,24 @@ def test_the_speed_part_runs_and_writes_its_tables(tmp_path: Path):
     assert "nan" not in text, text
 
 
+def test_the_sampling_part_runs_and_writes_its_table(tmp_path: Path):
+    if not SHAKESPEARE.is_file():  # as every test that reads the corpus: the part trains on it
+        pytest.skip(f"needs {SHAKESPEARE}")
+    out = tmp_path / "benchmarks.md"
+    out.write_text("<!-- bench:begin -->\nby hand\n<!-- bench:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "sampling", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("<!-- bench:begin -->\nby hand\n<!-- bench:end -->\n\n## Sampling and weight decay"), text
+    rows = [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert ["| the recipe (fixed offsets, decay on all)", "1337"] in rows, text
+    assert ["| random offsets", "1337"] in rows, text
+    assert "nan" not in text and text.rstrip().endswith("<!-- bench:sampling:end -->"), text
+
+
 def sync_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bench.sync_check", *args], cwd=REPO, capture_output=True, text=True, timeout=300,

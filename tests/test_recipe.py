@@ -244,6 +244,7 @@ def test_built_in_components_check_their_own_arguments():
     found = SyntheticClassification.check_args({**args, "noise": 1.0, "separation": float("nan"), "seed": -1})
     assert [a for a, _ in found] == ["num_samples", "separation", "seed"]
     memmap = {"split": "train", "block_size": 8, "dtype": "U4", "val_fraction": 0.1, "vocab_size": None}
+    memmap |= {"offsets": "fixed", "seed": 0}
     assert TokenMemmap.check_args(memmap) == [
         ("dtype", "expected a number dtype such as uint16 or int32, got a string ('U4')")
     ]

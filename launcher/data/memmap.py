@@ -14,13 +14,16 @@ import torch
 from torch.utils.data import Dataset
 
 from launcher.components import describe, fraction_problem, integer_problem
+from launcher.data.blocks import offsets_problems, starts_for
 
 
 class TokenMemmap(Dataset):
     """Non-overlapping blocks of `block_size` tokens; the target is the input shifted by one.
 
     `path` may hold `{split}` (`data/{split}.bin` reads `data/train.bin` and `data/val.bin`); otherwise one file
-    is split by position, its last `val_fraction` being val.
+    is split by position, its last `val_fraction` being val. `offsets: random` shifts the train split's blocks each
+    epoch (`set_epoch`) by an offset drawn from `seed` (training gives it `train.seed`) and the epoch; see
+    `launcher/data/blocks.py`.
     """
 
     def __init__(
@@ -31,6 +34,8 @@ class TokenMemmap(Dataset):
         dtype: str = "uint16",
         val_fraction: float = 0.1,
         vocab_size: int | None = None,
+        offsets: str = "fixed",
+        seed: int = 0,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -44,17 +49,22 @@ class TokenMemmap(Dataset):
             tokens = tokens[:cut] if split == "train" else tokens[cut:]
         self.tokens = tokens
         self.block_size = block_size
-        if len(tokens) <= block_size:
-            raise ValueError(f"{file}: the {split} split has {len(tokens)} tokens, fewer than block_size + 1")
+        self.starts = starts_for(split, block_size, offsets, seed, len(tokens), str(file))
+        self.blocks = self.starts.count(len(tokens))
+        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
         self.model_kwargs = {"block_size": block_size}
         if vocab_size is not None:
             self.model_kwargs["vocab_size"] = vocab_size
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.block_size
+        return self.blocks
+
+    def set_epoch(self, epoch: int) -> None:
+        """Where this epoch's blocks start (with `offsets: random`); the training loop calls it before each epoch."""
+        self.starts.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.block_size
+        start = self.starts(i)
         chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
         return chunk[:-1], chunk[1:]
 
@@ -65,6 +75,7 @@ class TokenMemmap(Dataset):
             ("block_size", integer_problem(args.get("block_size"), 1)),
             ("dtype", _dtype_problem(args.get("dtype"))),
             ("val_fraction", fraction_problem(args.get("val_fraction"))),
+            *offsets_problems(args),
         ]
         if args.get("vocab_size") is not None:
             checks.append(("vocab_size", integer_problem(args["vocab_size"], 1)))

@@ -10,16 +10,27 @@ import torch
 from torch.utils.data import Dataset
 
 from launcher.components import describe, fraction_problem, integer_problem
+from launcher.data.blocks import offsets_problems, starts_for
 
 
 class CharText(Dataset):
     """Non-overlapping blocks of `block_size` characters; the target is the input shifted by one.
 
     The vocabulary is every character of the whole file, so train and val share one encoding. The first
-    `1 - val_fraction` of the file is train, the rest val.
+    `1 - val_fraction` of the file is train, the rest val. `offsets: random` shifts the train split's blocks each
+    epoch (`set_epoch`) by an offset drawn from `seed` (training gives it `train.seed`) and the epoch; see
+    `launcher/data/blocks.py`.
     """
 
-    def __init__(self, path: str, split: str = "train", block_size: int = 128, val_fraction: float = 0.1):
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        block_size: int = 128,
+        val_fraction: float = 0.1,
+        offsets: str = "fixed",
+        seed: int = 0,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not 0 < val_fraction < 1:
@@ -31,15 +42,20 @@ class CharText(Dataset):
         index = {ch: i for i, ch in enumerate(self.vocab)}
         self.tokens = torch.tensor([index[ch] for ch in part], dtype=torch.long)
         self.block_size = block_size
-        if len(self.tokens) <= block_size:
-            raise ValueError(f"{path}: the {split} split has {len(self.tokens)} characters, fewer than block_size + 1")
+        self.starts = starts_for(split, block_size, offsets, seed, len(self.tokens), path, "characters")
+        self.blocks = self.starts.count(len(self.tokens))
+        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
         self.model_kwargs = {"vocab_size": len(self.vocab), "block_size": block_size}
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.block_size
+        return self.blocks
+
+    def set_epoch(self, epoch: int) -> None:
+        """Where this epoch's blocks start (with `offsets: random`); the training loop calls it before each epoch."""
+        self.starts.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.block_size
+        start = self.starts(i)
         chunk = self.tokens[start : start + self.block_size + 1]
         return chunk[:-1], chunk[1:]
 
@@ -52,6 +68,7 @@ class CharText(Dataset):
         checks = [
             ("block_size", integer_problem(args.get("block_size"), 1)),
             ("val_fraction", fraction_problem(args.get("val_fraction"), zero=False)),
+            *offsets_problems(args),
         ]
         if args.get("split") not in ("train", "val"):
             checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
