@@ -4,7 +4,7 @@ from (a checkpoint's, when it resumes) and its learning-rate schedule over the r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ class Parts:
     train_loader: DataLoader
     val_loader: DataLoader | None
     stepper: Stepper
-    model_files: dict[str, bytes]  # a Hugging Face model's config and tokenizer files, kept in every checkpoint
+    # A Hugging Face model's config and tokenizer files, kept in every checkpoint (see models.hf.export_files).
+    model_files: dict[str, bytes] = field(default_factory=dict)
     decay: str = "matrices"  # the optimizer's weight-decay rule (param_groups), recorded in checkpoints
 
     def val_batches(self, max_batches: int | None) -> int:
