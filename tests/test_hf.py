@@ -199,6 +199,22 @@ def test_a_pretrained_local_model_is_trained_from_its_weights(data: Path, tmp_pa
 
 
 @pytest.mark.slow
+def test_compile_and_activation_checkpointing_train_a_hugging_face_model_the_same(data: Path, tmp_path: Path):
+    path = recipe(data, tmp_path)
+    runs = {}
+    for name, extra in {
+        "plain": [],
+        "fast": ["train.compile={backend: aot_eager}", "train.activation_checkpointing=full"],
+    }.items():
+        proc = run_cli("train", str(path), f"run_dir={tmp_path / name}", "train.max_steps=4", *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (losses(tmp_path / name), proc.stdout + proc.stderr)
+    assert "compiling 2 LlamaDecoderLayer blocks one by one" in runs["fast"][1]
+    assert "activation checkpointing: 2 of 2 blocks recompute in backward" in runs["fast"][1]
+    assert runs["fast"][0] == runs["plain"][0] and sorted(runs["plain"][0]) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["causal", "classify"])
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_killed_two_process_run_resumes_bitwise_and_exports(data: Path, tmp_path: Path, name: str, task: str):
