@@ -139,6 +139,12 @@ def required_overrides(name: str, tokens: Path) -> list[str]:
         return [f"data.dataset.path={SHAKESPEARE}"]
     if name.startswith("gpt_"):
         return [f"data.dataset.path={tokens}/{{split}}.bin"]
+    if name == "hf_causal_lm.yaml":
+        return [f"data.dataset.path={SHAKESPEARE}", f"data.dataset.cache_dir={tokens}/cache"]
+    if name == "hf_classify.yaml":
+        rows = "".join(f'"line {i} of the text",{"yes" if i % 3 else "no"}\n' for i in range(60))
+        (tokens / "labels.csv").write_text("text,label\n" + rows)
+        return [f"data.dataset.path={tokens}/labels.csv", f"data.dataset.cache_dir={tokens}/cache"]
     return []
 
 
