@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from launcher.components import SEED_LIMIT, describe, integer_problem
 
@@ -69,3 +70,22 @@ def starts_for(
         need = "2 * block_size" if starts.random else "block_size + 1"
         raise ValueError(f"{name}: the {split} split has {tokens} {unit}, fewer than {need}")
     return starts
+
+
+class Blocks(Dataset):
+    """A token stream cut into blocks whose starts move each epoch with `offsets: random` (`cut`, in the set's
+    constructor): its length, and `set_epoch`, which the training loop calls before each epoch."""
+
+    def cut(self, split: str, block_size: int, offsets: str, seed: int, name: str, unit: str = "tokens") -> None:
+        """Cut `self.tokens` (already set) into blocks of `block_size`; ValueError for what the set cannot do."""
+        self.block_size = block_size
+        self.starts = starts_for(split, block_size, offsets, seed, len(self.tokens), name, unit)
+        self.blocks = self.starts.count(len(self.tokens))
+        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
+
+    def __len__(self) -> int:
+        return self.blocks
+
+    def set_epoch(self, epoch: int) -> None:
+        """Where this epoch's blocks start (with `offsets: random`); the training loop calls it before each epoch."""
+        self.starts.set_epoch(epoch)

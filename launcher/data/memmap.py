@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from launcher.components import describe, fraction_problem, integer_problem
-from launcher.data.blocks import offsets_problems, starts_for
+from launcher.data.blocks import Blocks, offsets_problems
 
 
-class TokenMemmap(Dataset):
+class TokenMemmap(Blocks):
     """Non-overlapping blocks of `block_size` tokens; the target is the input shifted by one.
 
     `path` may hold `{split}` (`data/{split}.bin` reads `data/train.bin` and `data/val.bin`); otherwise one file
@@ -48,20 +47,10 @@ class TokenMemmap(Dataset):
             cut = int(len(tokens) * (1 - val_fraction))
             tokens = tokens[:cut] if split == "train" else tokens[cut:]
         self.tokens = tokens
-        self.block_size = block_size
-        self.starts = starts_for(split, block_size, offsets, seed, len(tokens), str(file))
-        self.blocks = self.starts.count(len(tokens))
-        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
+        self.cut(split, block_size, offsets, seed, str(file))
         self.model_kwargs = {"block_size": block_size}
         if vocab_size is not None:
             self.model_kwargs["vocab_size"] = vocab_size
-
-    def __len__(self) -> int:
-        return self.blocks
-
-    def set_epoch(self, epoch: int) -> None:
-        """Where this epoch's blocks start (with `offsets: random`); the training loop calls it before each epoch."""
-        self.starts.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.starts(i)

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from launcher.components import describe, fraction_problem, integer_problem
-from launcher.data.blocks import offsets_problems, starts_for
+from launcher.data.blocks import Blocks, offsets_problems
 
 
-class CharText(Dataset):
+class CharText(Blocks):
     """Non-overlapping blocks of `block_size` characters; the target is the input shifted by one.
 
     The vocabulary is every character of the whole file, so train and val share one encoding. The first
@@ -41,18 +40,8 @@ class CharText(Dataset):
         part = text[:cut] if split == "train" else text[cut:]
         index = {ch: i for i, ch in enumerate(self.vocab)}
         self.tokens = torch.tensor([index[ch] for ch in part], dtype=torch.long)
-        self.block_size = block_size
-        self.starts = starts_for(split, block_size, offsets, seed, len(self.tokens), path, "characters")
-        self.blocks = self.starts.count(len(self.tokens))
-        self.epochs_differ = self.starts.random  # fixed blocks: DataLoader workers may persist across epochs
+        self.cut(split, block_size, offsets, seed, path, "characters")
         self.model_kwargs = {"vocab_size": len(self.vocab), "block_size": block_size}
-
-    def __len__(self) -> int:
-        return self.blocks
-
-    def set_epoch(self, epoch: int) -> None:
-        """Where this epoch's blocks start (with `offsets: random`); the training loop calls it before each epoch."""
-        self.starts.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.starts(i)
