@@ -58,7 +58,8 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     train_set = components.instantiate("data", recipe.data.train, key="data.train", **epoch_seed(recipe))
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
-    model_files = hf.export_files(model, getattr(train_set, "tokenizer", None))
+    # Only the main process writes checkpoints: only it needs the files.
+    model_files = hf.export_files(model, getattr(train_set, "tokenizer", None)) if accelerator.is_main_process else {}
     blocks = strategy.speed_up(accelerator, model)
     model = strategy.shard(accelerator, model, blocks)
     loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
