@@ -30,6 +30,15 @@ def forward(model: torch.nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
+def head_loss(model: torch.nn.Module, inputs: Any, targets: Any, reduction: str = "mean") -> Any:
+    """The loss a model computes with its chunked head (`train.chunked_loss`, launcher/chunked_loss.py): given the
+    targets (a mapping's `labels`, which it holds already), the model returns their mean cross-entropy, or with
+    `reduction="none"` each token's loss, whether it was predicted, and whether it counts."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs, reduction=reduction)
+    return model(inputs, targets=targets, reduction=reduction)
+
+
 def logits(output: Any) -> torch.Tensor:
     """The prediction in a model's output: a tensor, or a Hugging Face output's `logits`."""
     return output if isinstance(output, torch.Tensor) else output.logits
@@ -83,6 +92,17 @@ def per_sample(
     counted = (targets != loss_fn.ignore_index).float().reshape(batch, -1)
     per_position = counted.sum(dim=1).clamp(min=1)
     return (losses * counted).sum(dim=1) / per_position, (right * counted).sum(dim=1) / per_position
+
+
+def per_sample_of_tokens(
+    inputs: Any, losses: torch.Tensor, right: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample` from the chunked head's per-token values (batch, time): a mapping batch's samples averaged over
+    the labels that count, a pair's over every position, as `per_sample` averages them."""
+    if not isinstance(inputs, Mapping):
+        return losses.mean(dim=1), right.mean(dim=1)
+    per_position = counted.sum(dim=1).clamp(min=1)
+    return losses.sum(dim=1) / per_position, right.sum(dim=1) / per_position
 
 
 def sequence_tokens(targets: Any) -> int:

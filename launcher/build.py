@@ -12,10 +12,11 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import checkpoint, components, param_groups, plan, schedules
+from launcher import checkpoint, chunked_loss, components, param_groups, plan, schedules
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
 from launcher.models import hf
+from launcher.precision import Precision, keep_output_precision
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
 from launcher.strategies.stepping import Stepper, fused_skipping, match_fused
@@ -35,6 +36,8 @@ class Parts:
     # A Hugging Face model's config and tokenizer files, kept in every checkpoint (see models.hf.export_files).
     model_files: dict[str, bytes] = field(default_factory=dict)
     decay: str = "matrices"  # the optimizer's weight-decay rule (param_groups), recorded in checkpoints
+    precision: Precision = field(default_factory=Precision)  # the autocast regions of a micro-batch
+    chunked: bool = False  # the model computes its loss with the chunked head (launcher/chunked_loss.py)
 
     def val_batches(self, max_batches: int | None) -> int:
         """The batches an evaluation reads."""
@@ -60,19 +63,25 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
     # Only the main process writes checkpoints: only it needs the files.
     model_files = hf.export_files(model, getattr(train_set, "tokenizer", None)) if accelerator.is_main_process else {}
+    loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
+    # Before the strategy wraps the model: a Hugging Face model's forward is replaced for it.
+    chunked, note = chunked_loss.choose(t.chunked_loss, model, loss_fn, hf.chunk_head)
+    if note is not None and accelerator.is_main_process:
+        accelerator.print(note)
     blocks = strategy.speed_up(accelerator, model)
     model = strategy.shard(accelerator, model, blocks)
-    loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
     fused = fused_default(recipe, strategy, accelerator)
     decay = decay_rule(recipe, saved, accelerator.print)
     optimizer = make_optimizer(recipe, model, decay, fused)
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
     model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
+    keep_output_precision(model)  # the loop autocasts forward and loss together (see launcher/precision.py)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     stepper = strategy.stepper(accelerator, model, optimizer)
-    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay)
+    precision = Precision.of(accelerator, t.mixed_precision)
+    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked)
 
 
 def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str], None]) -> str:

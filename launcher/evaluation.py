@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from launcher import batches, consensus
+from launcher.build import Parts
 from launcher.checkpoint import rank_best
 from launcher.errors import RecipeError
 from launcher.metrics import Throughput
+from launcher.precision import Precision
 from launcher.recipe import Recipe
 from launcher.trainstate import TrainState
 
@@ -22,23 +25,11 @@ class Evaluator:
     (both in the train state), and keeps the last metrics for the checkpoint's monitor and the run's summary."""
 
     def __init__(
-        self,
-        accelerator: Accelerator,
-        recipe: Recipe,
-        model: torch.nn.Module,
-        loader: DataLoader | None,
-        loss_fn: torch.nn.Module,
-        state: TrainState,
-        throughput: Throughput,
+        self, accelerator: Accelerator, recipe: Recipe, parts: Parts, state: TrainState, throughput: Throughput
     ):
-        self.accelerator, self.recipe, self.model, self.loader, self.loss_fn = (
-            accelerator,
-            recipe,
-            model,
-            loader,
-            loss_fn,
-        )
-        self.state, self.throughput = state, throughput
+        self.accelerator, self.recipe, self.state, self.throughput = accelerator, recipe, state, throughput
+        self.model, self.loader, self.loss_fn = parts.model, parts.val_loader, parts.loss_fn
+        self.precision, self.chunked = parts.precision, parts.chunked
         self.last: dict[str, float] = {}
         self.last_step = -1
 
@@ -64,7 +55,10 @@ class Evaluator:
         assert self.loader is not None
         step = self.state.step
         with self.throughput.paused():
-            self.last = evaluate(self.accelerator, self.model, self.loader, self.loss_fn, self.recipe.eval.max_batches)
+            self.last = evaluate(
+                self.accelerator, self.model, self.loader, self.loss_fn, self.recipe.eval.max_batches,
+                self.precision, self.chunked,
+            )  # fmt: skip
         self.last_step = step
         log(self.last)
         if self.accelerator.is_main_process:
@@ -103,14 +97,18 @@ def evaluate(
     loader: DataLoader,
     loss_fn: torch.nn.Module | None,
     max_batches: int | None,
+    precision: Precision | None = None,
+    chunked: bool = False,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
     ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped. A model
-    that computes its own loss (`loss_fn` None) is scored with cross-entropy of its logits, per sample."""
+    that computes its own loss (`loss_fn` None) is scored with cross-entropy of its logits, per sample; one with
+    the chunked head (`chunked`) by that head, which never holds all the logits. Forward and loss run in the
+    training's autocast regions (`precision`)."""
+    precision = precision or Precision()
     loss_fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
     per_sample_loss_fn = copy.copy(loss_fn)
-    reduces = hasattr(per_sample_loss_fn, "reduction")
-    if reduces:
+    if hasattr(per_sample_loss_fn, "reduction"):
         per_sample_loss_fn.reduction = "none"
     classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
     model.eval()
@@ -119,11 +117,13 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         inputs, targets = batches.split(batch)
-        output = batches.forward(model, inputs)
-        if reduces:
-            losses, right = batches.per_sample(per_sample_loss_fn, inputs, output, targets)
-        else:  # a loss without `reduction`: its batch mean stands for each sample of the batch
-            losses, right = batches.batch_loss(loss_fn, inputs, output, targets).float().expand(len(targets)), None
+        with precision.forward():
+            if chunked:
+                losses, right = batches.per_sample_of_tokens(inputs, *batches.head_loss(model, inputs, targets, "none"))
+            else:
+                output = batches.forward(model, inputs)
+                with precision.loss():
+                    losses, right = score(loss_fn, per_sample_loss_fn, inputs, output, targets)
         gathered = accelerator.gather_for_metrics([losses] if right is None else [losses, right])
         loss_total += gathered[0].sum().item()
         count += len(gathered[0])
@@ -134,3 +134,13 @@ def evaluate(
     if classify:
         results["val/accuracy"] = correct_total / max(count, 1)
     return results
+
+
+def score(
+    loss_fn: torch.nn.Module, per_sample_loss_fn: torch.nn.Module, inputs: Any, output: Any, targets: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's loss (and whether it was right, for classification) from the model's outputs."""
+    if hasattr(per_sample_loss_fn, "reduction"):
+        return batches.per_sample(per_sample_loss_fn, inputs, output, targets)
+    # A loss without `reduction`: its batch mean stands for each sample of the batch.
+    return batches.batch_loss(loss_fn, inputs, output, targets).float().expand(len(targets)), None

@@ -107,7 +107,7 @@ class Training:
         )
         writer.files = p.model_files
         self.saver = Saver(accelerator, recipe, strategy, p.model, writer, self.budget, throughput)
-        self.evaluator = Evaluator(accelerator, recipe, p.model, p.val_loader, p.loss_fn, self.state, throughput)
+        self.evaluator = Evaluator(accelerator, recipe, p, self.state, throughput)
         self.compiling = FirstUpdates() if t.compile.enabled else None
         self.peers = LostPeers(accelerator, recipe.strategy.timeout_s)
         agreement = StepAgreement(accelerator, t.mixed_precision == "fp16", requests, self.peers)

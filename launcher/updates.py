@@ -80,10 +80,7 @@ class Updates:
         # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's (see
         # StepAgreement).
         with self.meter.counting(batches.token_inputs(inputs)) if self.meter is not None else NOT_COUNTING:
-            loss = p.stepper.micro_step(
-                lambda: batches.batch_loss(p.loss_fn, inputs, batches.forward(p.model, inputs), targets),
-                self.agreement.poisons,
-            )
+            loss = p.stepper.micro_step(lambda: self.forward(inputs, targets), self.agreement.poisons)
         self.loss = loss.detach() if self.batches == 0 else self.loss + loss.detach()
         self.batches += 1
         self.throughput.add(batches.samples(inputs, targets) * world, batches.sequence_tokens(targets) * world)
@@ -94,6 +91,17 @@ class Updates:
                 self.progress.write(FLOPS_NOTE, file=sys.stderr)
             self.meter = None
         return self.accelerator.sync_gradients
+
+    def forward(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """One micro-batch's loss, forward and loss in one autocast region (see launcher/precision.py), the
+        model's outputs reaching the loss in the precision they were computed in."""
+        p = self.parts
+        with p.precision.forward():
+            if p.chunked:
+                return batches.head_loss(p.model, inputs, targets)
+            output = batches.forward(p.model, inputs)
+            with p.precision.loss():
+                return batches.batch_loss(p.loss_fn, inputs, output, targets)
 
     def update(self) -> Verdict:
         """Close the update: the global gradient norm (after unscaling; inf measures without clipping; logged as

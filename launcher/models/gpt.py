@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from launcher.chunked_loss import ChunkedLinear
 from launcher.components import fraction_problem, integer_problem
 
 # Every block is a handful of Python modules: a deeper stack takes minutes just to construct (even on the meta
@@ -53,7 +54,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Maps token ids (batch, time) to next-token logits (batch, time, vocab_size)."""
+    """Maps token ids (batch, time) to next-token logits (batch, time, vocab_size); given targets, to their
+    cross-entropy instead, computed in chunks of tokens without the logits (`train.chunked_loss`)."""
 
     _no_split_modules = ("Block",)  # its repeated blocks (the Hugging Face convention): see launcher/blocks.py
 
@@ -76,7 +78,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head = ChunkedLinear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: fewer parameters, better small-data LMs
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat with depth.
@@ -95,7 +97,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> Any:
         t = idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
@@ -103,7 +105,15 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x), targets, reduction)
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The output projection (the Hugging Face name), which `train.chunked_loss` looks at."""
+        return self.lm_head
+
+    def chunk_head(self) -> str | None:
+        """Ready for `train.chunked_loss` as built: the forward takes targets and the head computes their loss."""
+        return None
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward and backward) per token of a sequence of `seq_len` tokens, as in PaLM's appendix

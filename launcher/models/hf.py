@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.chunked_loss import IGNORE_INDEX
 from launcher.components import ArgumentProblem, describe, optional
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,3 +224,36 @@ def export_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, bytes]:
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+
+
+def chunk_head(model: torch.nn.Module) -> str | None:
+    """Make a causal language model compute its loss with the chunked head (`train.chunked_loss`): its decoder
+    runs as before, and its output projection is given the shifted labels instead of making the logits. None when
+    done, else why it cannot be (the model then keeps its plain loss)."""
+    from launcher.chunked_loss import ChunkedLinear
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(decoder, torch.nn.Module):
+        return f"{type(model).__name__} has no separable output projection (a decoder, then one bias-free Linear)"
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) is not None:
+        return f"{type(model).__name__} scales its logits after the output projection"
+    # The same parameters and state dict: only what its call computes changes, so checkpoints and exports are as
+    # before.
+    head.__class__ = ChunkedLinear
+    model.forward = types.MethodType(_chunked_forward, model)
+    return None
+
+
+def _chunked_forward(
+    self: Any, input_ids: Any = None, labels: Any = None, reduction: str = "mean", **kwargs: Any
+) -> Any:
+    """A causal LM's forward with `chunk_head`: given labels, their cross-entropy (Hugging Face's convention:
+    labels are the inputs, position t predicts label t+1, -100 counts nowhere); without, the model's own forward."""
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, **kwargs)
+    hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kwargs)[0]
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return self.get_output_embeddings()(hidden, shifted, reduction)

@@ -81,6 +81,9 @@ class TrainConfig:
     activation_checkpointing: Recompute = Recompute()
     blocks: tuple[str, ...] = ()  # the model's repeated block classes; empty: the model's `_no_split_modules`
     peak_flops: float | None = None  # FLOP/s of one device that MFU is measured against (None: the GPU table's)
+    # A causal LM's output projection and cross-entropy in chunks of tokens, never all the logits at once (see
+    # launcher/chunked_loss.py); auto: where the vocabulary is large and the loss plain cross-entropy.
+    chunked_loss: Literal["auto", True, False] = "auto"
 
 
 @dataclass(frozen=True)
