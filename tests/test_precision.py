@@ -51,9 +51,12 @@ LLAMA = (
     "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
 )
-HF = GPT.replace("{_component_: gpt, n_layer: 2, n_head: 2, n_embd: 32}", f"{{_component_: hf_causal_lm, config: {LLAMA}}}")
-HF = HF.replace("{_component_: char_text, path: TEXT, block_size: 32}", "{_component_: hf_text, path: TEXT, "
-                "tokenizer: bytes, block_size: 32, cache_dir: CACHE}")  # fmt: skip
+GPT_MODEL = "{_component_: gpt, n_layer: 2, n_head: 2, n_embd: 32}"
+HF = GPT.replace(GPT_MODEL, f"{{_component_: hf_causal_lm, config: {LLAMA}}}")
+HF = HF.replace(
+    "{_component_: char_text, path: TEXT, block_size: 32}",
+    "{_component_: hf_text, path: TEXT, tokenizer: bytes, block_size: 32, cache_dir: CACHE}",
+)
 STRATEGIES = {
     "ddp": (2, []),
     "fsdp-1": (1, ["strategy.name=fsdp"]),
