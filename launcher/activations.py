@@ -19,8 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from launcher import batches, components
+from launcher import batches, chunked_loss, components
 from launcher.blocks import block_names, find_blocks, recompute_every, recomputed
+from launcher.models import hf
 from launcher.recipe import Recipe
 from launcher.strategies.memory import gib as gib_or_mib
 
@@ -129,9 +130,14 @@ def estimate(recipe: Recipe, sample: tuple[Any, Any], model_kwargs: dict[str, An
     inputs, targets = meta_batch(sample, recipe.train.batch_size)
     names = block_names(model, recipe)
     blocks = find_blocks(model, names)
-    return measure(
-        model, blocks, lambda: batches.batch_loss(loss_fn, inputs, batches.forward(model, inputs), targets)
-    ), names
+    chunked = chunked_loss.choose(recipe.train.chunked_loss, model, loss_fn, hf.chunk_head)[0]
+
+    def loss() -> torch.Tensor:
+        if chunked:  # what the chunked head keeps (gradients of hidden states and weight), not the logits
+            return batches.head_loss(model, inputs, targets)
+        return batches.batch_loss(loss_fn, inputs, batches.forward(model, inputs), targets)
+
+    return measure(model, blocks, loss), names
 
 
 def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[str, Any]) -> list[str]:

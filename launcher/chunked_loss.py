@@ -16,6 +16,7 @@ before its backward, DDP's reducer sees the gradient.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import torch
@@ -37,9 +38,17 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The precision the logits' matmul runs in: autocast's where it is on (as `nn.Linear` would), else the
     hidden states'."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return hidden.dtype
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off (every dtype here is chosen explicitly); nothing where autocast does not exist (the meta
+    device, on which `launcher plan` measures what backward keeps)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -51,7 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(hidden.device.type, enabled=False):
+        with no_autocast(hidden.device):
             h, w = hidden.to(dtype), weight.to(dtype)
             counted = targets != IGNORE_INDEX
             # The plain loss's division, as a tensor: the host never waits for the count.
@@ -106,7 +115,7 @@ def per_token(
     """For evaluation, chunk by chunk: each token's loss and whether its most likely prediction is the target
     (both fp32, 0 where the target does not count), and which targets count."""
     dtype = compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden.device):
         h, w = hidden.to(dtype), weight.to(dtype)
         counted = targets != IGNORE_INDEX
         losses = torch.empty(len(h), dtype=torch.float32, device=h.device)
