@@ -94,6 +94,8 @@ LAYERS = [
     [
         "launcher.components",
         "launcher.batches",
+        "launcher.chunked_loss",
+        "launcher.precision",
         "launcher.models",
         "launcher.data",
         "launcher.schedules",
