@@ -1,5 +1,7 @@
 """A checkpoint written by an earlier release still resumes, and the resumed run ends where that release's own
-uninterrupted run ended: the same weights bit for bit, the same logged values.
+uninterrupted run ended: the same weights and logged values, within the last bits (the fixture was written on
+another machine, whose CPU kernels may round the last bit of a sum otherwise; bitwise equality is tested only
+between runs a test makes itself).
 
 The fixture (`fixtures/old_checkpoint/`) is step 3 of a 6-step run of `recipe.yaml`, written by launcher 0.1.0
 with its checksum manifest; `expected_step_6.safetensors` and `expected_metrics.jsonl` are that run's end.
@@ -11,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import read_metrics, run_cli
 from safetensors.torch import load_file
@@ -30,9 +33,12 @@ def test_a_checkpoint_of_an_earlier_release_resumes_to_the_same_end(tmp_path: Pa
     expected = load_file(FIXTURE / "expected_step_6.safetensors")
     got = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
     assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
 
     keys = ("step", "train/loss", "lr", "grad_norm", "val/loss", "val/accuracy")
     rows = [{k: v for k, v in row.items() if k in keys} for row in read_metrics(run_dir) if row["step"] > 3]
     wanted = [json.loads(line) for line in (FIXTURE / "expected_metrics.jsonl").read_text().splitlines()]
-    assert rows == wanted
+    assert [row.keys() for row in rows] == [row.keys() for row in wanted]
+    for row, want in zip(rows, wanted, strict=True):
+        assert row == pytest.approx(want, rel=1e-5, abs=1e-7)
