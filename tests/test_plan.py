@@ -70,6 +70,9 @@ def test_plan_of_the_zero3_recipe_shows_strategy_memory_and_deepspeed_config(tmp
     # ZeRO-3, bf16, AdamW over 8 processes: (2 + 2 + 12) bytes x 124M / 8.
     assert "= 0.23 GiB" in out.split("memory")[1].splitlines()[0]
     assert '"train_batch_size": 512' in out and '"stage": 3' in out and '"gradient_clipping": 1.0' in out
+    # ZeRO-3's buckets and persistence threshold sized to GPT-2 small's width (768), as "auto" would be.
+    assert '"reduce_bucket_size": 589824' in out and '"stage3_prefetch_bucket_size": 530841' in out
+    assert '"stage3_param_persistence_threshold": 7680' in out and '"overlap_comm": true' in out
     assert "learning rate cosine: " in out and "0.0006 at 700" in out
     # Activations of one micro-batch (16 x 1024 tokens), measured on the meta device: recomputing the 12 blocks
     # keeps their inputs and one block's activations instead of all of them.

@@ -4,6 +4,7 @@ parts: the generated DeepSpeed config and the memory estimate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from safetensors.torch import load_file
 from test_distributed import TIMEOUT
 
 from launcher import strategies
+from launcher.components import Component
 from launcher.recipe import load_recipe
+from launcher.strategies.deepspeed import DeepSpeed, model_width, zero_defaults
 
 STRATEGIES = {
     "ddp": [],
@@ -203,14 +206,67 @@ def test_the_deepspeed_config_takes_batch_clipping_and_precision_from_the_recipe
     assert config["train_batch_size"] == 8 * 4 * 16
     assert config["gradient_clipping"] == 0.7
     assert config["bf16"] == {"enabled": True} and config["fp16"]["enabled"] is False
+    # The MLP gives no hidden size: DeepSpeed's own bucket sizes stand, the user's value is kept.
     assert config["zero_optimization"] == {
         "stage": 3,
         "offload_optimizer": {"device": "cpu"},
         "stage3_prefetch_bucket_size": 1000,
+        **zero_defaults(3, None),
     }
     assert strategies.user_config_problems(recipe, user) == []
     no_clip = recipe_with("strategy.name=deepspeed", "train.clip_grad_norm=null", tmp_path=tmp_path)
     assert strategies.deepspeed_config(no_clip, 2)["gradient_clipping"] == 0.0
+
+
+def test_the_deepspeed_config_has_the_documented_zero_defaults_sized_to_the_model_under_the_users_json(
+    tmp_path: Path,
+):
+    zero3 = recipe_with("strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3", tmp_path=tmp_path)
+    gpt = dataclasses.replace(zero3, model=Component("gpt", {"n_layer": 2, "n_head": 4, "n_embd": 256}))
+    zero = strategies.deepspeed_config(gpt, 2)["zero_optimization"]
+    # Accelerate's and transformers' "auto" values for a hidden size h: h^2, 0.9 h^2, 10 h.
+    assert zero == {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 256 * 256,
+        "stage3_prefetch_bucket_size": int(0.9 * 256 * 256),
+        "stage3_param_persistence_threshold": 2560,
+        "stage3_max_live_parameters": 10**9,
+        "stage3_max_reuse_distance": 10**9,
+        "sub_group_size": 10**9,
+    }
+    user = {"zero_optimization": {"stage3_param_persistence_threshold": 0, "overlap_comm": False}}
+    mine = strategies.deepspeed_config(gpt, 2, user)["zero_optimization"]
+    assert mine["stage3_param_persistence_threshold"] == 0 and mine["overlap_comm"] is False
+    assert mine["reduce_bucket_size"] == 256 * 256 and mine["stage"] == 3
+    # ZeRO-2 has no parameters to gather: its buckets only; ZeRO-1 keeps DeepSpeed's own values.
+    zero2 = dataclasses.replace(gpt, strategy=recipe_with("strategy.name=deepspeed", tmp_path=tmp_path).strategy)
+    assert strategies.deepspeed_config(zero2, 2)["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 256 * 256,
+    }
+    assert zero_defaults(1, 256) == {}
+    hf = Component("hf_causal_lm", {"config": {"model_type": "llama", "hidden_size": 512}})
+    assert model_width(hf) == 512 and model_width(Component("mlp", {"hidden_sizes": [32]})) is None
+
+
+def test_zero3_on_one_process_says_it_shards_nothing(tiny_recipe: Path, tmp_path: Path):
+    zero3 = ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"]
+    proc = run_cli("train", str(tiny_recipe), f"run_dir={tmp_path / 'run'}", *zero3, "train.max_steps=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "shards nothing" in line]
+    assert notes == [
+        "note: ZeRO-3 on one process shards nothing but still gathers and releases every module's parameters at "
+        "each use: DDP or FSDP2 trains faster here (strategy.name=ddp)"
+    ], proc.stderr
+    # Not where there is something to shard, nor where offloading is the point.
+    recipe = load_recipe(tiny_recipe, zero3)
+    assert DeepSpeed(recipe, 2).alone_note(2) is None
+    offload = load_recipe(tiny_recipe, [*zero3, "strategy.deepspeed.offload_params=true"])
+    assert DeepSpeed(offload, 1).alone_note(1) is None
 
 
 def test_a_deepspeed_json_that_contradicts_the_recipe_is_refused(tmp_path: Path):
