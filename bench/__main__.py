@@ -38,11 +38,15 @@ PLAN = {
     ("b", 2): (100, 3),
     ("h", 2): (60, 3),
 }
-PARTS = ("loops", "checkpoint", "speed", "sampling")
+PARTS = ("loops", "checkpoint", "speed", "sampling", "precision")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Parts with markers of their own (`<!-- bench:NAME:begin -->`), under these headings: a run of one alone leaves
 # the other parts' figures as they are.
-OWN_SECTIONS = {"speed": "Speed features", "sampling": "Sampling and weight decay on Tiny Shakespeare"}
+OWN_SECTIONS = {
+    "speed": "Speed features",
+    "sampling": "Sampling and weight decay on Tiny Shakespeare",
+    "precision": "bf16 with a big vocabulary: the logits and the loss",
+}
 
 
 def markers(part: str) -> tuple[str, str]:
@@ -75,8 +79,10 @@ def loops(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
             repeats = args.repeats or repeats
             w = workloads(args.text)[key]
             print(f"measuring workload ({key}), {processes} process(es), {steps} steps x {repeats}", file=sys.stderr)
-            figures = overhead.measure(w, processes, steps, repeats, args.text, variants)
+            figures = overhead.measure(w, processes, steps, repeats, args.text, variants, args.precision)
             sections.append(overhead.table(w, processes, steps, repeats, figures))
+            if args.precision != "fp32":
+                sections[-1] = sections[-1].replace(": ", f" in {args.precision} (autocast on the CPU): ", 1)
             print(sections[-1], file=sys.stderr, flush=True)  # as it comes: a long run shows its progress
             raw[f"{key}/{processes}"] = figures
             for variant, ratio in overhead.ratios(figures).items():
@@ -92,6 +98,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=["a", "b", "h"], default=["a", "b", "h"])
     parser.add_argument("--processes", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=overhead.VARIANTS, default=list(overhead.VARIANTS))
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="loops: bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 2M parameters: a smoke run")
     parser.add_argument("--profiler-base", default=None, help="speed: the launcher before the profiler (a git ref)")
     parser.add_argument("--repeats", type=int, help="repeats of every run (default: as planned, 3 to 7)")
@@ -141,6 +148,11 @@ def own_section(part: str, args: argparse.Namespace) -> str:
 
         print("measuring the speed features", file=sys.stderr)
         return speed.measure(args.quick, args.text, args.profiler_base or speed.PROFILER_BASE)
+    if part == "precision":
+        from bench import precision
+
+        print("measuring bf16 with a big vocabulary", file=sys.stderr)
+        return precision.run(args.quick, args.text, args.repeats)
     from bench import sampling
 
     print("measuring sampling and weight decay", file=sys.stderr)

@@ -5,9 +5,11 @@
 # (bench/gpu_report.py). Then the speed features: recipes/gpt_ddp.yaml in bf16 for SPEED_STEPS steps, eager and
 # compiled (`train.compile: true`, regional), each without and with activation checkpointing (full), no evaluation
 # or checkpoints; tokens/s, MFU, compile time and peak memory per run (bench/gpu_report.py --speed). Then
-# recipes/hf_causal_lm.yaml in bf16 under FSDP and ZeRO-3, resumed and exported with --format hf. Exits non-zero
-# at the end if the sync check failed. Usage, from the repository root:
-#   bench/gpu_check.sh [TOKENS_DIR] [STEPS] [SPEED_STEPS]
+# recipes/hf_causal_lm.yaml in bf16 under FSDP and ZeRO-3, resumed and exported with --format hf. Then the
+# launcher side by side with the bench's own nanoGPT-style loop on GPT-2 124M, bf16, eager and compiled, SIDE_STEPS
+# steps each (bench/side_by_side.sh: tokens/s, MFU and peak memory as ratios in one table). Exits non-zero at the
+# end if the sync check failed. Usage, from the repository root:
+#   bench/gpu_check.sh [TOKENS_DIR] [STEPS] [SPEED_STEPS] [SIDE_STEPS]
 # TOKENS_DIR holds train.bin/val.bin (GPT-2 tokens, vocab 50304); without it, byte-level tokens of Tiny
 # Shakespeare (vocab 256) are made with `launcher tokenize`. Runs go to runs/gpu_check/.
 set -euo pipefail
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 STEPS=${2:-60}
 SPEED_STEPS=${3:-40}
+SIDE_STEPS=${4:-60}
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "gpu_check: no CUDA GPU here"; exit 2; }
 OUT=runs/gpu_check
@@ -92,4 +95,6 @@ if python -c "import datasets" 2>/dev/null; then
 else
     echo "== hf_causal_lm skipped: the datasets package is not installed here"
 fi
+# The launcher against a hand-written loop on the GPT-2 124M shape: one GPU, vocabulary 50304 whatever the tokens.
+SIDE_OUT="$OUT/side_by_side" bench/side_by_side.sh "${1:-$OUT/tokens}" "$SIDE_STEPS"
 [ "$SYNC_OK" = 1 ] || { echo "gpu_check: bench/sync_check.py found a host sync in a training step (above)"; exit 1; }

@@ -2,6 +2,11 @@
 
     python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS [--text FILE] [--tokens DIR]
     python -m bench.loops torch WORKLOAD STEPS --compile {regional,whole}
+    python -m bench.loops {torch,accelerate,lightning} WORKLOAD STEPS --precision bf16
+
+`--precision bf16` trains in bf16 autocast (on the CPU), as people write each: the PyTorch loop's forward and loss
+inside `torch.autocast`, backward outside; the Accelerate loop with `Accelerator(mixed_precision="bf16")`, forward
+and loss inside `accelerator.autocast()`; Lightning with `precision="bf16-mixed"`.
 
 Each is the loop a user would write for the workload: forward, backward, clip to norm 1.0, step, zero the
 gradients, the loss printed every 10 steps. Started by torchrun with 2 processes, each runs DDP over gloo. For the
@@ -17,6 +22,7 @@ writes `{"compile_s": S}` to $BENCH_COMPILE_FILE: the first step's time beyond t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -27,7 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, step_loss, workloads
+from bench.precision import precision_workloads
+from bench.workloads import CLIP, LOG_EVERY, SHAKESPEARE, Workload, loss_of, step_loss, workloads
 
 
 def step_done(step: int) -> None:
@@ -77,7 +84,16 @@ def batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torc
         epoch += 1
 
 
-def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "inductor") -> None:
+def autocast(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
+    """The PyTorch loop's mixed precision, as people write it: forward and loss inside, backward outside."""
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def torch_loop(
+    w: Workload, steps: int, compile: str = "none", backend: str = "inductor", precision: str = "fp32"
+) -> None:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group("gloo")
@@ -94,7 +110,13 @@ def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "i
     model.train()
     first_steps = FirstSteps()
     for i, batch in enumerate(batches(loader, steps)):
-        loss = step_loss(model, batch)
+        with autocast(precision):
+            if isinstance(batch, dict):
+                loss = step_loss(model, batch)
+            else:  # as people write it: the logits stay referenced until the next step's replace them
+                x, y = batch
+                logits = model(x)
+                loss = loss_of(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -114,10 +136,12 @@ def torch_loop(w: Workload, steps: int, compile: str = "none", backend: str = "i
         torch.distributed.destroy_process_group()
 
 
-def accelerate_loop(w: Workload, steps: int) -> None:
+def accelerate_loop(w: Workload, steps: int, precision: str = "fp32") -> None:
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
+    # In fp32 no context at all: the fp32 figures stay those of the loop without mixed precision.
+    mixed = accelerator.autocast if precision == "bf16" else contextlib.nullcontext
     torch.manual_seed(0)
     data = w.data()
     model = w.model(data)
@@ -126,7 +150,8 @@ def accelerate_loop(w: Workload, steps: int) -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
     for i, batch in enumerate(batches(loader, steps)):
-        loss = step_loss(model, batch)
+        with mixed():
+            loss = step_loss(model, batch)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -141,7 +166,7 @@ def accelerate_loop(w: Workload, steps: int) -> None:
     accelerator.end_training()
 
 
-def lightning_loop(w: Workload, steps: int) -> None:
+def lightning_loop(w: Workload, steps: int, precision: str = "fp32") -> None:
     import lightning as L
 
     class Module(L.LightningModule):
@@ -170,6 +195,7 @@ def lightning_loop(w: Workload, steps: int) -> None:
         devices=world,
         strategy="ddp" if world > 1 else "auto",
         max_steps=steps,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         gradient_clip_val=CLIP,
         log_every_n_steps=LOG_EVERY,
         enable_checkpointing=False,
@@ -186,20 +212,25 @@ VARIANTS = {"torch": torch_loop, "accelerate": accelerate_loop, "lightning": lig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("workload", choices=["a", "b", "g", "h"])
+    parser.add_argument("workload", choices=["a", "b", "g", "h", "v"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--text", type=Path, default=SHAKESPEARE)
     parser.add_argument("--tokens", type=Path, help="workload (g): a folder of `launcher tokenize`'s token files")
     parser.add_argument("--compile", choices=["none", "regional", "whole"], default="none", help="the PyTorch loop")
     parser.add_argument("--backend", default="inductor", help="with --compile")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast on the CPU")
+    parser.add_argument("--quick", action="store_true", help="workload (v): the smoke run's shorter blocks")
     args = parser.parse_args()
-    w = workloads(args.text, args.tokens)[args.workload]
+    ws = workloads(args.text, args.tokens)
+    if args.tokens is not None:
+        ws.update(precision_workloads(args.tokens, args.quick))
+    w = ws[args.workload]
     if args.compile != "none":
         if args.variant != "torch":
             parser.error("--compile: the PyTorch loop only")
-        torch_loop(w, args.steps, args.compile, args.backend)
+        torch_loop(w, args.steps, args.compile, args.backend, args.precision)
     else:
-        VARIANTS[args.variant](w, args.steps)
+        VARIANTS[args.variant](w, args.steps, precision=args.precision)
 
 
 if __name__ == "__main__":

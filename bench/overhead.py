@@ -59,7 +59,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def command(variant: str, w: Workload, steps: int, processes: int, text: Path, folder: Path) -> list[str]:
+def command(
+    variant: str, w: Workload, steps: int, processes: int, text: Path, folder: Path, precision: str = "fp32"
+) -> list[str]:
     if processes > 1:
         start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
         start += ["--master_addr=127.0.0.1", f"--master_port={_port()}", "-m"]
@@ -68,8 +70,10 @@ def command(variant: str, w: Workload, steps: int, processes: int, text: Path, f
     if variant == "launcher":
         recipe = folder / f"workload_{w.key}.yaml"
         recipe.write_text(w.recipe())
-        return [*start, "launcher", "train", str(recipe), f"run_dir={folder / 'run'}", f"train.max_steps={steps}"]
-    return [*start, "bench.loops", variant, w.key, str(steps), "--text", str(text)]
+        bf16 = ["train.mixed_precision=bf16"] if precision == "bf16" else []
+        run = [f"run_dir={folder / 'run'}", f"train.max_steps={steps}", *bf16]
+        return [*start, "launcher", "train", str(recipe), *run]
+    return [*start, "bench.loops", variant, w.key, str(steps), "--text", str(text), "--precision", precision]
 
 
 def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
@@ -119,7 +123,7 @@ def run_retrying(make_command: Callable[[Path], list[str]], tries: int = 2) -> t
 
 
 def measure(
-    w: Workload, processes: int, steps: int, repeats: int, text: Path, variants: list[str]
+    w: Workload, processes: int, steps: int, repeats: int, text: Path, variants: list[str], precision: str = "fp32"
 ) -> dict[str, Figures]:
     if "torch" in sys.modules:
         raise RuntimeError("bench: torch is imported in the harness: every run's peak memory would include its size")
@@ -128,7 +132,8 @@ def measure(
         for variant in variants:  # alternating
             runs = []
             for n in (1, steps):
-                runs.append(run_retrying(functools.partial(command, variant, w, n, processes, text)))
+                make = functools.partial(command, variant, w, n, processes, text, precision=precision)
+                runs.append(run_retrying(make))
             (_, first, _), (rate, _, rss) = runs
             f = figures[variant]
             f.rates.append(rate)

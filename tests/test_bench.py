@@ -89,3 +89,42 @@ def test_the_sync_check_says_when_there_is_no_cuda_and_its_logic_runs_on_the_cpu
     assert host.returncode == 1, host.stdout + host.stderr[-3000:]
     assert "sync_check: FAILED on cpu (host reads refused), batches on the device: a host read" in host.stdout
     assert "consensus.py" in host.stdout
+
+
+def test_saved_bytes_counts_each_storage_once_per_forward_and_every_forward_on_its_own():
+    import torch
+
+    from bench.saved_bytes import SavedBytes
+
+    counts = SavedBytes()
+    w = torch.randn(64, 64, requires_grad=True)  # 16 KiB: a matmul saves both operands
+    with torch.autograd.graph.saved_tensors_hooks(counts.pack, counts.unpack):
+        for batch in (8, 32):  # the second micro-batch is larger: the largest one is reported
+            x = torch.randn(batch, 64, requires_grad=True)
+            (x @ w).sum().backward()
+            (w @ w).sum().backward()  # w saved twice in one op: one storage
+    result = counts.result()
+    assert result["forwards"] == 4, result
+    assert result["saved_bytes"] == 32 * 64 * 4 + 64 * 64 * 4, result
+    assert result["live_bytes"] >= result["saved_bytes"], result
+
+
+def test_the_gpu_loop_and_its_side_by_side_report_run_on_the_cpu(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    import numpy as np
+
+    np.arange(5000, dtype=np.uint16).tofile(tokens / "train.bin")
+    out = tmp_path / "side_loop_none" / "loop.json"
+    loop = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_loop", "--tokens", str(tokens), "--out", str(out), "--tiny", "--device",
+         "cpu", "--steps", "3", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert loop.returncode == 0, loop.stderr[-3000:]
+    report = subprocess.run(
+        [sys.executable, "bench/gpu_report.py", "--side-by-side", str(out.parent)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| hand-written loop (bench/gpu_loop.py) | none | " in report.stdout and "| 1.00x |" in report.stdout
