@@ -14,7 +14,11 @@ micro-batch is counted on its own. The largest forward's total goes to $BENCH_SA
 Peak RSS on the CPU is blunt (the allocator keeps freed pages, other buffers fill the same peak); the saved bytes
 are exact and the same on any device. They do not count tensors the training loop itself keeps referenced through
 backward outside autograd (e.g. a Python variable holding the logits): `live_bytes` adds those, the bytes of every
-tensor reachable from Python or saved by autograd when backward starts (largest over the micro-batches).
+tensor reachable from Python or saved by autograd when backward starts (largest over the micro-batches). Neither
+sees a buffer that lives only for a moment (an fp32 copy of the logits made and freed inside the loss):
+`peak_bytes`, the most bytes the CPU allocator held at once during the run (above what it held at the start),
+does: the allocator's every allocation and free as the profiler records them (`profile_memory=True`), summed in
+order. It is what `torch.cuda.max_memory_allocated` is on a GPU; the profiler slows the run, so keep it short.
 """
 
 from __future__ import annotations
@@ -88,17 +92,31 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def peak_allocated(profile: torch.profiler.profile) -> int:
+    """The most bytes the CPU allocator held at once, from a profile's memory events (allocations positive, frees
+    negative), above what it held when the profile began."""
+    events = [e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            held += event.nbytes()
+            peak = max(peak, held)
+    return peak
+
+
 def run(module: str, args: list[str]) -> dict[str, Any]:
     """`python -m module args` in this process, counted; its exit status is returned with the counts."""
     counts = SavedBytes()
     sys.argv = [module, *args]
     status: Any = 0
-    with torch.autograd.graph.saved_tensors_hooks(counts.pack, counts.unpack):
+    memory = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with memory, torch.autograd.graph.saved_tensors_hooks(counts.pack, counts.unpack):
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as e:  # the launcher's CLI exits with its status
             status = e.code
-    return {**counts.result(), "status": status}
+    return {**counts.result(), "peak_bytes": peak_allocated(memory), "status": status}
 
 
 def main() -> None:
