@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 from importlib import metadata
@@ -153,14 +154,22 @@ def host(args: argparse.Namespace) -> str:
     w = workloads(args.text)["m"]
     print(f"measuring the host time per update: workload (m), {steps} steps x {repeats}", file=sys.stderr)
     figures = overhead.measure(w, 1, steps, repeats, args.text, variants)
+    if args.raw:
+        overhead.dump(args.raw if "loops" not in args.parts else args.raw.with_suffix(".host.json"), {"m/1": figures})
     text = overhead.table(w, 1, steps, repeats, figures)
-    ratios = overhead.ratios(figures)
-    if "launcher" in ratios and "accelerate" in ratios:
-        text += (
-            f"\n\n`launcher train`: {ratios['launcher']:.2f}x the PyTorch loop, "
-            f"{ratios['launcher'] / ratios['accelerate']:.2f}x the Accelerate loop (ratios of the medians)."
-        )
-    return text
+    if "launcher" not in figures:
+        return text
+    lines = []
+    for base in ("torch", "accelerate"):
+        if base in figures:
+            # The variants alternate within a round: a round's ratio compares runs made moments apart.
+            rounds = [a / b for a, b in zip(figures["launcher"].rates, figures[base].rates, strict=True)]
+            of_medians = statistics.median(figures["launcher"].rates) / statistics.median(figures[base].rates)
+            lines.append(
+                f"- against the {overhead.NAMES[base]}: {of_medians:.2f}x (ratio of the medians); within each "
+                f"round {', '.join(f'{r:.2f}x' for r in rounds)} (median {statistics.median(rounds):.2f}x)"
+            )
+    return text + "\n\n`launcher train`:\n" + "\n".join(lines)
 
 
 def own_section(part: str, args: argparse.Namespace) -> str:
