@@ -7,9 +7,10 @@
 Parts: `loops` (the launcher against hand-written PyTorch, Accelerate and Lightning loops: workloads (a) and (b),
 1 and 2 processes; see bench/overhead.py) and `checkpoint` (save and load of a 100M-parameter model with AdamW
 state against one plain write, and the stall of background saving; see bench/checkpoint_io.py); `speed`
-(bench/speed.py) and `sampling` (random block offsets and weight decay against the char transformer's val/loss:
-bench/sampling.py) write sections of their own. Run it on an otherwise idle machine: anything else running skews
-the ratios.
+(bench/speed.py), `sampling` (random block offsets and weight decay against the char transformer's val/loss:
+bench/sampling.py) and `host` (the host time per update: workload (m), a tiny MLP with AdamW on one thread, against
+the PyTorch, Accelerate and Lightning loops) write sections of their own. Run it on an otherwise idle machine:
+anything else running skews the ratios.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 from importlib import metadata
@@ -37,8 +39,9 @@ PLAN = {
     ("a", 2): (2000, 5),
     ("b", 2): (100, 3),
     ("h", 2): (60, 3),
+    ("m", 1): (3000, 5),
 }
-PARTS = ("loops", "checkpoint", "speed", "sampling", "precision")
+PARTS = ("loops", "checkpoint", "speed", "sampling", "precision", "host")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Parts with markers of their own (`<!-- bench:NAME:begin -->`), under these headings: a run of one alone leaves
 # the other parts' figures as they are.
@@ -46,6 +49,7 @@ OWN_SECTIONS = {
     "speed": "Speed features",
     "sampling": "Sampling and weight decay on Tiny Shakespeare",
     "precision": "bf16 with a big vocabulary: the logits and the loss",
+    "host": "Host time per update",
 }
 
 
@@ -116,6 +120,8 @@ def main() -> None:
     if "loops" in args.parts:
         text, headline = loops(args)
         parts += ["### The launcher against hand-written loops", text]
+    # Before the checkpoint part, which imports torch into this process (see overhead.measure).
+    own = {"host": "\n\n".join([measured, host(args)])} if "host" in args.parts else {}
     if "checkpoint" in args.parts:
         from bench import checkpoint_io  # (imports torch: after the loops)
 
@@ -124,7 +130,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="launcher-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
             text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
-    own = {part: "\n\n".join([measured, own_section(part, args)]) for part in OWN_SECTIONS if part in args.parts}
+    own |= {
+        part: "\n\n".join([measured, own_section(part, args)]) for part in ("speed", "sampling") if part in args.parts
+    }
     report = "\n\n".join(parts) + "\n" if len(parts) > 1 else ""
     print(report + "".join(section + "\n" for section in own.values()))
     if headline:
@@ -139,6 +147,33 @@ def main() -> None:
                 text = text.rstrip("\n") + f"\n\n## {OWN_SECTIONS[part]}\n\n{begin}\n{end}\n"
             text = between(text, begin, end, section + "\n", args.out)
         args.out.write_text(text)
+
+
+def host(args: argparse.Namespace) -> str:
+    """The host-time part: workload (m) on one process, every variant, alternating; the launcher's ratios to the
+    PyTorch and Accelerate loops under the table."""
+    steps, repeats = (20, 1) if args.quick else PLAN["m", 1]
+    repeats = args.repeats or repeats
+    variants = [v for v in overhead.available_variants() if v in args.variants]
+    w = workloads(args.text)["m"]
+    print(f"measuring the host time per update: workload (m), {steps} steps x {repeats}", file=sys.stderr)
+    figures = overhead.measure(w, 1, steps, repeats, args.text, variants)
+    if args.raw:
+        overhead.dump(args.raw if "loops" not in args.parts else args.raw.with_suffix(".host.json"), {"m/1": figures})
+    text = overhead.table(w, 1, steps, repeats, figures)
+    if "launcher" not in figures:
+        return text
+    lines = []
+    for base in ("torch", "accelerate"):
+        if base in figures:
+            # The variants alternate within a round: a round's ratio compares runs made moments apart.
+            rounds = [a / b for a, b in zip(figures["launcher"].rates, figures[base].rates, strict=True)]
+            of_medians = statistics.median(figures["launcher"].rates) / statistics.median(figures[base].rates)
+            lines.append(
+                f"- against the {overhead.NAMES[base]}: {of_medians:.2f}x (ratio of the medians); within each "
+                f"round {', '.join(f'{r:.2f}x' for r in rounds)} (median {statistics.median(rounds):.2f}x)"
+            )
+    return text + "\n\n`launcher train`:\n" + "\n".join(lines)
 
 
 def own_section(part: str, args: argparse.Namespace) -> str:

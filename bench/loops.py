@@ -212,7 +212,7 @@ VARIANTS = {"torch": torch_loop, "accelerate": accelerate_loop, "lightning": lig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("workload", choices=["a", "b", "g", "h", "v"])
+    parser.add_argument("workload", choices=["a", "b", "g", "h", "m", "v"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--text", type=Path, default=SHAKESPEARE)
     parser.add_argument("--tokens", type=Path, help="workload (g): a folder of `launcher tokenize`'s token files")
@@ -225,6 +225,8 @@ def main() -> None:
     if args.tokens is not None:
         ws.update(precision_workloads(args.tokens, args.quick))
     w = ws[args.workload]
+    if w.threads:  # as OMP_NUM_THREADS in the harness's environment says too, which `launcher train` follows
+        torch.set_num_threads(w.threads)
     if args.compile != "none":
         if args.variant != "torch":
             parser.error("--compile: the PyTorch loop only")

@@ -76,12 +76,13 @@ def command(
     return [*start, "bench.loops", variant, w.key, str(steps), "--text", str(text), "--precision", precision]
 
 
-def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
+def run_once(cmd: list[str], folder: Path, threads: int | None = None) -> tuple[float, float, float]:
     """(steps/s from step 10 to the last, seconds from the command to the first step's end, peak RSS in MiB of
-    the largest process)."""
+    the largest process); `threads`: torch's threads in the run (OMP_NUM_THREADS, which torch reads at start)."""
     mark, steps_file = folder / "first_step", folder / "steps.jsonl"
     env = {
         **os.environ,
+        **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
         "BENCH_FIRST_STEP_FILE": str(mark),
         "BENCH_STEPS_FILE": str(steps_file),
         "BENCH_RUN_DIR": str(folder / "run"),
@@ -108,13 +109,15 @@ def run_once(cmd: list[str], folder: Path) -> tuple[float, float, float]:
     return rate, first - start, usage.ru_maxrss / 1024
 
 
-def run_retrying(make_command: Callable[[Path], list[str]], tries: int = 2) -> tuple[float, float, float]:
+def run_retrying(
+    make_command: Callable[[Path], list[str]], tries: int = 2, threads: int | None = None
+) -> tuple[float, float, float]:
     """A run, started again if it fails (a crash of a hand-written loop at exit should not lose an hour of
     figures); the last failure if every try fails."""
     for attempt in range(tries):
         with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
             try:
-                return run_once(make_command(Path(tmp)), Path(tmp))
+                return run_once(make_command(Path(tmp)), Path(tmp), threads)
             except RuntimeError as e:
                 if attempt == tries - 1:
                     raise
@@ -133,7 +136,7 @@ def measure(
             runs = []
             for n in (1, steps):
                 make = functools.partial(command, variant, w, n, processes, text, precision=precision)
-                runs.append(run_retrying(make))
+                runs.append(run_retrying(make, threads=w.threads))
             (_, first, _), (rate, _, rss) = runs
             f = figures[variant]
             f.rates.append(rate)

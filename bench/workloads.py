@@ -1,6 +1,7 @@
 """The workloads every variant trains: the same model, data, batch size, optimizer and clipping.
 
 (a) a tiny MLP on the built-in synthetic set, where the cost per step of the loop itself dominates;
+(m) a tiny MLP with AdamW on one thread: the host time per update (the host-time part of `python -m bench`);
 (b) the char transformer of `recipes/charlm.yaml` on Tiny Shakespeare, where compute dominates;
 (g) the CPU variant of `recipes/gpt_ddp.yaml` (2 layers, 64 wide) on byte tokens of Tiny Shakespeare, made by
 `launcher tokenize` (the speed part: bench/speed.py).
@@ -38,6 +39,7 @@ class Workload:
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]  # given the model: the launcher's param groups
     recipe: Callable[[], str]  # the launcher's recipe for the same run (YAML)
     overrides: tuple[str, ...] = ()  # given to `launcher train` after the recipe
+    threads: int | None = None  # torch's threads in every variant (None: torch's default)
 
 
 def _mlp_data() -> Dataset:
@@ -50,6 +52,18 @@ def _mlp_model(data: Dataset) -> torch.nn.Module:
     from launcher.models.mlp import MLP
 
     return MLP(32, 4, hidden_sizes=[64])
+
+
+def _host_data() -> Dataset:
+    from launcher.data.synthetic import SyntheticClassification
+
+    return SyntheticClassification(split="train", num_samples=8192, num_features=64, num_classes=10)
+
+
+def _host_model(data: Dataset) -> torch.nn.Module:
+    from launcher.models.mlp import MLP
+
+    return MLP(64, 10, hidden_sizes=[128])
 
 
 def _char_data(text: Path) -> Dataset:
@@ -125,6 +139,13 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
 
+def _default_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW as people construct it, over the launcher's groups (its default weight decay, 0.01, on the matrices)."""
+    import torch
+
+    return torch.optim.AdamW(_groups(model, 0.01))
+
+
 def _recipe(model: str, dataset: str, optimizer: str, batch_size: int) -> str:
     return f"""\
 model: {model}
@@ -170,6 +191,22 @@ def workloads(text: Path = SHAKESPEARE, tokens: Path | None = None) -> dict[str,
             ),
         ),
     }
+    out["m"] = Workload(
+        key="m",
+        title="tiny MLP (64-128-10, 9.6k parameters) on the synthetic set, batch 32, AdamW (torch's defaults), "
+        "one thread",
+        batch_size=32,
+        data=_host_data,
+        model=_host_model,
+        optimizer=_default_adamw,
+        recipe=lambda: _recipe(
+            "{_component_: mlp, hidden_sizes: [128]}",
+            "{_component_: synthetic_classification, num_features: 64, num_classes: 10, num_samples: 8192}",
+            "{_component_: adamw}",
+            32,
+        ),
+        threads=1,
+    )
     out["h"] = hf_workload(text)
     if tokens is not None:
         out["g"] = Workload(

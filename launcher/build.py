@@ -80,6 +80,8 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     stepper = strategy.stepper(accelerator, model, optimizer)
+    if host_verdict(fused, accelerator):
+        stepper.fused_skip = False
     precision = Precision.of(accelerator, t.mixed_precision)
     return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked)
 
@@ -112,17 +114,26 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, decay: str, fused: di
 
 
 def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> dict[str, bool]:
-    """`fused=True` for torch's Adam, AdamW and SGD on CUDA when the recipe chooses neither `fused` nor `foreach`
-    (the HF Trainer's default is fused AdamW too): one kernel per step, and the skip of a non-finite update left to
-    the optimizer on the device (`Stepper.skips_on_device`) instead of a host sync per step. Not where the
-    optimizer steps on the CPU (offloaded) or inside DeepSpeed's engine; on CPU a recipe opts in with
-    `optimizer.fused: true`."""
+    """`fused=True` for torch's Adam, AdamW and SGD when the recipe chooses neither `fused` nor `foreach` (the HF
+    Trainer's default is fused AdamW too): one kernel per step. On CUDA the skip of a non-finite update is then
+    left to the optimizer on the device (`Stepper.skips_on_device`) instead of a host sync per step. On the CPU
+    torch's default is one tensor at a time, a dozen operations per parameter whose dispatch dominates a small
+    model's update (`foreach` measured no faster there, the fused kernel two to three times faster: see
+    docs/benchmarks.md); the host keeps its verdict at every update there (`host_verdict`), as a CPU run always
+    had it, and a recipe opts into the skip on the device with `optimizer.fused: true`. Not where the optimizer
+    steps inside DeepSpeed's engine or is offloaded (as DeepSpeed builds its own)."""
     given = recipe.optimizer.kwargs
-    if accelerator.device.type != "cuda" or {"fused", "foreach"} & set(given) or given.get("differentiable"):
+    if accelerator.device.type not in ("cuda", "cpu") or {"fused", "foreach"} & set(given):
         return {}
-    if strategy.updates_in_backward or "optimizer" in strategy.offloaded():
+    if given.get("differentiable") or strategy.updates_in_backward or "optimizer" in strategy.offloaded():
         return {}
     return {"fused": True} if components.resolve("optimizer", recipe.optimizer.target) in fused_skipping() else {}
+
+
+def host_verdict(fused: dict[str, bool], accelerator: Accelerator) -> bool:
+    """Whether the launcher's own choice of a fused optimizer (`fused_default`) leaves the skip to the host: on
+    the CPU, where reading the verdict costs no device sync and a run stops at the update that diverged."""
+    return bool(fused) and accelerator.device.type == "cpu"
 
 
 def epoch_seed(recipe: Recipe) -> dict[str, int]:

@@ -163,10 +163,11 @@ class StopRequests:
 
 
 def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
-    """Every rank's SHA-256 of its parameters' bytes, gathered on every rank. Data-parallel replicas must agree
-    bit for bit; a difference means some rank applied an update the others did not."""
+    """Every rank's SHA-256 of its parameters' bytes (`model`: unwrapped, see `strategies.unwrap`), gathered on
+    every rank. Data-parallel replicas must agree bit for bit; a difference means some rank applied an update the
+    others did not."""
     digest = hashlib.sha256()
-    for p in accelerator.unwrap_model(model).parameters():
+    for p in model.parameters():
         digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     mine = digest.hexdigest()[:16]
     return list(gather_object([mine])) if accelerator.num_processes > 1 else [mine]
@@ -204,7 +205,10 @@ class StepAgreement:
         """The verdict on the update closing at `step` (0-based), from this update's loss and gradient norm;
         `on_device`: the optimizer can skip the update on the device (never with fp16). There the flag stays on
         the device, out of the host's verdict, and the ranks agree on stopping as on the host path."""
-        nonfinite = ~torch.isfinite(loss if self.fp16 else grad_norm if self.poisons else grad_norm + loss)
+        watched = loss if self.fp16 else grad_norm if self.poisons else grad_norm + loss
+        if not (self.several or on_device):  # one process on the host path: no one to agree with, nothing to time
+            return Verdict(stop_code=self.requests.code(), skip_step=not torch.isfinite(watched).item())
+        nonfinite = ~torch.isfinite(watched)
         on_host = False if on_device else nonfinite
         agreeing = self.checks.due(step)
         if agreeing:
@@ -231,13 +235,8 @@ class LostPeers:
         self.timeout_s = timeout_s
         self.phase = "the first batch"
 
-    @contextlib.contextmanager
-    def waiting_for(self, phase: str) -> Iterator[None]:
-        outer, self.phase = self.phase, phase
-        try:
-            yield
-        finally:
-            self.phase = outer
+    def waiting_for(self, phase: str) -> Phase:
+        return Phase(self, phase)
 
     def each(self, batches: Iterator, phase: str = "the next batch") -> Iterator:
         """`batches`, with each fetch a phase of its own (a sampler or dataset may hold a collective)."""
@@ -263,6 +262,23 @@ class LostPeers:
 
 
 _END = object()
+
+
+class Phase:
+    """`LostPeers.waiting_for`'s context: the phase named while inside, the outer one after. A class rather than a
+    generator: it is entered two or three times at every update, and this costs a fraction of a generator's
+    context."""
+
+    __slots__ = ("outer", "peers", "phase")
+
+    def __init__(self, peers: LostPeers, phase: str):
+        self.peers, self.phase = peers, phase
+
+    def __enter__(self) -> None:
+        self.outer, self.peers.phase = self.peers.phase, self.phase
+
+    def __exit__(self, *exc: object) -> None:
+        self.peers.phase = self.outer
 
 
 def lost_peer(e: BaseException) -> bool:

@@ -12,7 +12,7 @@ from launcher import checkpoint, consensus
 from launcher.metrics import Throughput
 from launcher.plan import Budget
 from launcher.recipe import Recipe, dump
-from launcher.strategies import DDP
+from launcher.strategies import DDP, unwrap
 from launcher.trackers import write_pending
 from launcher.trainstate import LogWindow, TrainState
 
@@ -52,7 +52,8 @@ class Saver:
         with self.throughput.paused():
             # The replicas' checksums go with the checkpoint: proof, or a warning, that every rank holds one model.
             # (Sharded strategies hold different shards by design: nothing to compare.)
-            checksums = [] if self.strategy.sharded else consensus.replica_checksums(accelerator, self.model)
+            model = unwrap(accelerator, self.model)
+            checksums = [] if self.strategy.sharded else consensus.replica_checksums(accelerator, model)
             if len(set(checksums)) > 1 and accelerator.is_main_process:
                 warn(f"warning: step {state.step}: the processes' parameters differ: {checksums}")
             monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": monitored}

@@ -23,6 +23,7 @@ from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
 from launcher.flops import FlopMeter, compiled
 from launcher.metrics import Throughput, peak_memory
+from launcher.strategies import unwrap
 from launcher.trainstate import LogWindow, TrainState
 
 NOT_COUNTING = contextlib.nullcontext()
@@ -66,7 +67,7 @@ class Updates:
         # The first update's FLOPs are counted (or taken from the model's formula); after it, nothing is. A resumed
         # run takes the count of the run it continues: counting dispatches some operations (attention) otherwise,
         # which changes that update's numbers in their last bits, and the resumed run would not match.
-        self.meter: FlopMeter | None = FlopMeter(accelerator.unwrap_model(parts.model), not compiled(parts.model))
+        self.meter: FlopMeter | None = FlopMeter(unwrap(accelerator, parts.model), not compiled(parts.model))
         if state.flops_per_update is not None:
             throughput.measured(state.flops_per_update)
             self.meter = None

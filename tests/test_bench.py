@@ -32,6 +32,24 @@ def test_the_harness_runs_every_variant_and_puts_its_tables_between_the_markers(
     assert "| background (`checkpoint.async_save: true`) |" in text
 
 
+def test_the_host_part_runs_workload_m_and_writes_its_section(tmp_path: Path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("<!-- bench:begin -->\nby hand\n<!-- bench:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "host", "--quick", "--variants", "torch", "accelerate", "launcher",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "\n## Host time per update\n\n<!-- bench:host:begin -->\n" in text, text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r for r in rows if r.startswith("| ") and r != "| variant"] == [
+        "| PyTorch loop", "| Accelerate loop", "| `launcher train`"
+    ], text  # fmt: skip
+    assert "- against the Accelerate loop: " in text and "nan" not in text, text
+
+
 def test_the_speed_part_runs_and_writes_its_tables(tmp_path: Path):
     if not SHAKESPEARE.is_file():  # as every test that reads the corpus: the part's workloads train on it
         pytest.skip(f"needs {SHAKESPEARE}")

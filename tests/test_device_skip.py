@@ -228,10 +228,10 @@ def recipe_for(tmp_path: Path, *overrides: str):
     return load_recipe(path, [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-def test_fused_is_the_default_on_cuda_for_optimizers_with_a_fused_kernel(tmp_path: Path):
+def test_fused_is_the_default_for_optimizers_with_a_fused_kernel(tmp_path: Path):
     from launcher import strategies
 
-    cuda, cpu = fake_accelerator("cuda"), fake_accelerator("cpu")
+    cuda, cpu, mps = fake_accelerator("cuda"), fake_accelerator("cpu"), fake_accelerator("mps")
 
     def default(*overrides: str, accelerator=cuda, strategy=None) -> dict:
         recipe = recipe_for(tmp_path, *overrides)
@@ -239,7 +239,13 @@ def test_fused_is_the_default_on_cuda_for_optimizers_with_a_fused_kernel(tmp_pat
 
     assert default() == {"fused": True}  # adam
     assert default("optimizer._component_=adamw") == default("optimizer._component_=torch.optim.SGD") == default()
-    assert default(accelerator=cpu) == {}  # on CPU a recipe opts in itself
+    assert default(accelerator=cpu) == {"fused": True}  # one kernel instead of a dozen operations per parameter
+    assert default(accelerator=mps) == {}
+    # On the CPU the launcher's choice keeps the host's verdict at every update; a recipe's own `fused: true` (no
+    # default then) and CUDA leave the skip to the optimizer on the device.
+    assert build.host_verdict(default(accelerator=cpu), cpu) is True
+    assert build.host_verdict(default(FUSED, accelerator=cpu), cpu) is False
+    assert build.host_verdict(default(), cuda) is False
     assert default("optimizer.fused=false") == default("optimizer.foreach=true") == {}  # the recipe chose
     assert default("optimizer._component_=adagrad") == default("optimizer._component_=rmsprop") == {}
     engine = SimpleNamespace(updates_in_backward=True, offloaded=set)  # DeepSpeed steps inside its engine

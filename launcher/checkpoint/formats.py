@@ -31,6 +31,7 @@ from launcher.checkpoint.weights import (
 )
 from launcher.errors import RunFailed
 from launcher.layout import DCP_DIR, DEEPSPEED_DIR, OPTIMIZER_FILE, universal_dir
+from launcher.strategies import unwrap
 
 
 @contextlib.contextmanager
@@ -108,7 +109,7 @@ class Full(Format):
     name, written_by, sharded = "full", "ddp", False
 
     def snapshot(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, copy: bool) -> Any:
-        return weights_snapshot(accelerator.unwrap_model(model), copy=copy), host_copy(optimizer.state_dict(), copy)
+        return weights_snapshot(unwrap(accelerator, model), copy=copy), host_copy(optimizer.state_dict(), copy)
 
     def write_snapshot(self, tmp: Path, snapshot: Any) -> None:
         weights, optimizer_state = snapshot
@@ -120,7 +121,7 @@ class Full(Format):
     ) -> None:
         with fitting(path):
             weights = self.weights(path)
-            accelerator.unwrap_model(model).load_state_dict(weights, strict=True)
+            unwrap(accelerator, model).load_state_dict(weights, strict=True)
         with reading(optimizer_file(path)):
             optimizer.load_state_dict(load_optimizer_state(path))
 

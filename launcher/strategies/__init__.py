@@ -13,6 +13,7 @@ from launcher.strategies.base import DDP, launch_flag_set
 from launcher.strategies.deepspeed import DeepSpeed, deepspeed_config, read_user_config, user_config_problems
 from launcher.strategies.fsdp import FSDP, fsdp_shard
 from launcher.strategies.memory import optimizer_slots
+from launcher.strategies.wrappers import unwrap
 
 if TYPE_CHECKING:
     from launcher.recipe.schema import Recipe
@@ -31,6 +32,7 @@ __all__ = [
     "memory_per_process",
     "optimizer_slots",
     "read_user_config",
+    "unwrap",
     "user_config_problems",
 ]
 
