@@ -131,7 +131,9 @@ def main() -> None:
             text = checkpoint_io.run(millions, 1 if args.quick else args.repeats or 5, Path(tmp))
         parts += ["### Checkpoints", text]
     own |= {
-        part: "\n\n".join([measured, own_section(part, args)]) for part in ("speed", "sampling") if part in args.parts
+        part: "\n\n".join([measured, own_section(part, args)])
+        for part in ("speed", "sampling", "precision")
+        if part in args.parts
     }
     report = "\n\n".join(parts) + "\n" if len(parts) > 1 else ""
     print(report + "".join(section + "\n" for section in own.values()))
