@@ -103,6 +103,17 @@ def _gpt_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
+# Nothing but training: no evaluation, checkpoints or data-loading workers, as the hand-written loops do.
+TRAIN_ONLY = (
+    "data.val=null",
+    "data.num_workers=0",
+    "eval.every_steps=null",
+    "eval.every_epoch=false",
+    "early_stopping=null",
+    "checkpoint.every_steps=null",
+    "checkpoint.keep_best=0",
+    "checkpoint.save_final=false",
+)
 # recipes/gpt_ddp.yaml made small enough for a CPU (as its own comment and the tests do), on one process, without
 # evaluation, checkpoints or data-loading workers: what the hand-written loop does too.
 GPT_CPU = (
@@ -116,14 +127,7 @@ GPT_CPU = (
     "train.mixed_precision=no",
     "scheduler.warmup_steps=5",
     f"logging.every_steps={LOG_EVERY}",
-    "data.val=null",
-    "data.num_workers=0",
-    "eval.every_steps=null",
-    "eval.every_epoch=false",
-    "early_stopping=null",
-    "checkpoint.every_steps=null",
-    "checkpoint.keep_best=0",
-    "checkpoint.save_final=false",
+    *TRAIN_ONLY,
 )
 
 

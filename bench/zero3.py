@@ -32,7 +32,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.workloads import REPO, SHAKESPEARE
+from bench.workloads import REPO, SHAKESPEARE, TRAIN_ONLY
 
 WORKLOAD = (
     "data.dataset.vocab_size=256",
@@ -46,14 +46,7 @@ WORKLOAD = (
     "scheduler.warmup_steps=5",
     "logging.every_steps=10",
     "logging.progress_bar=false",
-    "data.val=null",
-    "data.num_workers=0",
-    "eval.every_steps=null",
-    "eval.every_epoch=false",
-    "early_stopping=null",
-    "checkpoint.every_steps=null",
-    "checkpoint.keep_best=0",
-    "checkpoint.save_final=false",
+    *TRAIN_ONLY,
 )
 # DeepSpeed 0.19's own values (deepspeed/runtime/zero/config.py) for what the launcher sets: the earlier config.
 DEEPSPEED_BUILT_IN = {
