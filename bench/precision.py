@@ -222,7 +222,7 @@ def table(w: Workload, steps: int, repeats: int, figures: dict[str, Figures]) ->
 
 
 def verdict(figures: dict[str, Figures]) -> str:
-    """The issue's bar: plain loss at most 1.05x the loop's peak memory, chunked below it; steps/s at least 0.97x."""
+    """The goal: plain loss at most 1.05x the loop's peak memory, chunked below it; steps/s at least 0.97x."""
     base = figures["torch"]
     rate0, rss0 = statistics.median(base.rates), statistics.median(base.peak_rss)
     said = []
