@@ -130,14 +130,9 @@ def estimate(recipe: Recipe, sample: tuple[Any, Any], model_kwargs: dict[str, An
     inputs, targets = meta_batch(sample, recipe.train.batch_size)
     names = block_names(model, recipe)
     blocks = find_blocks(model, names)
+    # With the chunked head: what it keeps (gradients of the hidden states and the weight), not the logits.
     chunked = chunked_loss.choose(recipe.train.chunked_loss, model, loss_fn, hf.chunk_head)[0]
-
-    def loss() -> torch.Tensor:
-        if chunked:  # what the chunked head keeps (gradients of hidden states and weight), not the logits
-            return batches.head_loss(model, inputs, targets)
-        return batches.batch_loss(loss_fn, inputs, batches.forward(model, inputs), targets)
-
-    return measure(model, blocks, loss), names
+    return measure(model, blocks, lambda: batches.micro_batch_loss(model, loss_fn, inputs, targets, chunked)), names
 
 
 def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[str, Any]) -> list[str]:

@@ -9,7 +9,8 @@ them, and so does `sequence_pair` wherever the launcher computes a loss from the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +38,23 @@ def head_loss(model: torch.nn.Module, inputs: Any, targets: Any, reduction: str 
     if isinstance(inputs, Mapping):
         return model(**inputs, reduction=reduction)
     return model(inputs, targets=targets, reduction=reduction)
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module | None,
+    inputs: Any,
+    targets: Any,
+    chunked: bool = False,
+    loss_region: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """The loss a micro-batch trains on: the chunked head's (`chunked`), else `batch_loss` of the model's output,
+    computed inside `loss_region` (an autocast region of the loss's own: see launcher/precision.py)."""
+    if chunked:
+        return head_loss(model, inputs, targets)
+    output = forward(model, inputs)
+    with loss_region():
+        return batch_loss(loss_fn, inputs, output, targets)
 
 
 def logits(output: Any) -> torch.Tensor:
@@ -90,15 +108,15 @@ def per_sample(
     if not (classify and isinstance(inputs, Mapping)):
         return losses.mean(dim=1), None if right is None else right.mean(dim=1)
     counted = (targets != loss_fn.ignore_index).float().reshape(batch, -1)
-    per_position = counted.sum(dim=1).clamp(min=1)
-    return (losses * counted).sum(dim=1) / per_position, (right * counted).sum(dim=1) / per_position
+    return per_sample_of_tokens(inputs, losses * counted, right * counted, counted)
 
 
 def per_sample_of_tokens(
     inputs: Any, losses: torch.Tensor, right: torch.Tensor, counted: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_sample` from the chunked head's per-token values (batch, time): a mapping batch's samples averaged over
-    the labels that count, a pair's over every position, as `per_sample` averages them."""
+    """Each sample's mean loss and accuracy from per-token values (batch, time), 0 where a label does not count:
+    a mapping batch's averaged over the labels that count, a pair's over every position (the chunked head's
+    evaluation, and `per_sample`'s)."""
     if not isinstance(inputs, Mapping):
         return losses.mean(dim=1), right.mean(dim=1)
     per_position = counted.sum(dim=1).clamp(min=1)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IGNORE_INDEX = -100  # a target no loss counts (padding), as torch's cross-entropy and Hugging Face models agree
+from launcher.batches import IGNORE_INDEX
+
 CHUNK_VALUES = 2**25  # logits per chunk: 128 MiB in fp32, a few dozen chunks for a GPT-2 batch of 16 x 1024
 AUTO_MIN_VOCAB = 16384  # `auto` chunks from here: below it the logits are small next to the activations
 

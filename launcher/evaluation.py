@@ -97,15 +97,14 @@ def evaluate(
     loader: DataLoader,
     loss_fn: torch.nn.Module | None,
     max_batches: int | None,
-    precision: Precision | None = None,
-    chunked: bool = False,
+    precision: Precision,
+    chunked: bool,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
     ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped. A model
     that computes its own loss (`loss_fn` None) is scored with cross-entropy of its logits, per sample; one with
     the chunked head (`chunked`) by that head, which never holds all the logits. Forward and loss run in the
     training's autocast regions (`precision`)."""
-    precision = precision or Precision()
     loss_fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
     per_sample_loss_fn = copy.copy(loss_fn)
     if hasattr(per_sample_loss_fn, "reduction"):

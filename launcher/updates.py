@@ -98,11 +98,7 @@ class Updates:
         model's outputs reaching the loss in the precision they were computed in."""
         p = self.parts
         with p.precision.forward():
-            if p.chunked:
-                return batches.head_loss(p.model, inputs, targets)
-            output = batches.forward(p.model, inputs)
-            with p.precision.loss():
-                return batches.batch_loss(p.loss_fn, inputs, output, targets)
+            return batches.micro_batch_loss(p.model, p.loss_fn, inputs, targets, p.chunked, p.precision.loss)
 
     def update(self) -> Verdict:
         """Close the update: the global gradient norm (after unscaling; inf measures without clipping; logged as

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from launcher.chunked_loss import IGNORE_INDEX
+from launcher.batches import IGNORE_INDEX
+from launcher.chunked_loss import ChunkedLinear
 from launcher.components import ArgumentProblem, describe, optional
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,8 +231,6 @@ def chunk_head(model: torch.nn.Module) -> str | None:
     """Make a causal language model compute its loss with the chunked head (`train.chunked_loss`): its decoder
     runs as before, and its output projection is given the shifted labels instead of making the logits. None when
     done, else why it cannot be (the model then keeps its plain loss)."""
-    from launcher.chunked_loss import ChunkedLinear
-
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
