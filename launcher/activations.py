@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from launcher import batches, chunked_loss, components
+from launcher import batches, chunked_loss, components, losses
 from launcher.blocks import block_names, find_blocks, recompute_every, recomputed
 from launcher.models import hf
 from launcher.recipe import Recipe
@@ -125,7 +125,7 @@ def estimate(recipe: Recipe, sample: tuple[Any, Any], model_kwargs: dict[str, An
     """The bytes one micro-batch of `recipe` saves for backward, and the block class names they are charged to."""
     with torch.device("meta"):
         model = components.instantiate("model", recipe.model, **model_kwargs)
-        loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
+        loss_fn = losses.build(recipe.loss) if recipe.loss is not None else None
     model.train()
     inputs, targets = meta_batch(sample, recipe.train.batch_size)
     names = block_names(model, recipe)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from launcher.losses import classifies
+
 IGNORE_INDEX = -100  # a label no loss counts (padding), as torch's cross-entropy and Hugging Face models agree
 
 
@@ -103,11 +105,11 @@ def per_sample(
     prediction, targets = sequence_pair(inputs, logits(output), targets)
     batch = len(targets)
     losses = compute_loss(loss_fn, prediction, targets).float().reshape(batch, -1)
-    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    classify = classifies(loss_fn)
     right = (prediction.argmax(dim=-1) == targets).float().reshape(batch, -1) if classify else None
     if not (classify and isinstance(inputs, Mapping)):
         return losses.mean(dim=1), None if right is None else right.mean(dim=1)
-    counted = (targets != loss_fn.ignore_index).float().reshape(batch, -1)
+    counted = (targets != getattr(loss_fn, "ignore_index", IGNORE_INDEX)).float().reshape(batch, -1)
     return per_sample_of_tokens(inputs, losses * counted, right * counted, counted)
 
 

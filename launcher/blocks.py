@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from launcher.errors import RunFailed
+from launcher.errors import RecipeError
 from launcher.recipe.schema import Recipe
 
 
@@ -35,19 +35,25 @@ def recompute_every(recipe: Recipe) -> int:
 
 
 def run_blocks(model: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Module]:
-    """This run's blocks of `model`; RunFailed (exit 2) when the recipe names a class the model lacks, or asks
-    to recompute blocks of a model that declares none."""
+    """This run's blocks of `model`; RecipeError when the recipe names what the model lacks (see `problem`)."""
+    found = problem(model, recipe)
+    if found:
+        raise RecipeError(found)
+    return find_blocks(model, block_names(model, recipe))
+
+
+def problem(model: torch.nn.Module, recipe: Recipe) -> str | None:
+    """`key: ...` when the recipe names a block class the model lacks, or asks to recompute blocks of a model
+    that declares none; `launcher validate` asks this of the model built on the meta device."""
     names = block_names(model, recipe)
     key = "train.blocks" if recipe.train.blocks else "strategy.fsdp.wrap" if recipe.strategy.fsdp.wrap else ""
-    problem = missing_problem(key, model, names) if key else None
-    if problem is None and not names and recompute_every(recipe):
-        problem = (
+    found = missing_problem(key, model, names) if key else None
+    if found is None and not names and recompute_every(recipe):
+        found = (
             "train.activation_checkpointing: the model declares no blocks to recompute; name their classes in "
             "train.blocks (e.g. [Block])"
         )
-    if problem:
-        raise RunFailed(f"error: {problem}", exit_code=2)
-    return find_blocks(model, names)
+    return found
 
 
 def missing(model: torch.nn.Module, names: tuple[str, ...]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import checkpoint, chunked_loss, components, param_groups, plan, schedules
+from launcher import checkpoint, chunked_loss, components, losses, models, param_groups, plan, schedules
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
 from launcher.models import hf
@@ -61,9 +61,12 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     train_set = components.instantiate("data", recipe.data.train, key="data.train", **epoch_seed(recipe))
     val_set = components.instantiate("data", recipe.data.val, key="data.val") if recipe.data.val else None
     model = components.instantiate("model", recipe.model, **getattr(train_set, "model_kwargs", {}))
+    problem = models.trainable_problem(model, recipe.model.target)
+    if problem:
+        raise RecipeError(problem)
     # Only the main process writes checkpoints: only it needs the files.
     model_files = hf.export_files(model, getattr(train_set, "tokenizer", None)) if accelerator.is_main_process else {}
-    loss_fn = components.instantiate("loss", recipe.loss) if recipe.loss is not None else None
+    loss_fn = losses.build(recipe.loss) if recipe.loss is not None else None
     # Before the strategy wraps the model: a Hugging Face model's forward is replaced for it.
     chunked, note = chunked_loss.choose(t.chunked_loss, model, loss_fn, hf.chunk_head)
     if note is not None and accelerator.is_main_process:

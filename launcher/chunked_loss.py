@@ -157,6 +157,9 @@ def plain_cross_entropy(loss_fn: nn.Module | None) -> bool:
     torch's cross-entropy with its defaults (mean over the targets, no class weights, no label smoothing)."""
     if loss_fn is None:
         return True
+    fn, kwargs = getattr(loss_fn, "fn", None), getattr(loss_fn, "kwargs", None)
+    if fn is nn.functional.cross_entropy:  # the function, named as the loss (launcher/losses.py)
+        return not kwargs and loss_fn.reduction == "mean"
     return (
         type(loss_fn) is nn.CrossEntropyLoss
         and loss_fn.weight is None

@@ -14,6 +14,7 @@ from launcher import batches, consensus
 from launcher.build import Parts
 from launcher.checkpoint import rank_best
 from launcher.errors import RecipeError
+from launcher.losses import classifies
 from launcher.metrics import Throughput
 from launcher.precision import Precision
 from launcher.recipe import Recipe
@@ -109,7 +110,7 @@ def evaluate(
     per_sample_loss_fn = copy.copy(loss_fn)
     if hasattr(per_sample_loss_fn, "reduction"):
         per_sample_loss_fn.reduction = "none"
-    classify = isinstance(loss_fn, torch.nn.CrossEntropyLoss)
+    classify = classifies(loss_fn)
     model.eval()
     loss_total, correct_total, count = 0.0, 0.0, 0
     for i, batch in enumerate(loader):

@@ -47,38 +47,41 @@ def run(recipe: Recipe, start: Start) -> RunResult:
             resumed_world = None if start.saved is None else int(start.saved.get("world_size", 1))
             accelerator = strategy.accelerator(resumed_world)
         except BaseException:
-            runlock.release(start.lock)
+            runlock.release(start.lock, undo=True)
             raise
         requests = StopRequests(recipe.train.max_time_s, Path(recipe.run_dir) / consensus.STOP_FILE)
         requests.install()
+        opened = False  # until the run dir is written to, a run that ends leaves it as it found it
         try:
             problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
             if problem:
                 raise RunFailed(f"error: {problem}", exit_code=2)
             consensus.refuse_together(accelerator, start.refusal)
+            training = Training(accelerator, recipe, strategy, start, requests)
             # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
+            opened = True
             first_step = None if start.saved is None else int(start.saved["step"])
             chosen = trackers(recipe.logging.trackers, recipe.run_dir, first_step)
             accelerator.log_with = filter_trackers(chosen, recipe.run_dir)
-            return Training(accelerator, recipe, strategy, start, requests).run()
+            return training.run()
         finally:
             requests.uninstall()
-            tear_down(accelerator, start.lock)
+            tear_down(accelerator, start.lock, undo=not opened)
 
 
-def tear_down(accelerator: Accelerator, lock: FileLock | None) -> None:
+def tear_down(accelerator: Accelerator, lock: FileLock | None, undo: bool = False) -> None:
     """The order matters, on the way out with an error too: the prepared model, loaders and optimizer (and DDP's
     reducer with them) are freed while the process group still exists (freeing them after it was destroyed can
     block forever in gloo), then the trackers are closed and the process group destroyed before the interpreter
-    exits (gloo's threads outliving it abort the process)."""
+    exits (gloo's threads outliving it abort the process). `undo`: the run ended before it wrote anything."""
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()
-    runlock.release(lock)
+    runlock.release(lock, undo)
 
 
 class Training:
-    """One attempt at the run: built and opened in `__init__`, trained by `run`."""
+    """One attempt at the run: built in `__init__`, which writes nothing, then opened and trained by `run`."""
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe, strategy: DDP, start: Start, requests: StopRequests):
         t, world = recipe.train, accelerator.num_processes
@@ -92,7 +95,7 @@ class Training:
         begin = build.begin(accelerator, recipe, strategy, p, start.resume_from, start.saved)
         self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
-        self.files.open(strategy, self.state.step, start.resume_from)
+        self.resume_from = start.resume_from
         self.progress = tqdm(
             total=self.budget.total_steps,
             initial=self.state.step,
@@ -123,6 +126,9 @@ class Training:
         )  # fmt: skip
 
     def run(self) -> RunResult:
+        """Open the run dir (nothing is written before: a run refused while it was built leaves it as it was),
+        train, finish."""
+        self.files.open(self.strategy, self.state.step, self.resume_from)
         try:
             with self.peers.watch(lambda: self.state.step):
                 stop_reason = self.train()

@@ -45,7 +45,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir)
     alone = guards.launched_world(env) == 1
-    lock, existed = None, run_dir.is_dir()
+    lock = None
     if env.get("RANK", "0") == "0":
         lock = runlock.acquire(run_dir)
         if lock is None:
@@ -57,10 +57,10 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
         resume_from = _resume_point(recipe, env)
         return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock)
     except RecipeError as e:
-        runlock.release(lock, remove_dir=not existed)
+        runlock.release(lock, undo=True)
         return _refused(e.problems, alone)
     except BaseException:
-        runlock.release(lock, remove_dir=not existed)
+        runlock.release(lock, undo=True)
         raise
 
 
@@ -100,13 +100,9 @@ def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
         return found
     if recipe.resume != "none":
         path = checkpoint.resolve(Path(recipe.resume))
-        if not checkpoint.is_complete(path):
-            raise RecipeError(f"resume: {path} is not a complete checkpoint (no {checkpoint.STATE_FILE})")
-        if checkpoint.interrupted(path):
-            raise RecipeError(f"resume: {path} is not a complete checkpoint (a save interrupted before its rename)")
-        problem = integrity.problems(path)
+        problem = checkpoint.resume_problem(path)
         if problem:
-            raise RecipeError(f"resume: {path}: damaged: {problem}")
+            raise RecipeError(f"resume: {problem}")
         return path
     if (run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir):
         raise RecipeError(

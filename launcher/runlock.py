@@ -21,6 +21,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from launcher.errors import RecipeError
 from launcher.layout import LOCK_FILE, LOCK_HOLDER_FILE, read_json
 
 
@@ -28,28 +29,43 @@ def acquire(run_dir: Path) -> FileLock | None:
     """The run dir's lock, held by this process from now on; None when another process holds it.
 
     Creates `run_dir` if it does not exist (the lock must live in it to guard it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK_FILE, timeout=0, thread_local=False)
+    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # the folders mkdir makes, deepest first
+    made = [run_dir / LOCK_FILE, *missing] if not (run_dir / LOCK_FILE).exists() else []
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / LOCK_FILE, timeout=0, thread_local=False)
         lock.acquire()
     except Timeout:
         return None
+    except OSError as e:  # checked by validate too; here for what changed since, or a launch without it
+        _remove(made)
+        raise RecipeError(f"run_dir: cannot make {run_dir} a run dir: {e.strerror or e}") from None
+    lock.made = made  # what taking the lock made, undone where the run is refused (see `release`)
     _write_holder(run_dir)
     return lock
 
 
-def release(lock: FileLock | None, remove_dir: bool = False) -> None:
-    """Let go of the run dir; `remove_dir`: the run dir was made for the lock alone (a run refused before it
-    wrote anything), so it goes too, if nothing else is in it."""
+def release(lock: FileLock | None, undo: bool = False) -> None:
+    """Let go of the run dir; `undo`: the run was refused before it wrote anything, so what taking the lock made
+    goes too (the lock file where it was new, the run dir where it was made for the lock alone and still holds
+    nothing else): a refused run leaves the run dir as it found it."""
     if lock is None:
         return
     run_dir = Path(lock.lock_file).parent
     (run_dir / LOCK_HOLDER_FILE).unlink(missing_ok=True)
     lock.release(force=True)
-    if remove_dir:
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
-            run_dir.rmdir()
+    if undo:
+        _remove(getattr(lock, "made", []))
+
+
+def _remove(made: list[Path]) -> None:
+    """The lock file and folders the lock made, deepest first; a folder something else was put in stays."""
+    for path in made:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def holder(run_dir: Path) -> str:

@@ -19,6 +19,7 @@ naming the file (`restore.py`), and passed over by `resume=auto` (`retention.py`
 from launcher.checkpoint.formats import FORMATS, Format, checkpoint_format, format_of
 from launcher.checkpoint.hf_export import NotHuggingFace
 from launcher.checkpoint.info import export, summary
+from launcher.checkpoint.named import resume_problem
 from launcher.checkpoint.restore import load
 from launcher.checkpoint.retention import (
     best,
@@ -71,6 +72,7 @@ __all__ = [
     "read_weights",
     "replace_dir",
     "resolve",
+    "resume_problem",
     "retained",
     "step_dir_name",
     "summary",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from launcher import components, strategies
+from launcher import components, folders, strategies
 from launcher.layout import BEST, LATEST
 from launcher.recipe import component_checks
 from launcher.recipe.schema import (
@@ -33,7 +33,8 @@ def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = 
         *_check_components(recipe, check_files, this_machine),
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
-        *_check_resume(recipe.resume),
+        *_check_resume(recipe.resume, check_files),
+        *(_check_folders(recipe) if check_files and this_machine else []),
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
     ]
 
@@ -52,6 +53,8 @@ def _check_train(t: TrainConfig) -> list[str]:
     )
     if not t.compile.backend:
         problems.append("train.compile.backend: expected a torch.compile backend name (e.g. inductor), got ''")
+    elif t.compile.enabled:
+        problems += _backend_problems(t.compile.backend)
     if not 0 <= t.seed < components.SEED_LIMIT:
         problems.append(f"train.seed: must be in [0, 2**32) (numpy takes 32-bit seeds), got {t.seed}")
     if t.max_time_s is not None and not t.max_time_s > 0:
@@ -61,6 +64,20 @@ def _check_train(t: TrainConfig) -> list[str]:
     if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
         problems.append(f"train.clip_grad_norm: must be > 0, or null for no clipping; got {t.clip_grad_norm}")
     return problems
+
+
+def _backend_problems(name: str) -> list[str]:
+    """torch.compile looks its backend up only at the first update, after the run dir is written: asked here."""
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    try:
+        lookup_backend(name)
+    except Exception:  # dynamo's InvalidBackend, or a registered backend that fails to import
+        return [
+            f"train.compile.backend: unknown torch.compile backend {name!r}; expected one of: "
+            f"{', '.join(list_backends())}"
+        ]
+    return []
 
 
 def deprecations(recipe: Recipe) -> list[str]:
@@ -158,7 +175,33 @@ def _check_logging(lg: LoggingConfig, check_files: bool) -> list[str]:
                 f"logging.trackers: {name} is not installed here (pip install {name.replace('_', '-')}), "
                 "or leave it out of the list"
             )
+        elif check_files and name == "mlflow":
+            problems += _mlflow_problems()
     return problems
+
+
+def _mlflow_problems() -> list[str]:
+    """MLflow refuses a tracking or model-registry URI it has no store for (`sqlite:` without SQLAlchemy) only
+    when the run starts: asked here, without making the store (which would create its files)."""
+    try:
+        import mlflow
+        from mlflow.tracking._model_registry.utils import _get_store_registry
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:  # another MLflow than the one these checks know: it speaks for itself at the start
+        return []
+    for what, uri, stores in (
+        ("tracking", mlflow.get_tracking_uri(), _tracking_store_registry),
+        ("model registry", mlflow.get_registry_uri(), _get_store_registry()),
+    ):
+        try:
+            stores.get_store_builder(uri)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return [
+                f"logging.trackers: MLflow cannot use its {what} URI {uri!r} ({reason.split(';')[0]}); set "
+                "MLFLOW_TRACKING_URI, e.g. to file:./mlruns, or leave mlflow out of the list"
+            ]
+    return []
 
 
 def _check_profile(pr: ProfileConfig, this_machine: bool) -> list[str]:
@@ -188,14 +231,28 @@ def _check_profile(pr: ProfileConfig, this_machine: bool) -> list[str]:
     return problems
 
 
-def _check_resume(resume: str) -> list[str]:
+def _check_resume(resume: str, check_files: bool) -> list[str]:
+    """A checkpoint to resume from, named by its path: there, complete and intact (as training checks it)."""
     by_name = Path(resume).name in (LATEST, BEST) and Path(resume).parent.is_dir()
-    if resume in ("none", "auto") or Path(resume).is_dir() or by_name:
+    if resume in ("none", "auto"):
         return []
-    return [
-        f"resume: expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not a "
-        "directory"
-    ]
+    if not (Path(resume).is_dir() or by_name):
+        return [
+            f"resume: expected none, auto, a checkpoint directory or <checkpoints>/latest|best; {resume!r} is not "
+            "a directory"
+        ]
+    from launcher import checkpoint
+
+    problem = checkpoint.resume_problem(Path(resume)) if check_files else None
+    return [f"resume: {problem}"] if problem else []
+
+
+def _check_folders(recipe: Recipe) -> list[str]:
+    """The run dir and the checkpoints' folder can be made and written here."""
+    found = [folders.problem("run_dir", Path(recipe.run_dir))]
+    if not recipe.checkpoint_dir.is_relative_to(recipe.run_dir):
+        found.append(folders.problem("checkpoint.dir", recipe.checkpoint_dir))
+    return [p for p in found if p]
 
 
 def _check_strategy(recipe: Recipe) -> list[str]:

@@ -123,16 +123,20 @@ def launched_processes() -> int:
 
 
 def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> list[str]:
-    """A built-in model checks its arguments against what the train set tells it; with the data known, it is built
-    on the meta device (no memory) as training builds it, and its parameters must fit in memory."""
+    """The model is built on the meta device (no memory) with what the train set tells it, as training builds it,
+    so that what its constructor refuses comes out here, with the line training would give; then it must be a
+    module with parameters to train, of the size memory allows, with the blocks the recipe names. A built-in
+    model first checks its arguments against what the data tells it."""
     spec = recipe.model
     problems = check_component("model", "model", spec)
     if problems:
         return problems
     fn = components.resolve("model", spec.target)
-    if not components.is_built_in(fn):
-        return []
     told = facts.model_kwargs if facts else {}
+    if not components.is_built_in(fn):
+        # The user's model: without what the data tells it (the user's dataset is not built here), a failure may
+        # be only the missing data's, so it is left to training.
+        return _build_on_meta(recipe, told, this_machine, sure=facts is not None)
     if told and not any(components.accepts(fn, name) for name in told):
         return [
             f"model._component_: {spec.target} takes none of what {recipe.data.train.target} tells the model "
@@ -145,7 +149,7 @@ def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> 
     problems = [f"model.{arg}: {msg}" for arg, msg in fn.check_args(args, data) if arg in given or arg not in data]
     if problems or facts is None:
         return problems
-    return _build_on_meta(spec, data, this_machine, recipe.optimizer)
+    return _build_on_meta(recipe, data, this_machine, sure=True)
 
 
 def built_in_model(recipe: Recipe) -> bool:
@@ -155,22 +159,37 @@ def built_in_model(recipe: Recipe) -> bool:
         return False
 
 
-def _build_on_meta(spec: Component, data: dict[str, Any], this_machine: bool, optimizer: Component) -> list[str]:
-    """The model built on the meta device: what its constructor refuses, parameters beyond memory, and
-    `optimizer.groups` patterns that match none of its parameters (once the groups' form is right)."""
+def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sure: bool) -> list[str]:
+    """The model built on the meta device: what its constructor refuses (`sure`: the constructor got all it
+    will get in training; a failure that only the meta device causes is left to training), something that is
+    not a module with trainable parameters, parameters beyond memory, blocks the recipe names that the model
+    lacks, and `optimizer.groups` patterns that match none of its parameters (once the groups' form is right)."""
     import torch
+
+    from launcher import blocks, models
 
     try:
         with torch.device("meta"):
-            model = components.instantiate("model", spec, **data)
+            model = components.instantiate("model", recipe.model, **data)
     except RecipeError as e:
-        return e.problems
+        return e.problems if sure and not any(_meta_only(line) for line in e.problems) else []
+    problem = models.trainable_problem(model, recipe.model.target)
+    if problem:
+        return [problem]
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     problems = _too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
+    problems += [p for p in [blocks.problem(model, recipe)] if p]
+    optimizer = recipe.optimizer
     if not param_groups.form_problems(optimizer, None, ""):
         names = (name for name, _ in model.named_parameters())
         problems += param_groups.unmatched(names, param_groups.launcher_keys(optimizer)[2])
     return problems
+
+
+def _meta_only(line: str) -> bool:
+    """A constructor's failure that only the meta device causes (a value read from a tensor, an operation
+    without a meta kernel): the model may well build on a real device."""
+    return "meta" in line.lower() or "NotImplementedError" in line
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -194,20 +213,44 @@ def _float_target_losses() -> tuple[type, ...]:
     )
 
 
+def _float_target_functions() -> tuple[Any, ...]:
+    from torch.nn import functional as F
+
+    return (
+        F.mse_loss,
+        F.l1_loss,
+        F.smooth_l1_loss,
+        F.huber_loss,
+        F.binary_cross_entropy,
+        F.binary_cross_entropy_with_logits,
+        F.kl_div,
+        F.soft_margin_loss,
+        F.poisson_nll_loss,
+        F.multilabel_soft_margin_loss,
+    )
+
+
 def check_loss(recipe: Recipe) -> list[str]:
-    """The loss resolves and takes its arguments; with a built-in dataset (class indices or token ids as targets)
-    it must take class indices. Without a loss, the model's own or cross-entropy (nothing to check)."""
+    """The loss builds as training builds it (a module, a function of outputs and targets, or a function that
+    makes one); with a built-in dataset (class indices or token ids as targets) it must take class indices.
+    Without a loss, the model's own or cross-entropy (nothing to check)."""
     if recipe.loss is None:
         return []
     problems = check_component("loss", "loss", recipe.loss)
     if problems:
         return problems
-    loss = components.resolve("loss", recipe.loss.target)
+    from launcher import losses
+
+    try:
+        loss = losses.build(recipe.loss)
+    except RecipeError as e:
+        return e.problems
     try:
         data = components.resolve("data", recipe.data.train.target)
     except components.ResolveError:
         return []  # reported with the data
-    if components.is_built_in(data) and inspect.isclass(loss) and issubclass(loss, _float_target_losses()):
+    floats = isinstance(loss, _float_target_losses()) or getattr(loss, "fn", None) in _float_target_functions()
+    if components.is_built_in(data) and floats:
         return [
             f"loss: {recipe.loss.target} compares the output with float targets of its shape, but "
             f"{recipe.data.train.target} gives class indices; use cross_entropy"
@@ -216,8 +259,8 @@ def check_loss(recipe: Recipe) -> list[str]:
 
 
 def evaluation_metrics(loss: Component | None) -> tuple[str, ...] | None:
-    """The metrics an evaluation produces with this loss (loop.evaluate): val/loss, and val/accuracy for a
-    CrossEntropyLoss (or none: a model's own loss is scored by cross-entropy). None where that is not known
+    """The metrics an evaluation produces with this loss (loop.evaluate): val/loss, and val/accuracy for
+    cross-entropy (or no loss: a model's own loss is scored by cross-entropy). None where that is not known
     without building the loss (a function that makes one)."""
     if loss is None:
         return ("val/accuracy", "val/loss")
@@ -225,10 +268,14 @@ def evaluation_metrics(loss: Component | None) -> tuple[str, ...] | None:
         fn = components.resolve("loss", loss.target)
     except components.ResolveError:
         return None
-    if not inspect.isclass(fn):
-        return None
     import torch
 
+    from launcher import losses
+
+    if losses.is_loss_function(fn, loss.kwargs):
+        return ("val/accuracy", "val/loss") if fn is torch.nn.functional.cross_entropy else ("val/loss",)
+    if not inspect.isclass(fn):
+        return None
     return ("val/accuracy", "val/loss") if issubclass(fn, torch.nn.CrossEntropyLoss) else ("val/loss",)
 
 
