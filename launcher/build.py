@@ -38,6 +38,8 @@ class Parts:
     decay: str = "matrices"  # the optimizer's weight-decay rule (param_groups), recorded in checkpoints
     precision: Precision = field(default_factory=Precision)  # the autocast regions of a micro-batch
     chunked: bool = False  # the model computes its loss with the chunked head (launcher/chunked_loss.py)
+    # The metric each of the optimizer's param groups logs its learning rate as (see param_groups.rate_keys).
+    rate_keys: list[str] = field(default_factory=lambda: [param_groups.DEFAULT_RATE_KEY])
 
     def val_batches(self, max_batches: int | None) -> int:
         """The batches an evaluation reads."""
@@ -75,7 +77,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     model = strategy.shard(accelerator, model, blocks)
     fused = fused_default(recipe, strategy, accelerator)
     decay = decay_rule(recipe, saved, accelerator.print)
-    optimizer = make_optimizer(recipe, model, decay, fused)
+    optimizer, rate_keys = make_optimizer(recipe, model, decay, fused)
     train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
     model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
@@ -86,7 +88,9 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     if host_verdict(fused, accelerator):
         stepper.fused_skip = False
     precision = Precision.of(accelerator, t.mixed_precision)
-    return Parts(model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked)
+    return Parts(
+        model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked, rate_keys
+    )
 
 
 def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str], None]) -> str:
@@ -105,15 +109,16 @@ def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str]
     return str(saved["decay"])
 
 
-def make_optimizer(recipe: Recipe, model: torch.nn.Module, decay: str, fused: dict[str, bool]) -> Any:
-    """The optimizer over the model's param groups (see param_groups); a group pattern that matches no parameter
-    is the recipe's problem."""
+def make_optimizer(recipe: Recipe, model: torch.nn.Module, decay: str, fused: dict[str, bool]) -> tuple[Any, list[str]]:
+    """The optimizer over the model's param groups (see param_groups), and the metric each group's learning rate
+    is logged as; a group pattern that matches no parameter is the recipe's problem."""
     spec, _, groups = param_groups.launcher_keys(recipe.optimizer)
     problems = param_groups.unmatched((name for name, _ in model.named_parameters()), groups)
     if problems:
         raise RecipeError(problems)
     made = param_groups.groups_for(recipe.optimizer, model, decay)
-    return components.instantiate("optimizer", spec, param_groups.to_torch(made), **fused)
+    optimizer = components.instantiate("optimizer", spec, param_groups.to_torch(made), **fused)
+    return optimizer, param_groups.rate_keys(made)
 
 
 def fused_default(recipe: Recipe, strategy: DDP, accelerator: Accelerator) -> dict[str, bool]:

@@ -11,6 +11,10 @@ the patterns fnmatch globs on the names `named_parameters()` gives (`"*.bias"`, 
 whose pattern matches a parameter takes it; the rest stay in the default groups. A group's own keys win; one that
 sets no `weight_decay` keeps the rule (its parameters split into a decaying and a non-decaying group).
 
+Each recipe group's learning rate is logged as `lr/<name>`, its `name` (taken by the launcher, as `params` is) or
+`group<i>` for the i-th group; `lr` is the default groups' (those that take the optimizer's own `lr`). The rule's
+split does not make a group of its own in the logs: both halves have the group's rate.
+
 Pure decisions on a model's parameters (meta, sharded DTensor or real: only names, shapes and identities count).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +36,10 @@ if TYPE_CHECKING:
     import torch
 
 NAMES_SHOWN = 4  # parameter names quoted when a pattern matches none
+GROUP_KEYS = ("params", "name")  # a recipe group's keys that are the launcher's, not settings of the optimizer
+# What every tracker takes in a metric's name (MLflow is the strictest: no `*`, brackets or colons).
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+DEFAULT_RATE_KEY = "lr"
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Group:
     label: str
     options: dict[str, Any] = field(default_factory=dict)
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    name: str | None = None  # the recipe group's name in the logs; None: a default group
 
     @property
     def numel(self) -> int:
@@ -89,8 +99,36 @@ def form_problems(spec: Component, options: list[str] | None, name: str) -> list
         elif not patterns_of(group["params"]):
             problems.append(f"{key}.params: expected a pattern or list of patterns, got {describe(group['params'])}")
         for option in group:
-            if option != "params" and options is not None and option not in options:
+            if option not in GROUP_KEYS and options is not None and option not in options:
                 problems.append(f"{key}.{option}: not an option of {name}'s groups (it takes: {', '.join(options)})")
+    return problems + name_problems(groups or [])
+
+
+def group_name(i: int, group: Mapping[str, Any]) -> str:
+    """The name the logs give the recipe's i-th group: its own, or `group<i>`."""
+    return str(group.get("name", f"group{i}"))
+
+
+def name_problems(groups: list[Any]) -> list[str]:
+    """One line per `name` of the recipe's groups that a tracker would refuse or that names two groups."""
+    problems, seen = [], {}
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            continue
+        given = group.get("name")
+        if given is not None and not (isinstance(given, str) and NAME.fullmatch(given)):
+            problems.append(
+                f"optimizer.groups[{i}].name: expected a name of letters, digits, '_', '-' and '.', "
+                f"got {describe(given)}"
+            )
+            continue
+        name = group_name(i, group)
+        if name in seen:
+            problems.append(
+                f"optimizer.groups[{i}].name: {name!r} is optimizer.groups[{seen[name]}]'s name too; each group's "
+                "learning rate is logged under its own name"
+            )
+        seen.setdefault(name, i)
     return problems
 
 
@@ -148,16 +186,33 @@ def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_de
     out = []
     for i, group in [*enumerate(groups), (None, {})]:
         params = [p for _, p in named if taken.get(id(p)) == i]
-        own = {k: v for k, v in group.items() if k != "params"}
+        own = {k: v for k, v in group.items() if k not in GROUP_KEYS}
         where = "" if i is None else f" ({', '.join(patterns_of(group['params']))})"
+        name = None if i is None else group_name(i, group)
         if "weight_decay" in own or not kept:  # the group's own decay, or nothing for the rule to keep from it
-            out.append(Group(label_of(own, weight_decay, None) + where, own, params))
+            out.append(Group(label_of(own, weight_decay, None) + where, own, params, name))
             continue
         decaying = [p for p in params if id(p) not in kept]
-        out.append(Group(label_of(own, weight_decay, True) + where, own, decaying))
+        out.append(Group(label_of(own, weight_decay, True) + where, own, decaying, name))
         not_decaying = [p for p in params if id(p) in kept]
-        out.append(Group(label_of(own, weight_decay, False) + where, {**own, "weight_decay": 0.0}, not_decaying))
+        out.append(Group(label_of(own, weight_decay, False) + where, {**own, "weight_decay": 0.0}, not_decaying, name))
     return [g for g in out if g.params]
+
+
+def rate_keys(groups: list[Group]) -> list[str]:
+    """The metric each param group's learning rate is logged as, in the optimizer's order of groups."""
+    return [DEFAULT_RATE_KEY if g.name is None else f"{DEFAULT_RATE_KEY}/{g.name}" for g in groups]
+
+
+def rates(keys: list[str], lrs: list[float]) -> dict[str, float]:
+    """The logged learning rates: `lr` first, then each named group's; of groups that share a key (the rule's
+    halves of one group) the first's, as they have the same rate."""
+    out: dict[str, float] = {}
+    # Not strict: groups an optimizer adds to itself after it is built (add_param_group) have no key to log.
+    pairs = zip(keys, lrs, strict=False)
+    for key, lr in sorted(pairs, key=lambda pair: pair[0] != DEFAULT_RATE_KEY):
+        out.setdefault(key, float(lr))
+    return out
 
 
 def groups_for(spec: Component, model: torch.nn.Module, decay: str | None = None) -> list[Group]:

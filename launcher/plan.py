@@ -29,7 +29,9 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     epochs: float
-    lr_points: list[tuple[int, float]] | None  # None where the scheduler is not a built-in one
+    # (update, the rate it uses), updates numbered as the logs number them (the first is 1); None where the
+    # scheduler is not a built-in one.
+    lr_points: list[tuple[int, float]] | None
 
 
 def total_steps(steps_per_epoch: int, max_steps: int | None, max_epochs: int | None) -> int:
@@ -128,8 +130,9 @@ def make_plan(recipe: Recipe, train_samples: int | None, processes: int) -> Plan
     if spec.short_name in schedules.SCHEDULES:
         factor = schedules.build(spec.short_name, total, **dict(spec.kwargs))
         base = float(recipe.optimizer.kwargs.get("lr", 1e-3))
+        # The schedule's steps count from 0: step s is update s + 1 (the first after the warm-up is warmup_steps + 1).
         marks = sorted({0, int(spec.kwargs.get("warmup_steps", 0)), total // 4, total // 2, 3 * total // 4, total - 1})
-        lr_points = [(step, base * factor(step)) for step in marks if 0 <= step < total]
+        lr_points = [(step + 1, base * factor(step)) for step in marks if 0 <= step < total]
     return Plan(
         processes=processes,
         global_batch=per_round * t.gradient_accumulation_steps,

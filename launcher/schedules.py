@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions of the optimizer step.
 
-Each returns the factor that multiplies the optimizer's base `lr` for the update numbered `step` (0-based), so
-the schedule can be tested, plotted and resumed without an optimizer. `build` adds an optional linear warm-up.
+Each returns the factor that multiplies the optimizer's base `lr` for the update numbered `step` (0-based: the
+update the logs and `launcher plan` call `step + 1`), so the schedule can be tested, plotted and resumed without an
+optimizer. `build` adds an optional linear warm-up. docs/recipes.md gives each formula in the logs' numbering.
 """
 
 from __future__ import annotations
@@ -83,16 +84,28 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 OWN_WARMUP = {"onecycle", "cyclic"}
 
 
-def with_warmup(step: int, *, warmup_steps: int, schedule: Callable[[int], float]) -> float:
-    """Linear warm-up to the schedule's start over `warmup_steps`, then the schedule shifted by the warm-up."""
+# How the warm-up's first update starts: `nonzero` (the default, as every release before had it) one step of the
+# ramp up, `zero` at 0 as the Hugging Face Trainer's (transformers') schedules; both reach the schedule's start at
+# the update after the warm-up.
+WARMUP_STARTS = ("nonzero", "zero")
+# The keys a built-in schedule's section takes beside the schedule's own arguments (see `build`).
+WARMUP_KEYS = ("warmup_steps", "warmup_start")
+
+
+def with_warmup(step: int, *, warmup_steps: int, schedule: Callable[[int], float], start: str = "nonzero") -> float:
+    """Linear warm-up to the schedule's start over `warmup_steps`, then the schedule shifted by the warm-up.
+    `start`: one of `WARMUP_STARTS`."""
     if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1) * schedule(0)
+        ramp = step / warmup_steps if start == "zero" else (step + 1) / (warmup_steps + 1)
+        return ramp * schedule(0)
     return schedule(step - warmup_steps)
 
 
-def build(name: str, total_steps: int, warmup_steps: int = 0, **kwargs: float) -> Callable[[int], float]:
+def build(
+    name: str, total_steps: int, warmup_steps: int = 0, warmup_start: str = "nonzero", **kwargs: float
+) -> Callable[[int], float]:
     """The factor-of-step function for a built-in schedule; the decay spans the steps after the warm-up."""
     schedule = functools.partial(SCHEDULES[name], total_steps=max(total_steps - warmup_steps, 1), **kwargs)
     if warmup_steps == 0:
         return schedule
-    return functools.partial(with_warmup, warmup_steps=warmup_steps, schedule=schedule)
+    return functools.partial(with_warmup, warmup_steps=warmup_steps, schedule=schedule, start=warmup_start)

@@ -1,5 +1,6 @@
 """One update at a time: each micro-batch forward and backward; at the update's last one, the ranks' verdict,
-the optimizer step (or its skip), the schedule and the counters; and the row a log line shows.
+the optimizer step (or its skip), the schedule and the counters; and the row a log line shows, whose learning
+rates are those its last update used (`lr` the default groups', `lr/<name>` each recipe group's).
 
 With a fused optimizer the skip is decided on the device (`Stepper.skips_on_device`): each update's flag, loss and
 micro-batches wait in `pending` until the host reads the flags (`read_skips`: at log, evaluation and save steps,
@@ -10,6 +11,7 @@ them at each update: the counters, the loss window, the warning and the divergen
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -17,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from launcher import batches
+from launcher import batches, param_groups
 from launcher.build import Parts
 from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
@@ -73,6 +75,7 @@ class Updates:
             self.meter = None
         self.logged_step = state.step
         self.pending: list[Pending] = []  # the device path's updates since the host last read their skips
+        self.lrs = self.current_lrs()  # each param group's rate in the last update (see `update`)
         self.diverged_streak = 0  # the streak that reached max_nonfinite_steps, once one did
 
     def micro_step(self, inputs: Any, targets: Any) -> bool:
@@ -119,12 +122,20 @@ class Updates:
             self._applied(self.loss, self.batches)
         stepper.zero_grad()
         self.batches = 0
+        # The rates this update used: after the schedule's step the groups hold the next update's.
+        self.lrs = self.current_lrs()
         self.scheduler.step()
         state.step += 1
         self.progress.update(1)
         if verdict.read_skips:
             self.read_skips()
         return verdict
+
+    def current_lrs(self) -> list[Any]:
+        """Each param group's learning rate now; a tensor one copied (the scheduler fills it in place), on its
+        device, so that no update waits for the host to read it."""
+        lrs = [group["lr"] for group in self.parts.stepper.optimizer.param_groups]
+        return [lr.detach().clone() if isinstance(lr, torch.Tensor) else lr for lr in lrs]
 
     def read_skips(self) -> None:
         """The device path: read which updates since the last read were skipped (one host sync), and count them
@@ -168,9 +179,10 @@ class Updates:
         self.read_skips()
         state = self.state
         train_loss = self.accelerator.reduce(self.window.take_mean(self.loss), reduction="mean").item()
+        rates = param_groups.rates(self.parts.rate_keys, self.lrs)
         values = {
             "train/loss": train_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            **rates,
             "grad_norm": float(self.grad_norm),
             "epoch": state.epoch + state.samples_in_epoch / samples_per_epoch,
             "train/skipped_steps": state.skipped_steps,
@@ -179,5 +191,7 @@ class Updates:
         }
         self.logged_step = state.step
         # Shown at the bar's next redraw: forcing one here would write a line to a log file each time.
-        self.progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
+        # The default groups' rate; where a recipe group takes every parameter, the first group's.
+        shown = rates.get(param_groups.DEFAULT_RATE_KEY, next(iter(rates.values()), math.nan))
+        self.progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{shown:.2e}", refresh=False)
         return values

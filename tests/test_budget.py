@@ -107,10 +107,11 @@ def test_resuming_an_epoch_budget_on_another_world_size_keeps_the_schedule(
     lrs = [before[RESUME_STEP]["lr"]] + [after[s]["lr"] for s in steps]
     assert max(abs(b - a) for a, b in itertools.pairwise(lrs)) <= own_step * (1 + 1e-9)
 
-    # The same schedule over the epochs: at each epoch's end the learning rate is the planned one.
-    for epoch in range(2, EPOCHS + 1):
-        planned = next(r["lr"] for r in before.values() if r["epoch"] == epoch)
-        reached = next(r["lr"] for r in after.values() if r["epoch"] == pytest.approx(epoch))
+    # The same schedule over the epochs: each epoch's first update has the planned learning rate (a row logs the
+    # rate its update used, so the row after the one that ends the epoch).
+    for epoch in range(2, EPOCHS):
+        planned = next(before[s + 1]["lr"] for s, r in before.items() if r["epoch"] == epoch)
+        reached = next(after[s + 1]["lr"] for s, r in after.items() if r["epoch"] == pytest.approx(epoch))
         assert reached == pytest.approx(planned, rel=1e-9, abs=1e-12)
 
     # It ends at the recipe's epoch count, with as many updates as the remaining samples take at this world size.

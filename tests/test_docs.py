@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launcher.param_groups import KEYS as OPTIMIZER_OWN_KEYS
 from launcher.recipe import Recipe
+from launcher.schedules import WARMUP_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -28,8 +29,9 @@ KEY_ROW = re.compile(r"^\|\s*`([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)`\s*\|")
 # Keys the loader takes before the schema sees the recipe: `base` (composition, see launcher.recipe.compose) and
 # `data.dataset` (arguments shared by data.train and data.val, folded into them). They are documented like the rest.
 LOADER_KEYS = {"base", "data.dataset"}
-# Keys of the optimizer section the launcher takes itself (its parameter groups) instead of passing them on.
-LAUNCHER_KEYS = {f"optimizer.{key}" for key in OPTIMIZER_OWN_KEYS}
+# Keys of the optimizer section the launcher takes itself (its parameter groups) instead of passing them on, and
+# those of a built-in schedule (its warm-up).
+LAUNCHER_KEYS = {f"optimizer.{key}" for key in OPTIMIZER_OWN_KEYS} | {f"scheduler.{key}" for key in WARMUP_KEYS}
 # The component type (launcher.components.Component), taken from the schema itself so that it follows the code.
 COMPONENT = typing.get_type_hints(Recipe)["model"]
 # Component keys hold a class and its arguments, which are not recipe keys; data.train and data.val are components.

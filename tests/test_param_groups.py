@@ -83,6 +83,18 @@ def test_malformed_decay_and_groups_are_one_line_each():
     ]
 
 
+def test_group_names_are_ones_every_tracker_takes_and_name_one_group_each():
+    groups = [{"params": "a", "name": "embed"}, {"params": "b", "name": "lr*"}, {"params": "c"}, {"params": "d"}]
+    groups += [{"params": "e", "name": "group2"}, {"params": "f", "name": "embed"}]
+    assert param_groups.form_problems(Component("adamw", {"groups": groups}), ["lr"], "torch.optim.AdamW") == [
+        "optimizer.groups[1].name: expected a name of letters, digits, '_', '-' and '.', got a string ('lr*')",
+        "optimizer.groups[4].name: 'group2' is optimizer.groups[2]'s name too; each group's learning rate is logged "
+        "under its own name",
+        "optimizer.groups[5].name: 'embed' is optimizer.groups[0]'s name too; each group's learning rate is logged "
+        "under its own name",
+    ]
+
+
 def test_group_settings_reach_the_optimizer(tiny_recipe: Path):
     recipe = load_recipe(
         tiny_recipe,
@@ -90,9 +102,10 @@ def test_group_settings_reach_the_optimizer(tiny_recipe: Path):
     )
     model = torch.nn.Sequential()
     model.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-    optimizer = build.make_optimizer(recipe, model, "matrices", {})
+    optimizer, keys = build.make_optimizer(recipe, model, "matrices", {})
     settings = [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups]
     assert settings == [(0.5, 0.2, 1), (0.5, 0.0, 1), (0.003, 0.2, 1), (0.003, 0.0, 1)]
+    assert keys == ["lr/group0", "lr/group0", "lr", "lr"]  # the rule's halves share their group's name
 
 
 def test_a_resumed_run_keeps_the_rule_its_checkpoint_was_written_with(tiny_recipe: Path):

@@ -53,7 +53,7 @@ def test_plan_draws_the_schedule():
     proc = run_cli("plan", str(REPO / "recipes" / "quickstart.yaml"), "--processes", "2")
     assert proc.returncode == 0, proc.stderr
     assert "64 per process x 2 processes x 1 accumulated = 128 samples per update" in proc.stdout
-    assert "learning rate cosine: " in proc.stdout and "0.0003 at 50" in proc.stdout
+    assert "learning rate cosine: " in proc.stdout and "0.0003 at 51" in proc.stdout
 
 
 def test_plan_of_the_zero3_recipe_shows_strategy_memory_and_deepspeed_config(tmp_path: Path):
@@ -73,7 +73,7 @@ def test_plan_of_the_zero3_recipe_shows_strategy_memory_and_deepspeed_config(tmp
     # ZeRO-3's buckets and persistence threshold sized to GPT-2 small's width (768), as "auto" would be.
     assert '"reduce_bucket_size": 589824' in out and '"stage3_prefetch_bucket_size": 530841' in out
     assert '"stage3_param_persistence_threshold": 7680' in out and '"overlap_comm": true' in out
-    assert "learning rate cosine: " in out and "0.0006 at 700" in out
+    assert "learning rate cosine: " in out and "0.0006 at 701" in out
     # Activations of one micro-batch (16 x 1024 tokens), measured on the meta device: recomputing the 12 blocks
     # keeps their inputs and one block's activations instead of all of them.
     line = out.split("activations   per process, one micro-batch of 16")[1].splitlines()[1]

@@ -252,6 +252,13 @@ NAME_BREAKS = [
     sets("scheduler", "step", "scheduler.step_size"),
     bad("scheduler.warmup_steps", "scheduler._component_=onecycle", "scheduler.warmup_steps=5"),
     bad("scheduler.warmup_steps", "scheduler._component_=cosine", f"scheduler.warmup_steps={10**30}"),
+    bad("scheduler.warmup_start", "scheduler._component_=cosine", "scheduler.warmup_start=first"),
+    bad(
+        "scheduler.warmup_start",
+        "scheduler._component_=cyclic",
+        "scheduler.step_size_up=4",
+        "scheduler.warmup_start=zero",
+    ),
     bad("scheduler.div_factor", "scheduler._component_=onecycle", "scheduler.div_factor=0"),
     bad("scheduler.min_ratio", "scheduler._component_=cosine", "scheduler.min_ratio=2"),
     bad("scheduler.min_ratio", "scheduler._component_=linear", f"scheduler.min_ratio={10**400}"),

@@ -135,6 +135,33 @@ def test_warmup_reaches_a_schedule_start_below_one():
     assert values == pytest.approx([start / 4, start / 2, 3 * start / 4, start, start / 2, start / 4])
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [("cosine", {"min_ratio": 0.1}), ("linear", {}), ("constant", {})])
+@pytest.mark.parametrize(("total", "warmup"), [(100, 10), (50, 1), (30, 29)])
+def test_warmup_from_zero_starts_at_zero_and_reaches_the_start_at_update_warmup(
+    name: str, kwargs: dict, total: int, warmup: int
+):
+    factor = build(name, total, warmup_steps=warmup, warmup_start="zero", **kwargs)
+    # The first update (step 0) at 0, then equal steps of 1/warmup: the schedule's start at step `warmup`, the
+    # update after the warm-up, as with the default start.
+    assert factor(0) == 0.0
+    for step in range(warmup + 1):
+        assert factor(step) == pytest.approx(step / warmup)
+    plain = build(name, total, warmup_steps=warmup, **kwargs)
+    for step in range(warmup, total + 5):
+        assert factor(step) == plain(step)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_warmup_from_zero_is_the_hugging_face_trainers_schedule(name: str):
+    transformers = pytest.importorskip("transformers")
+    total, warmup, lr = 50, 7, 1e-3
+    factor = build(name, total, warmup_steps=warmup, warmup_start="zero")
+    theirs = getattr(transformers, f"get_{name}_schedule_with_warmup")
+    ours = driven_lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor), total, lr)
+    ref = driven_lrs(lambda opt: theirs(opt, num_warmup_steps=warmup, num_training_steps=total), total, lr)
+    assert_close_lrs(ours, ref, lr)
+
+
 def test_build_without_warmup_is_the_plain_schedule():
     factor = build("cosine", 80, min_ratio=0.3)
     for step in range(100):

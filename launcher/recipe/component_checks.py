@@ -382,7 +382,9 @@ def check_scheduler(spec: Component) -> list[str]:
         )
     if name not in schedules.SCHEDULES:
         return check_component("scheduler", "scheduler", spec)
-    problems = check_component("scheduler", "scheduler", spec, passed=("step", "total_steps"), extra=("warmup_steps",))
+    problems = check_component(
+        "scheduler", "scheduler", spec, passed=("step", "total_steps"), extra=schedules.WARMUP_KEYS
+    )
     kwargs = dict(spec.kwargs)
     warmup = kwargs.pop("warmup_steps", 0)
     problem = components.integer_problem(warmup, 0)
@@ -390,6 +392,8 @@ def check_scheduler(spec: Component) -> list[str]:
         problems.append(f"scheduler.warmup_steps: {problem}")
     elif warmup and name in schedules.OWN_WARMUP:
         problems.append(f"scheduler.warmup_steps: {name} shapes its own start; remove warmup_steps")
+    if "warmup_start" in kwargs:
+        problems.extend(_warmup_start_problems(name, kwargs.pop("warmup_start")))
     reported = {p.split(":", 1)[0] for p in problems}
     for key, value in kwargs.items():
         if f"scheduler.{key}" not in reported and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -399,6 +403,14 @@ def check_scheduler(spec: Component) -> list[str]:
     if name == "cyclic" and "step_size_up" not in kwargs:
         problems.append("scheduler.step_size_up: missing required value (steps from low to high)")
     return problems
+
+
+def _warmup_start_problems(name: str, start: Any) -> list[str]:
+    if start not in schedules.WARMUP_STARTS:
+        return [f"scheduler.warmup_start: expected one of: {', '.join(schedules.WARMUP_STARTS)}, got {describe(start)}"]
+    if name in schedules.OWN_WARMUP:
+        return [f"scheduler.warmup_start: {name} shapes its own start; remove warmup_start"]
+    return []
 
 
 def _schedule_value_problems(key: str, value: float) -> list[str]:
