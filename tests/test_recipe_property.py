@@ -57,7 +57,7 @@ eval: {every_steps: 1, every_epoch: false}
 checkpoint: {keep_last: 1}
 logging: {every_steps: 1, trackers: [jsonl], progress_bar: false}
 """
-EXAMPLES = 400
+EXAMPLES = int(os.environ.get("LAUNCHER_PROPERTY_EXAMPLES", "400"))  # more, once in a while: =1500
 CALL_TIMEOUT_S = 60  # one in-process call; they take hundredths of a second
 
 
@@ -72,6 +72,7 @@ def text(value: Any) -> str:
 class Mutation:
     overrides: tuple[str, ...]
     keys: tuple[str, ...] = ()  # for a breaking mutation, the keys its refusal may name; none for a variation
+    run_dir_holds: bool = False  # the run dir exists before the call, holding a file of the user's
 
     @property
     def breaks(self) -> bool:
@@ -122,6 +123,10 @@ FIXED_VARIATIONS = {
     ],
     "misc": [
         ok("resume=auto"),
+        Mutation((), run_dir_holds=True),
+        ok("loss=torch.nn.functional.cross_entropy"),  # a loss function, not a module
+        ok("loss._component_=torch.nn.functional.cross_entropy", "loss.label_smoothing=0.1"),
+        ok("loss=torch.nn.functional.nll_loss"),
         ok("checkpoint.async_save=true"),
         ok("checkpoint.save_final=false"),
         ok("checkpoint.every_steps=1"),
@@ -298,12 +303,107 @@ MONITOR_BREAKS = [
 OTHER_BREAKS = [
     bad("data.drop_last", "data.drop_last=true", "train.batch_size=100"),  # no whole batch: a run without steps
 ]
+
+# Placeholders for paths the test makes in its folder: an existing file, an empty folder, a token file whose size is
+# not a whole number of tokens.
+FILE, EMPTY, ODD = "{file}", "{empty}", "{odd}"
+
+# What builds and then cannot train, or fails only where training would reach it (its first update, its first
+# checkpoint, the trackers' start): validate must find each before anything is written.
+BUILT_BREAKS = [
+    sets("model._component_", "builtins.dict"),  # not a module
+    sets("model._component_", "torch.nn.Module"),  # takes no arguments
+    sets("model._component_", "torch.nn.Identity"),  # no parameters
+    sets("model._component_", "json.loads"),
+    sets("loss", "os.getcwd"),  # a function that makes no loss
+    sets("loss", "json.dumps"),
+    sets("train.blocks", "abc"),
+    sets("train.blocks", ["Nope"]),
+    sets("train.activation_checkpointing", "full"),  # an MLP declares no blocks
+    bad(("strategy.fsdp",), "strategy.fsdp.wrap=[Nope]"),  # and the strategy is DDP
+    bad("strategy.fsdp.wrap", "strategy.name=fsdp", "strategy.fsdp.wrap=[Nope]"),
+    bad("train.compile", "train.compile={backend: nope_backend}"),
+    bad("train.compile", "train.compile.enabled=true", "train.compile.backend=nope_backend"),
+    sets("logging.trackers", ["jsonl", "mlflow"]),  # the test gives MLflow a URI it has no store for
+    sets("resume", EMPTY),
+    sets("resume", FILE),
+    sets("run_dir", FILE),
+    sets("run_dir", FILE + "/run"),
+    sets("run_dir", "/proc/launcher-run"),
+    sets("run_dir", os.devnull),
+    sets("checkpoint.dir", FILE),
+    sets("checkpoint.dir", "/proc/launcher-checkpoints"),
+    bad(("data", "model"), f"data.dataset={{_component_: token_memmap, path: {ODD}, block_size: 4}}"),
+    bad(("data", "model"), "data.dataset={_component_: char_text, path: /no/such/file.txt, block_size: 4}"),
+    sets("slurm.time", "abc"),
+    sets("slurm.nodes", -1),
+    sets("slurm.max_requeues", -1),
+    sets("slurm.sbatch", "--qos"),  # a string for a list
+    sets("slurm.sbatch", "nan"),
+]
+
+DEEP = 3500  # nesting beyond Python's recursion limit
+YAML_BREAKS = [
+    bad("optimizer.lr", "optimizer.lr=!!float abc"),
+    bad("train.max_steps", "train.max_steps=!!int x"),
+    bad("train.max_steps", "train.max_steps=[1"),
+    bad("extra", "extra=" + "[" * DEEP + "]" * DEEP),
+    bad("model.hidden_sizes", "model.hidden_sizes=" + "[" * DEEP + "]" * DEEP),
+    bad("extra", "extra=" + "{a: " * DEEP + "1" + "}" * DEEP),
+    bad("optimizer", "optimizer={_component_: adam, lr: 0.003, 7: 1}"),  # a key that is not a string
+    bad("optimizer", "optimizer={_component_: adam, lr: 0.003, [a, b]: 1}"),  # a key that is a list
+    bad("train", "train={max_steps: 2, batch_size: 8, null: 1}"),
+    bad("override 'nokey'", "nokey"),
+    bad("override '=5'", "=5"),
+    bad("override 'optimizer..lr=1'", "optimizer..lr=1"),
+    bad("train.max_steps", "train.max_steps=2", "train.max_steps=3", "~train.max_steps", "train.max_steps.x=1"),
+]
+
+# Every key of the tiny recipe as written out (`--print-recipe`), each given a value of a kind it never takes.
+LEAF_KEYS = [
+    "name", "run_dir", "resume", "model._component_", "data.train._component_", "data.train.num_features",
+    "data.train.num_classes", "data.train.num_samples", "data.train.split", "data.val.split", "data.num_workers",
+    "data.shuffle", "data.drop_last", "loss", "optimizer._component_", "optimizer.lr", "scheduler._component_",
+    "train.max_steps", "train.max_epochs", "train.batch_size", "train.gradient_accumulation_steps",
+    "train.clip_grad_norm", "train.mixed_precision", "train.seed", "train.max_nonfinite_steps", "train.max_time_s",
+    "train.compile", "train.activation_checkpointing", "train.blocks", "train.peak_flops", "train.chunked_loss",
+    "eval.every_steps", "eval.every_epoch", "eval.max_batches", "eval.batch_size", "early_stopping",
+    "checkpoint.every_steps", "checkpoint.save_final", "checkpoint.keep_last", "checkpoint.keep_best",
+    "checkpoint.async_save", "checkpoint.monitor", "checkpoint.mode", "checkpoint.dir", "logging.every_steps",
+    "logging.trackers", "logging.progress_bar", "strategy.name", "strategy.find_unused_parameters",
+    "strategy.timeout_s", "strategy.fsdp.wrap", "strategy.fsdp.reshard_after_forward", "strategy.deepspeed.zero_stage",
+    "strategy.deepspeed.config", "slurm.nodes", "slurm.gpus_per_node", "slurm.time", "slurm.partition",
+    "slurm.account", "slurm.max_requeues", "slurm.signal_before_s", "slurm.stop_before_end_s", "slurm.sbatch",
+    "slurm.setup", "profile",
+]  # fmt: skip
+SECTIONS = (
+    "data.dataset", "data.val", "data", "train", "train.compile", "eval", "checkpoint", "logging", "strategy",
+    "strategy.fsdp", "strategy.deepspeed", "slurm", "early_stopping", "profile", "scheduler",
+)  # fmt: skip
+UNKNOWN_KEY_BREAKS = [sets(f"{section}.nosuch", 1, section) for section in SECTIONS] + [
+    bad("optimizer.groups", "optimizer.groups=[{params: '*', nosuch: 1}]")
+]
 if not torch.cuda.is_available():
     OTHER_BREAKS.append(sets("train.mixed_precision", "fp16"))
 
-FIXED_BREAKS = COMPONENT_BREAKS + NAME_BREAKS + KEY_BREAKS + MONITOR_BREAKS + OTHER_BREAKS
+FIXED_BREAKS = (
+    COMPONENT_BREAKS + NAME_BREAKS + KEY_BREAKS + MONITOR_BREAKS + OTHER_BREAKS + BUILT_BREAKS + YAML_BREAKS
+    + UNKNOWN_KEY_BREAKS
+)  # fmt: skip
+
+
+def wrong_kind_breaks() -> st.SearchStrategy[Mutation]:
+    """A mapping where no key of the recipe takes one, a list where only `model.hidden_sizes` takes one."""
+    keys = st.sampled_from(LEAF_KEYS)
+    return st.one_of(
+        keys.map(lambda k: sets(k, {"a": 1})),
+        keys.filter(lambda k: k != "model.hidden_sizes").map(lambda k: sets(k, [1])),
+    )
+
+
 BREAKS = st.one_of(
     int_field_breaks(),
+    wrong_kind_breaks(),
     st.sampled_from(FLOAT_BREAKS).flatmap(lambda kv: st.sampled_from(kv[1]).map(lambda v: sets(kv[0], v))),
     st.sampled_from(FIXED_BREAKS),
 )
@@ -394,7 +494,7 @@ def in_subprocess(args: list[str], root: Path) -> Outcome:
 
 # ---------------------------------------------------------------------------------------------------- the checks
 
-LINE = re.compile(r"^error: (?P<source>[^:]+): (?P<key>[\w./~]+|override '[^']*'): \S")
+LINE = re.compile(r"^error: (?P<source>[^:]+): (?P<key>[\w./~\[\]]+|override '[^']*'): \S")
 
 
 def assert_refused_cleanly(outcome: Outcome, source: str) -> list[str]:
@@ -428,14 +528,18 @@ class Case:
     root: Path
     base: Path
     mutations: list[Mutation]
+    paths: dict[str, Path]  # what the placeholders (FILE, EMPTY, ODD) stand for
 
-    @property
-    def overrides(self) -> list[str]:
-        return [o for m in self.mutations for o in m.overrides]
+    def overrides(self, run_dir: Path) -> list[str]:
+        """The run dir first: a mutation may name another."""
+        given = [o for m in self.mutations for o in m.overrides]
+        for placeholder, path in self.paths.items():
+            given = [o.replace(placeholder, str(path)) for o in given]
+        return [f"run_dir={run_dir}", *given]
 
-    def composed_file(self) -> Path | None:
+    def composed_file(self, run_dir: Path) -> Path | None:
         """The recipe as one file of its own, beside the tiny one (None when the overrides do not apply)."""
-        raw, problems = apply_overrides(parse_yaml(self.base.read_text()), self.overrides, str(self.base))
+        raw, problems = apply_overrides(parse_yaml(self.base.read_text()), self.overrides(run_dir), str(self.base))
         if problems:
             return None
         handle, name = tempfile.mkstemp(suffix=".yaml", dir=self.base.parent)
@@ -444,13 +548,25 @@ class Case:
         return Path(name)
 
 
+def contents(folder: Path) -> dict[str, bytes] | None:
+    """What a folder holds, file by file (None: it does not exist)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"/" for p in folder.rglob("*")}
+
+
 STATS: Counter[str] = Counter()
 
 
 def check(case: Case) -> None:
     run_dir = Path(tempfile.mkdtemp(dir=case.root)) / "run"
-    args = [str(case.base), *case.overrides, f"run_dir={run_dir}"]
+    if any(m.run_dir_holds for m in case.mutations):
+        run_dir.mkdir()
+        (run_dir / "notes.txt").write_text("the user's, kept whatever happens")
+    args = [str(case.base), *case.overrides(run_dir)]
+    before = {path: contents(path) for path in (run_dir, *case.paths.values())}
     validated = in_process(["validate", *args], case.root)
+    assert {path: contents(path) for path in before} == before, f"validate wrote: {validated.stderr}"
     trained = in_process(["train", *args], case.root)
     breaking = [m for m in case.mutations if m.breaks]
     STATS["recipes"] += 1
@@ -463,13 +579,14 @@ def check(case: Case) -> None:
         keys = assert_refused_cleanly(validated, str(case.base))
         assert_refused_cleanly(trained, str(case.base))
         assert trained.lines == validated.lines, f"validate:\n{validated.stderr}\ntrain:\n{trained.stderr}"
-        assert not run_dir.exists()
+        # A refused run leaves the run dir (and anything else it was pointed at) as it found it.
+        assert {path: contents(path) for path in before} == before, f"train wrote: {trained.stderr}"
         if len(breaking) == 1:
             assert any(related(k, e) for k in keys for e in breaking[0].keys), (breaking, validated.stderr)
         STATS["refused"] += 1
-    file = case.composed_file()
+    file = case.composed_file(run_dir)
     if file is not None:  # the same recipe written out gets the same verdict, with the same lines
-        as_file = in_process(["validate", str(file), f"run_dir={run_dir}"], case.root)
+        as_file = in_process(["validate", str(file)], case.root)
         assert as_file.code == validated.code, (as_file.stderr, validated.stderr)
         assert as_file.stderr.replace(str(file), "<recipe>") == validated.stderr.replace(str(case.base), "<recipe>")
         STATS["also as a file"] += 1
@@ -482,8 +599,20 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_validate_accepts_exactly_what_trains(base: Path, tmp_path_factory: pytest.TempPathFactory):
+def placeholder_paths(root: Path) -> dict[str, Path]:
+    paths = {FILE: root / "a-file.txt", EMPTY: root / "an-empty-folder", ODD: root / "odd.bin"}
+    paths[FILE].write_text("not a folder, not a recipe")
+    paths[EMPTY].mkdir()
+    paths[ODD].write_bytes(bytes(1001))  # 500.5 uint16 tokens
+    return paths
+
+
+def test_validate_accepts_exactly_what_trains(
+    base: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+):
     root = tmp_path_factory.mktemp("cases")
+    paths = placeholder_paths(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuch://tracking")  # a URI MLflow has no store for
 
     @settings(
         max_examples=EXAMPLES,
@@ -494,7 +623,7 @@ def test_validate_accepts_exactly_what_trains(base: Path, tmp_path_factory: pyte
     )
     @given(cases())
     def property_holds(mutations: list[Mutation]) -> None:
-        check(Case(root, base, mutations))
+        check(Case(root, base, mutations, paths))
 
     fixed = [m for group in FIXED_VARIATIONS.values() for m in group] + FIXED_BREAKS
     for mutation in fixed:  # each at least once, alone, whatever the generated cases draw

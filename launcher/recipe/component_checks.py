@@ -49,7 +49,8 @@ def check_component(
                 split = spec.kwargs.get("split", "train")
                 file = Path(value.replace("{split}", str(split)))
                 if not file.is_file():
-                    problems.append(f"{key}.{arg}: file not found: {file} (relative paths start at {Path.cwd()})")
+                    where = "" if file.is_absolute() else f" (relative paths start at {Path.cwd()})"
+                    problems.append(f"{key}.{arg}: file not found: {file}{where}")
     return problems
 
 
