@@ -381,7 +381,7 @@ def ckpt_export_command(
         raise RecipeError(f"--out: no such folder: {out.parent}")
     problem = integrity.problems(path)  # before anything is read into torch or written
     if problem:
-        raise RecipeError(f"{path}: damaged: {problem}")
+        raise RecipeError(f"{path}: damaged: {problem}{_intact_instead(path)}")
     _quiet_deepspeed()
     from launcher.checkpoint.shards import UnsafeCheckpoint
 
@@ -392,6 +392,17 @@ def ckpt_export_command(
     except UnsafeCheckpoint as e:
         raise RecipeError(e.refusal(f"{path_text}:")) from None
     except integrity.Damaged as e:  # written before manifests, and damaged since
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{path}: {e}{_intact_instead(path)}") from None
     print(f"{out}: {count} tensors from {path}")
     return 0
+
+
+def _intact_instead(damaged: Path) -> str:
+    """Where a damaged checkpoint is refused for export, the newest intact one beside it, which the user can export
+    instead (typically the one before it, when `latest` is damaged)."""
+    from launcher import checkpoint
+
+    found = checkpoint.latest_intact(damaged.parent)[0]
+    if found is None or found == damaged:
+        return ""
+    return f"; the newest intact checkpoint is {found}: export that one instead"

@@ -280,6 +280,9 @@ def instantiate(section: str, spec: Component, *args: Any, key: str | None = Non
     except ArgumentProblem as e:
         raise RecipeError(f"{e.key or f'{key or section}.{e.arg}'}: {e.message}") from None
     except Exception as e:
+        failed = _run_failed(e)
+        if failed is not None:  # a build lock never released (its library re-raised it wrapped): not the recipe's fault
+            raise failed from None
         if os.environ.get("LAUNCHER_FULL_ERROR") == "1":
             raise
         message = str(e).splitlines()[0] if str(e) else ""
@@ -287,6 +290,18 @@ def instantiate(section: str, spec: Component, *args: Any, key: str | None = Non
             f"{key or section}: building {_name(fn)} failed: {type(e).__name__}: {message} "
             "(LAUNCHER_FULL_ERROR=1 shows the traceback)"
         ) from None
+
+
+def _run_failed(e: BaseException | None) -> Any:
+    """The RunFailed `e` is, or was raised from (DeepSpeed wraps what its op loader raised in a RuntimeError)."""
+    from launcher.errors import RunFailed
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, RunFailed):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _name(fn: Callable[..., Any]) -> str:

@@ -41,6 +41,7 @@ STEP_PREFIX = "step_"
 STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 TMP_PREFIX = ".tmp-"  # a save under way (or interrupted): renamed into place once complete
 OLD_PREFIX = ".old-"  # the directory a save replaces, moved aside until the new one is in place
+PRUNED_PREFIX = ".pruned-"  # a checkpoint retention removes: renamed first, so that it is gone at once, then deleted
 UNIVERSAL_PREFIX = ".universal-"  # a DeepSpeed checkpoint converted for another world size, while it is loaded
 CHECKPOINT_PREFIXES = (STEP_PREFIX, TMP_PREFIX + STEP_PREFIX, OLD_PREFIX + STEP_PREFIX)  # saves a crash interrupted
 LATEST, BEST = "latest", "best"  # `<checkpoints>/latest` and `/best` name checkpoints (looked up, no links)
@@ -63,6 +64,11 @@ def tmp_dir(path: Path) -> Path:
 def old_dir(path: Path) -> Path:
     """Where `path` is moved aside while a new one replaces it."""
     return path.parent / f"{OLD_PREFIX}{path.name}"
+
+
+def pruned_dir(path: Path) -> Path:
+    """Where retention moves `path` before deleting it."""
+    return path.parent / f"{PRUNED_PREFIX}{path.name}"
 
 
 def universal_dir(path: Path) -> Path:

@@ -54,6 +54,8 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
         if lock is not None:
             # A stop file asked the last attempt to stop; this one starts anew (before any process looks for it).
             (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
+            # A kill during the last attempt's retention left a checkpoint half deleted, hidden: finish it.
+            checkpoint.finish_pruning(recipe.checkpoint_dir)
         resume_from = _resume_point(recipe, env)
         return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock)
     except RecipeError as e:

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
-from launcher import checkpoint
-from launcher.checkpoint import integrity
+from launcher import checkpoint, runlock
+from launcher.checkpoint import integrity, retention
 from launcher.cli import main
+from launcher.preflight import preflight
+from launcher.recipe import load_recipe
 
 RUN = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "eval.every_steps=null"]
 FORMATS = {"ddp": [], "fsdp": ["strategy.name=fsdp"], "deepspeed": ["strategy.name=deepspeed"]}
@@ -135,8 +137,10 @@ def test_what_problems_names(tmp_path: Path):
     assert integrity.problems(ckpt) == "rng.pt: size 2 bytes, expected 3"  # sizes are compared before any checksum
     (ckpt / "rng.pt").unlink()
     assert integrity.problems(ckpt) == "rng.pt: missing"
-    state({"step": 10})  # written before manifests: only the state itself is checked
-    assert integrity.problems(ckpt) is None
+    state({"step": 10})  # written before manifests: the files' structure is checked instead
+    assert integrity.problems(ckpt) == "dcp/.metadata: missing"
+    shutil.rmtree(ckpt / "dcp")
+    assert integrity.problems(ckpt) is None  # rng.pt is gone: only the files there are checked
     state('{"step": 1')
     assert integrity.problems(ckpt).startswith("trainer_state.json: not JSON (JSONDecodeError: ")
     state([10])
@@ -300,14 +304,13 @@ def test_export_names_a_damaged_file_without_a_manifest(
 @pytest.mark.parametrize(
     "fmt, file, how, says",
     [
-        ("ddp", "rng.pt", "truncated", ": rng.pt: OSError: "),
-        # torch's weights-only unpickler cannot tell bytes that are no pickle from a crafted one: both are refused
-        ("ddp", "scheduler.pt", "overwritten", " holds a file that is not plain tensors; refusing to load it (sch"),
-        ("fsdp", "dcp/__0_0.distcp", "truncated", ": dcp/__0_0.distcp: size "),
-        ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", "emptied", ": deepspeed/zero_pp_rank_0_"),
+        ("ddp", "rng.pt", "truncated", "rng.pt: size "),
+        ("ddp", "scheduler.pt", "overwritten", "scheduler.pt: not a file torch.save writes"),
+        ("fsdp", "dcp/__0_0.distcp", "truncated", "dcp/__0_0.distcp: size "),
+        ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", "emptied", "deepspeed/zero_pp_rank_0_"),
     ],
 )
-def test_loading_names_a_damaged_file_without_a_manifest(
+def test_resuming_names_a_damaged_file_without_a_manifest(
     trained: Callable[[str], Path], tmp_path: Path, fmt: str, file: str, how: str, says: str
 ):
     run_dir = copy_of(trained, fmt, tmp_path)
@@ -316,4 +319,132 @@ def test_loading_names_a_damaged_file_without_a_manifest(
     damage(ckpt / file, how)
     proc = run_cli(*train_args(run_dir, fmt, f"resume={ckpt}"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert error_line(proc.stderr).startswith(f"error: resume: {ckpt}{says}"), proc.stderr
+    # Found by the files' structure before anything loads.
+    assert error_line(proc.stderr).startswith(f"error: {tmp_path / 'tiny.yaml'}: resume: {ckpt}: damaged: {says}")
+
+
+NO_MANIFEST_DAMAGES = [
+    ("ddp", "model.safetensors", "truncated", "model.safetensors: size "),
+    ("ddp", "model.safetensors", "overwritten", "model.safetensors: size 1"),  # its header claims a huge size
+    ("ddp", "optimizer.safetensors", "emptied", "optimizer.safetensors: size 0 bytes"),
+    ("ddp", "rng.pt", "truncated", "rng.pt: size "),
+    ("ddp", "scheduler.pt", "emptied", "scheduler.pt: size 0 bytes (empty)"),
+    ("fsdp", "dcp/__0_0.distcp", "truncated", "dcp/__0_0.distcp: size "),
+    ("fsdp", "dcp/.metadata", "truncated", "dcp/.metadata: "),
+    ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", "truncated", "deepspeed/mp_rank_00_model_states.pt: size "),
+]
+
+
+@pytest.mark.parametrize("fmt, file, how, says", NO_MANIFEST_DAMAGES)
+def test_a_cut_file_without_a_manifest_reads_as_damaged(
+    trained: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+    file: str,
+    how: str,
+    says: str,
+):
+    run_dir = copy_of(trained, fmt, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    ckpt = ckpts / NEWEST
+    strip_manifest(ckpt)
+    damage(ckpt / file, how)
+    problem = integrity.problems(ckpt)
+    assert problem is not None and problem.startswith(says), problem
+    found, passed_over = checkpoint.latest_intact(ckpts)
+    assert (found, passed_over) == (ckpts / OLDER, [f"{ckpt}: damaged: {problem}"])
+    capsys.readouterr()
+    assert main(["ckpt", "info", str(run_dir)]) == 2
+    stdout, stderr = capsys.readouterr()
+    assert f"{ckpt}: damaged: {says}" in stdout
+    assert error_line(stderr) == f"error: {ckpts}: 1 of 2 checkpoints damaged"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_an_intact_checkpoint_without_a_manifest_passes_the_structure_checks(
+    trained: Callable[[str], Path], tmp_path: Path, fmt: str
+):
+    run_dir = copy_of(trained, fmt, tmp_path)
+    for name in (NEWEST, OLDER):
+        strip_manifest(run_dir / "checkpoints" / name)
+        assert integrity.problems(run_dir / "checkpoints" / name) is None
+
+
+@pytest.mark.slow
+def test_resume_auto_passes_over_a_cut_file_without_a_manifest(trained: Callable[[str], Path], tmp_path: Path):
+    run_dir = copy_of(trained, "ddp", tmp_path)
+    newest, older = run_dir / "checkpoints" / NEWEST, run_dir / "checkpoints" / OLDER
+    for ckpt in (newest, older):
+        strip_manifest(ckpt)
+    damage(newest / "model.safetensors", "truncated")
+    proc = run_cli(*train_args(run_dir, "ddp", "train.max_steps=6", "resume=auto"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: passing over {newest}: damaged: model.safetensors: size " in proc.stderr
+    assert f"resumed from {older} at step 2" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def test_export_of_a_damaged_checkpoint_names_the_newest_intact_one(
+    trained: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run_dir = copy_of(trained, "ddp", tmp_path)
+    ckpts = run_dir / "checkpoints"
+    damage(ckpts / NEWEST / "model.safetensors", "overwritten")
+    out = tmp_path / "w.safetensors"
+    capsys.readouterr()
+    assert main(["ckpt", "export", str(ckpts / "latest"), "--out", str(out)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {ckpts / NEWEST}: damaged: model.safetensors: checksum differs"), line
+    assert line.endswith(f"; the newest intact checkpoint is {ckpts / OLDER}: export that one instead"), line
+    assert not out.exists()
+
+    damage(ckpts / OLDER / "rng.pt", "emptied")  # none intact: nothing to suggest
+    assert main(["ckpt", "export", str(ckpts / "latest"), "--out", str(out)]) == 2
+    assert "newest intact" not in error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------------- retention
+
+
+def test_a_kill_during_retention_leaves_no_damaged_checkpoint(
+    trained: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    run_dir = copy_of(trained, "ddp", tmp_path)
+    ckpts = run_dir / "checkpoints"
+
+    def killed(path: Path, ignore_errors: bool = False) -> None:
+        (Path(path) / "model.safetensors").unlink()  # a file or two gone, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retention.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune(ckpts, keep_last=1)
+    monkeypatch.undo()
+    doomed = ckpts / f".pruned-{OLDER}"
+    assert sorted(p.name for p in ckpts.iterdir()) == [doomed.name, NEWEST]
+    assert checkpoint.latest_intact(ckpts) == (ckpts / NEWEST, [])
+    capsys.readouterr()
+    assert main(["ckpt", "info", str(run_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"{ckpts / NEWEST}: step 4, ")
+    main(["ckpt", "info", str(doomed)])  # named directly: no longer a checkpoint (or an incomplete one), not damaged
+    assert "damaged" not in "".join(capsys.readouterr())
+
+    # The next start finishes the deletion, before anything else, and says nothing of it.
+    recipe = load_recipe(tmp_path / "tiny.yaml", [f"run_dir={run_dir}", *RUN, "resume=auto"])
+    start = preflight(recipe, {})
+    runlock.release(start.lock)
+    assert start.resume_from == ckpts / NEWEST
+    assert sorted(p.name for p in ckpts.iterdir()) == [NEWEST]
+    assert capsys.readouterr().err == ""
+
+
+def test_retention_renames_before_it_deletes(trained: Callable[[str], Path], tmp_path: Path):
+    run_dir = copy_of(trained, "ddp", tmp_path)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / ".pruned-step_00000001").mkdir()  # left by an earlier kill: removed too
+    checkpoint.prune(ckpts, keep_last=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == [NEWEST]

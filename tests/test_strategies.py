@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from test_distributed import TIMEOUT
 
 from launcher import strategies
 from launcher.components import Component
+from launcher.errors import RunFailed
+from launcher.extensions import BUILD_NOTICE_AFTER_S, build_lock_watch
 from launcher.recipe import load_recipe
 from launcher.strategies.deepspeed import DeepSpeed, model_width, zero_defaults
 
@@ -385,3 +390,91 @@ def test_fsdp_activation_checkpointing_and_offload_train_the_same_run(byte_token
         assert [rc for rc, _, _ in results] == [0, 0], results
     a, b = curve(plain, "train/loss"), curve(other, "train/loss")
     assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+
+
+# ---------------------------------------------------------------------------------------------------- C++ extensions
+
+
+def test_a_wait_on_a_build_lock_is_named_and_given_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from torch.utils.file_baton import FileBaton
+
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    started = time.monotonic()
+    with build_lock_watch(BUILD_NOTICE_AFTER_S + 1), pytest.raises(RunFailed) as failed:
+        FileBaton(str(lock)).wait()
+    assert BUILD_NOTICE_AFTER_S + 1 <= time.monotonic() - started < BUILD_NOTICE_AFTER_S + 5
+    assert failed.value.message.startswith(f"error: {lock} was still there after ")
+    assert capsys.readouterr().err.startswith(f"warning: waiting for {lock}: ")
+
+    # A lock released in time (the other process's build finished) ends the wait, without a word.
+    threading.Timer(0.3, lock.unlink).start()
+    with build_lock_watch(30):
+        FileBaton(str(lock)).wait()
+    assert capsys.readouterr().err == ""
+    assert FileBaton.wait is not None and "launcher" not in FileBaton.wait.__module__  # torch's own again
+
+
+@pytest.mark.slow
+def test_a_run_waiting_on_a_stale_build_lock_says_so_and_ends_within_its_timeout(
+    tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The run's own extensions folder: a lock in the machine's would hold up every other DeepSpeed run there.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("cpu_adam", verbose=False)) / "lock"
+    lock.touch()  # what a build killed mid-way leaves
+    timeout_s = 6
+    cmd = [
+        *(sys.executable, "-m", "launcher", "train", str(tiny_recipe), f"run_dir={tmp_path / 'run'}"),
+        *("strategy.name=deepspeed", f"strategy.timeout_s={timeout_s}"),
+        "optimizer._component_=deepspeed.ops.adam.DeepSpeedCPUAdam",  # ZeRO-Offload's optimizer: a C++ op
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stderr))
+    reader.start()
+    try:
+        proc.wait(timeout=240)
+    finally:
+        proc.kill()
+        reader.join()
+    ended = time.monotonic()
+    said = [(t, line) for t, line in lines if line.startswith(f"warning: waiting for {lock}: ")]
+    assert said, lines
+    assert "a killed build left it: remove it" in said[0][1]
+    # The notice comes seconds into the wait, the end at its timeout: the gap is the timeout less those seconds.
+    assert ended - said[0][0] < timeout_s + 10, lines
+    stderr = "".join(line for _, line in lines)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: {lock} was still there after {timeout_s} s "), stderr
+    assert lock.exists()  # someone else's, for all the run knows
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's communication op")
+def test_a_deepspeed_run_on_the_cpu_builds_no_extension(
+    tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    extensions = tmp_path / "extensions"
+    extensions.mkdir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    run = ["strategy.name=deepspeed", "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2"]
+    done = run_cli("train", str(tiny_recipe), f"run_dir={tmp_path / 'run'}", *run, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = run_cli(
+        "train",
+        str(tiny_recipe),
+        f"run_dir={tmp_path / 'run'}",
+        *run,
+        "train.max_steps=6",
+        "resume=auto",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(extensions.iterdir()) == []

@@ -9,7 +9,8 @@ at any moment leaves either the whole directory or none of it (`writer.py`). `tr
 other file's size and checksum (`integrity.py`): a checkpoint damaged after it was written is refused in one line
 naming the file (`restore.py`), and passed over by `resume=auto` (`retention.py`).
 
-- `retention.py`: which checkpoints a run has (latest, best, intact, interrupted) and which it keeps.
+- `retention.py`: which checkpoints a run has (latest, best, intact, interrupted) and which it keeps (and how it
+  deletes the others: renamed to `.pruned-step_...` first, so a kill mid-way leaves no damaged-looking checkpoint).
 - `formats.py`: the three on-disk formats, one object each; `weights.py`: the `full` format's files.
 - `writer.py`: `Writer`, which saves; `restore.py`: `load`, which resumes.
 - `info.py`: `launcher ckpt info` and `launcher ckpt export`.
@@ -23,6 +24,7 @@ from launcher.checkpoint.named import resume_problem
 from launcher.checkpoint.restore import load
 from launcher.checkpoint.retention import (
     best,
+    finish_pruning,
     incomplete,
     interrupted,
     latest,
@@ -58,6 +60,7 @@ __all__ = [
     "checkpoint_format",
     "complete_steps",
     "export",
+    "finish_pruning",
     "format_of",
     "incomplete",
     "interrupted",

@@ -12,11 +12,13 @@ from launcher.checkpoint import integrity
 from launcher.layout import (
     BEST,
     LATEST,
+    PRUNED_PREFIX,
     STATE_FILE,
     STEP_DIR,
     complete_steps,
     is_complete,
     is_interrupted_name,
+    pruned_dir,
     read_json,
     step_dir_name,
 )
@@ -103,6 +105,33 @@ def incomplete(ckpt_dir: Path) -> list[Path]:
 
 
 def prune(ckpt_dir: Path, keep_last: int, best: Sequence[Sequence[float]] = ()) -> None:
-    """Retention, run by the main process alone, among complete checkpoints only."""
+    """Retention, run by the main process alone, among complete checkpoints only.
+
+    Each checkpoint is renamed to a hidden `.pruned-` name before anything in it is deleted: the rename is atomic,
+    so a kill during the deletion leaves no `step_` directory with files missing (which would read as damaged),
+    only a hidden one that `finish_pruning` removes at the next start or save."""
+    finish_pruning(ckpt_dir)
     for step in to_delete(complete_steps(ckpt_dir), keep_last, best):
-        shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+        path = ckpt_dir / step_dir_name(step)
+        doomed = pruned_dir(path)
+        try:
+            path.rename(doomed)
+        except OSError:  # a file system that refuses the rename: deleted in place, as before
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        _delete(doomed)
+
+
+def finish_pruning(ckpt_dir: Path) -> None:
+    """Delete what a kill during retention left (`.pruned-` directories)."""
+    if not ckpt_dir.is_dir():
+        return
+    for child in sorted(ckpt_dir.iterdir()):
+        if child.name.startswith(PRUNED_PREFIX) and child.is_dir():
+            _delete(child)
+
+
+def _delete(doomed: Path) -> None:
+    # The trainer state goes first: a half-deleted directory, even when named directly, then reads as incomplete.
+    (doomed / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(doomed, ignore_errors=True)

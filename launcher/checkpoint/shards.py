@@ -139,7 +139,7 @@ def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _dcp_state(model, optimizer)
-    _check_dcp(directory)  # refused here, the same on every rank, before any collective
+    check_dcp(directory)  # refused here, the same on every rank, before any collective
     with _dcp_errors(directory), _quiet_alone():
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=_alone())
     set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -150,7 +150,7 @@ def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = _check_dcp(directory)
+    metadata = check_dcp(directory)
     weights = {
         key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -162,7 +162,7 @@ def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def _check_dcp(directory: Path) -> Any:
+def check_dcp(directory: Path) -> Any:
     """The checkpoint's metadata, once it unpickles safely and every shard file holds the bytes it points into;
     UnsafeCheckpoint or Damaged otherwise. DCP reads tensors as raw bytes: a shard cut short would fail deep in
     its reader, and only a manifest tells a shard overwritten with other bytes."""

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher import components, folders, strategies
+from launcher.extensions import build_lock_watch
 from launcher.layout import BEST, LATEST
 from launcher.recipe import component_checks
 from launcher.recipe.schema import (
@@ -118,7 +119,9 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
         problems += component_checks.check_batches(recipe, facts.samples, processes)
     problems += component_checks.check_model(recipe, facts, this_machine)
     problems += component_checks.check_loss(recipe)
-    problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
+    # The trial optimizer may build a C++ extension (DeepSpeed's CPU Adam): a stale build lock must not hang here.
+    with build_lock_watch(recipe.strategy.timeout_s):
+        problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
     problems += component_checks.check_scheduler(recipe.scheduler)
     return problems
 

@@ -3,6 +3,13 @@ it applies inside backward; checkpoints are its own ZeRO partitions, every proce
 
 The config is generated from the recipe (batch sizes, accumulation, clipping, precision cannot disagree) with a
 user's JSON merged in for everything else.
+
+DeepSpeed compiles its C++ ops on first use (torch's cpp_extension, into TORCH_EXTENSIONS_DIR or
+~/.cache/torch_extensions), a minute or more each, under a lock file in the op's build folder that every other
+process waits on, silently and for ever where a killed build left it. The CPU's shared-memory all-reduce, built by
+every CPU run, serves inference alone and is left out (`skip_inference_comm_op`); any other build a run waits on
+(ZeRO-Offload's `cpu_adam`, GPU ops) is named within seconds and given up after `strategy.timeout_s`
+(`extensions.build_lock_watch`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.extensions import build_lock_watch
 from launcher.recipe.dialect import deep_merge
 from launcher.strategies.base import DDP
 from launcher.strategies.memory import state_bytes
@@ -59,8 +67,9 @@ class DeepSpeed(DDP):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), build_lock_watch(self.recipe.strategy.timeout_s):
                 warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+                skip_inference_comm_op()
                 yield
         finally:
             os.environ.clear()
@@ -160,6 +169,21 @@ class DeepSpeed(DDP):
             f"deepspeed     config (generated from the recipe{f', {ds.config} merged in' if user else ''}):",
             *("              " + line for line in config.splitlines()),
         ]
+
+
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed's communication backend from building (a C++ compile of a minute or more on a machine's first
+    run) and starting its shared-memory all-reduce on the CPU: it serves `inference_all_reduce` (tensor-parallel
+    inference) alone, while ZeRO training reduces through the process group (gloo). Marked unavailable, the
+    backend goes without it."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:  # refused by `problems` before any run starts
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def zero_partition(state: dict[str, float], stage: int, processes: int) -> dict[str, float]:
