@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHAKESPEARE
+from conftest import REPO, SHAKESPEARE, refused_alike
 
 from launcher.errors import RecipeError
 from launcher.recipe import apply_overrides, deep_merge, dump, load_recipe, parse_yaml
@@ -253,4 +253,85 @@ def test_built_in_components_check_their_own_arguments():
     memmap |= {"offsets": "fixed", "seed": 0}
     assert TokenMemmap.check_args(memmap) == [
         ("dtype", "expected a number dtype such as uint16 or int32, got a string ('U4')")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- YAML's edges
+
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+def recipe_file(folder: Path, text: str) -> Path:
+    """A recipe of `text` on top of the quick start, in a folder of its own."""
+    (folder / "recipe").mkdir()
+    path = folder / "recipe" / "r.yaml"
+    path.write_text(f"base: {QUICKSTART}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tagged", "problem"),
+    [
+        ("!!float abc", "!!float cannot make a value of 'abc'"),
+        ("!!int x", "!!int cannot make a value of 'x'"),
+        ("!!timestamp bad", "!!timestamp cannot make a value of 'bad'"),
+        ("!!bool maybe", "!!bool cannot make a value of 'maybe'"),
+        ("!!binary x", "failed to decode base64 data"),
+    ],
+)
+def test_an_explicit_tag_that_cannot_make_its_value_is_refused(tagged: str, problem: str, tmp_path: Path):
+    in_file = refused_alike(recipe_file(tmp_path, f"optimizer:\n  lr: {tagged}\n"), work=tmp_path)
+    assert len(in_file) == 1 and in_file[0].startswith(f"line 3, column 7: not valid YAML ({problem}"), in_file
+    as_override = refused_alike(QUICKSTART, f"optimizer.lr={tagged}", work=tmp_path / "override")
+    assert as_override[0].startswith(f"optimizer.lr: the override value '{tagged}' is not valid YAML ({problem}")
+
+
+DEEP = 3500  # far past Python's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (f"model:\n  extra: {'[' * DEEP}{']' * DEEP}\n", "model.extra"),
+        (f"model:\n  extra: {'{a: ' * DEEP}1{'}' * DEEP}\n", "model.extra.a"),
+    ],
+    ids=["lists", "sections"],
+)
+def test_deep_nesting_is_refused(text: str, key: str, tmp_path: Path):
+    assert refused_alike(recipe_file(tmp_path, text), work=tmp_path) == [
+        f"{key}: nested more than 100 levels deep (line 3); a recipe needs a handful"
+    ]
+    value = text.split("extra: ", 1)[1].strip()
+    assert refused_alike(QUICKSTART, f"model.extra={value}", work=tmp_path / "override") == [
+        "model.extra: the override value is nested more than 100 levels deep; a recipe needs a handful"
+    ]
+
+
+def test_nesting_through_aliases_is_refused_where_it_is(tmp_path: Path):
+    chain = "".join(f"  a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 120))
+    refused = refused_alike(recipe_file(tmp_path, f"model:\n  a0: &a0 [1]\n{chain}"), work=tmp_path)
+    assert refused == ["model.a119: nested more than 100 levels deep; a recipe needs a handful"]
+    endless = refused_alike(QUICKSTART, "model.extra=&x [1, *x]", work=tmp_path / "endless")
+    assert endless == ["model.extra: the override value is nested more than 100 levels deep; a recipe needs a handful"]
+
+
+def test_the_nesting_limit_counts_from_the_top_of_the_recipe():
+    assert parse_yaml("[" * 100 + "]" * 100) == parse_yaml("[" * 100 + "]" * 100)
+    with pytest.raises(yaml.YAMLError, match="nested more than 100 levels deep"):
+        parse_yaml("[" * 101 + "]" * 101)
+    assert apply_overrides({}, ["a.b=" + "[" * 98 + "]" * 98], "r.yaml")[1] == []  # the top, a and b: 100
+    assert apply_overrides({}, ["a.b=" + "[" * 99 + "]" * 99], "r.yaml")[1] == [
+        "r.yaml: a.b: the override value is nested more than 100 levels deep; a recipe needs a handful"
+    ]
+    assert apply_overrides({}, ["x." * 150 + "y=1"], "r.yaml")[1] == [
+        f"r.yaml: {('x.' * 150)[:57]}...: a path of 151 keys nests more than 100 levels deep"
+    ]
+
+
+def test_a_list_as_a_key_is_refused(tmp_path: Path):
+    assert refused_alike(recipe_file(tmp_path, "? [a, b]\n: 1\n"), work=tmp_path) == [
+        "line 2, column 3: not valid YAML (a key must be a name, got a list)"
+    ]
+    assert refused_alike(QUICKSTART, "model.x={? [a, b] : 1}", work=tmp_path / "override") == [
+        "model.x: the override value '{? [a, b] : 1}' is not valid YAML (a key must be a name, got a list)"
     ]
