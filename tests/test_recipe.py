@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHAKESPEARE, refused_alike
+from conftest import REPO, SHAKESPEARE, cli_in_process, refused_alike
 
 from launcher.errors import RecipeError
-from launcher.recipe import apply_overrides, deep_merge, dump, load_recipe, parse_yaml
+from launcher.recipe import CheckpointConfig, StrategyConfig, apply_overrides, deep_merge, dump, load_recipe, parse_yaml
 
 
 def test_quickstart_loads_typed_and_frozen():
@@ -334,4 +334,69 @@ def test_a_list_as_a_key_is_refused(tmp_path: Path):
     ]
     assert refused_alike(QUICKSTART, "model.x={? [a, b] : 1}", work=tmp_path / "override") == [
         "model.x: the override value '{? [a, b] : 1}' is not valid YAML (a key must be a name, got a list)"
+    ]
+
+
+def test_keys_that_are_not_names_are_refused_where_they_name_something(tmp_path: Path):
+    text = "optimizer: {_component_: adam, lr: 0.003, 7: 1}\n1.5: x\nstrategy: {fsdp: {null: 1, true: 2}}\n"
+    assert refused_alike(recipe_file(tmp_path, text), work=tmp_path) == [
+        "1.5: a key must be a name (a string), got a number (1.5)",
+        "optimizer.7: a key must be a name (a string), got a number (7)",
+        "strategy.fsdp.null: a key must be a name (a string), got null",
+        "strategy.fsdp.true: a key must be a name (a string), got a boolean (true)",
+    ]
+    as_override = refused_alike(QUICKSTART, "optimizer={_component_: adam, lr: 0.003, 7: 1}", work=tmp_path / "o")
+    assert as_override == ["optimizer.7: a key must be a name (a string), got a number (7)"]
+
+
+def test_keys_inside_an_arguments_value_are_the_components_business(tmp_path: Path):
+    """A mapping given to a component as a value (labels by class id) is the component's to read."""
+    (tmp_path / "labelled.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n"
+        "    def __init__(self, in_features, out_features, labels=None):\n"
+        "        super().__init__(in_features, out_features)\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        "model: {_component_: labelled.Net, in_features: 8, out_features: 2, labels: {0: cat, 1: dog}}\n"
+        "data: {train: {_component_: synthetic_classification}}\n"
+        "optimizer: {_component_: sgd, lr: 0.1}\ntrain: {max_steps: 1}\n"
+    )
+    assert load_recipe(tmp_path / "r.yaml").model.kwargs["labels"] == {0: "cat", 1: "dog"}
+
+
+# ---------------------------------------------------------------------------------------------------- null sections
+
+PARENT = """\
+model: {_component_: mlp, hidden_sizes: [4]}
+data: {train: {_component_: synthetic_classification}}
+optimizer: {_component_: sgd, lr: 0.1}
+scheduler: {_component_: cosine, warmup_steps: 2}
+train: {max_steps: 5}
+strategy: {timeout_s: 60}
+checkpoint: {keep_last: 7}
+"""
+
+
+def test_null_drops_an_inherited_section_and_its_defaults_apply(tmp_path: Path):
+    (tmp_path / "parent.yaml").write_text(PARENT)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nstrategy: null\ncheckpoint: null\nscheduler: null\n")
+    recipe = load_recipe(child)
+    assert recipe.strategy == StrategyConfig() and recipe.checkpoint == CheckpointConfig()
+    assert recipe.scheduler.target == "constant" and recipe.checkpoint.keep_last == 3
+    assert load_recipe(tmp_path / "parent.yaml", ["strategy=null", "checkpoint=null", "scheduler=null"]) == (
+        dataclasses.replace(recipe, name="parent", run_dir="runs/parent")
+    )
+    # train takes what validate takes: the recipe it would run, printed.
+    code, printed, _ = cli_in_process(["train", str(child), "--print-recipe"], tmp_path)
+    assert code == 0 and yaml.safe_load(printed)["strategy"]["timeout_s"] == 1800.0
+
+
+def test_a_required_section_given_null_is_missing(tmp_path: Path):
+    (tmp_path / "parent.yaml").write_text(PARENT)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nmodel: null\ndata: {train: null}\n")
+    assert refused_alike(child, work=tmp_path) == [
+        "model: missing required value (null leaves a section unset)",
+        "data.train: missing required value (null leaves a section unset)",
     ]
