@@ -18,10 +18,13 @@ from typing import Any, Literal
 from launcher import components
 from launcher.components import Component, describe
 from launcher.recipe.dialect import deep_merge
-from launcher.recipe.schema import MISSING, DataConfig, Recipe
+from launcher.recipe.schema import MISSING, DataConfig, Recipe, SlurmConfig
 
 # Keys a section accepts besides its fields: `data.dataset` is folded into `data.train` and `data.val` first.
 _EXTRA_KEYS: dict[type, tuple[str, ...]] = {DataConfig: ("dataset",)}
+# Lists that one string is not taken for (elsewhere `trackers: jsonl` is a list of one): each item is one line of
+# the job script, and a lone string there is most often a slip (`slurm.sbatch=--qos` for `slurm.sbatch=[--qos=high]`).
+_LISTS_ONLY: dict[type, dict[str, str]] = {SlurmConfig: {"sbatch": "sbatch options", "setup": "shell lines"}}
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,10 @@ class _Checker:
         for name, f in fields.items():
             key = f"{prefix}{name}"
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if name in raw and not _unset_section(raw[name], hints[name]):
+            lists_only = _LISTS_ONLY.get(cls, {})
+            if name in lists_only and isinstance(raw.get(name), str):
+                self.problem(key, f"expected a list of {lists_only[name]}, one per item; got {describe(raw[name])}")
+            elif name in raw and not _unset_section(raw[name], hints[name]):
                 value = self.convert(raw[name], hints[name], key)
                 if value is not _BAD:
                     values[name] = value
