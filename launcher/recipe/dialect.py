@@ -138,17 +138,17 @@ def too_deep(value: Any, limit: int = MAX_NESTING) -> list[Any] | None:
     (a YAML alias) once per depth it is met at, so aliases of aliases cannot make the walk exponential; an alias
     inside the value it names nests without end, and is found as too deep.
     """
-    stack: list[tuple[Any, int, list[Any]]] = [(value, 1, [])]
+    stack: list[tuple[Any, int, list[Any]]] = [(value, 1, [])] if isinstance(value, (dict, list)) else []
     deepest: dict[int, int] = {}
     while stack:
         node, depth, path = stack.pop()
-        if not isinstance(node, (dict, list)) or deepest.get(id(node), 0) >= depth:
+        if deepest.get(id(node), 0) >= depth:
             continue
         if depth > limit:
             return path
         deepest[id(node)] = depth
         items = node.items() if isinstance(node, dict) else enumerate(node)
-        stack.extend((child, depth + 1, [*path, key]) for key, child in items)
+        stack.extend((child, depth + 1, [*path, key]) for key, child in items if isinstance(child, (dict, list)))
     return None
 
 
