@@ -22,6 +22,8 @@ from launcher.errors import RecipeError
 from launcher.layout import CHECKPOINTS_DIR, LAST_RUN_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+TIME_FORMATS = "HH:MM:SS, MM:SS, MM or D-HH:MM:SS"
+MAX_SIGNAL_TIME_S = 65535  # the most seconds before its end that SLURM can warn a job (--signal=...@time)
 
 
 def parse_time(text: str) -> int:
@@ -56,18 +58,19 @@ class JobOptions:
 
 
 def options_problems(options: JobOptions) -> list[str]:
+    """Problems with the job's options once `launcher slurm submit`'s flags are applied (the recipe's own `slurm:`
+    values are checked with the rest of the recipe)."""
     problems = []
     try:
         seconds = parse_time(options.time)
     except ValueError:
-        problems.append(f"--time: expected HH:MM:SS, MM:SS, MM or D-HH:MM:SS, got {options.time!r}")
+        problems.append(f"--time: expected {TIME_FORMATS}, got {options.time!r}")
         seconds = 0
     if options.nodes < 1:
         problems.append(f"--nodes: must be >= 1, got {options.nodes}")
     if options.gpus_per_node < 0:
         problems.append(f"--gpus-per-node: must be >= 0, got {options.gpus_per_node}")
-    if options.max_requeues < 0:
-        problems.append(f"slurm.max_requeues: must be >= 0, got {options.max_requeues}")
+    # Against the time the job gets, which a --time flag may change: so here, not with the recipe's values.
     if seconds and options.stop_before_end_s >= seconds:
         problems.append(
             f"slurm.stop_before_end_s: {options.stop_before_end_s} s is not less than the job's time ({seconds} s)"

@@ -1,7 +1,10 @@
-"""Shared helpers: the CLI in a subprocess (as users run it), with a timeout so a hang fails fast."""
+"""Shared helpers: the CLI in a subprocess (as users run it), with a timeout so a hang fails fast, or, for what it
+refuses, in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -127,3 +130,38 @@ def _stack(proc: subprocess.Popen) -> str:
     if not spy:
         return ""
     return subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, check=False).stdout
+
+
+def cli_in_process(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """`launcher ARGS` in this process, in `cwd`: its exit code, stdout and stderr. For refusals, which come before
+    torch or Accelerate is set up: milliseconds where a subprocess takes seconds."""
+    from launcher import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+BOTH_VERBS = (("validate",), ("train",))
+
+
+def refused_alike(
+    recipe: Path, *overrides: str, work: Path, verbs: tuple[tuple[str, ...], ...] = BOTH_VERBS
+) -> list[str]:
+    """Each verb (`validate`, `train`, `slurm submit --dry-run`) on the same recipe and overrides exits 2 with the
+    same `error: <recipe>: ...` lines, no traceback, and writes nothing (its run dir would be inside its own empty
+    folder under `work`); returns those lines."""
+    said: dict[tuple[str, ...], list[str]] = {}
+    for verb in verbs:
+        folder = work / "-".join(verb)
+        folder.mkdir(parents=True)
+        code, out, err = cli_in_process([*verb, str(recipe), *overrides, f"run_dir={folder / 'run'}"], folder)
+        shown = f"{' '.join(verb)}: exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+        assert code == 2 and "Traceback" not in out + err, shown
+        assert err and all(line.startswith(f"error: {recipe}: ") for line in err.splitlines()), shown
+        assert list(folder.iterdir()) == [], shown
+        said[verb] = err.splitlines()
+    first = said[verbs[0]]
+    assert all(lines == first for lines in said.values()), said
+    return [line.removeprefix(f"error: {recipe}: ") for line in first]

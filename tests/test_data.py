@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import REPO, refused_alike
 
 from launcher.data.blocks import epoch_offset
 from launcher.data.memmap import TokenMemmap
 from launcher.data.synthetic import SyntheticClassification
 from launcher.data.text import CharText
+
+GPT = REPO / "recipes" / "gpt_ddp.yaml"
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
@@ -111,3 +114,16 @@ def test_only_a_set_whose_epochs_differ_gets_new_loader_workers_each_epoch(tmp_p
     fixed, moving = (CharText(str(tmp_path / "t.txt"), block_size=8, offsets=o) for o in ("fixed", "random"))
     assert changes_with_epoch(moving) and not changes_with_epoch(fixed)
     assert not changes_with_epoch(SyntheticClassification("train", 8))
+
+
+def test_a_token_file_of_no_whole_number_of_tokens_is_refused_naming_key_file_size_and_dtype(tmp_path: Path):
+    np.arange(3000, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "train.bin").write_bytes(np.arange(3000, dtype=np.uint16).tobytes() + b"x")  # one byte over
+    refused = refused_alike(GPT, f"data.dataset.path={tmp_path}/{{split}}.bin", work=tmp_path / "work")
+    assert refused == [
+        f"data.dataset.path: {tmp_path}/train.bin has 6,001 bytes, not a whole number of uint16 tokens (2 bytes each): "
+        "is dtype the one it was written with, or is the file cut short?"
+    ]
+    (tmp_path / "train.bin").write_bytes(b"")
+    empty = refused_alike(GPT, f"data.dataset.path={tmp_path}/{{split}}.bin", work=tmp_path / "empty")
+    assert empty == [f"data.dataset.path: {tmp_path}/train.bin is empty: it holds no tokens"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHAKESPEARE
+from conftest import REPO, SHAKESPEARE, cli_in_process, refused_alike
 
 from launcher.errors import RecipeError
-from launcher.recipe import apply_overrides, deep_merge, dump, load_recipe, parse_yaml
+from launcher.recipe import CheckpointConfig, StrategyConfig, apply_overrides, deep_merge, dump, load_recipe, parse_yaml
 
 
 def test_quickstart_loads_typed_and_frozen():
@@ -253,4 +253,150 @@ def test_built_in_components_check_their_own_arguments():
     memmap |= {"offsets": "fixed", "seed": 0}
     assert TokenMemmap.check_args(memmap) == [
         ("dtype", "expected a number dtype such as uint16 or int32, got a string ('U4')")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- YAML's edges
+
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+def recipe_file(folder: Path, text: str) -> Path:
+    """A recipe of `text` on top of the quick start, in a folder of its own."""
+    (folder / "recipe").mkdir()
+    path = folder / "recipe" / "r.yaml"
+    path.write_text(f"base: {QUICKSTART}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tagged", "problem"),
+    [
+        ("!!float abc", "!!float cannot make a value of 'abc'"),
+        ("!!int x", "!!int cannot make a value of 'x'"),
+        ("!!timestamp bad", "!!timestamp cannot make a value of 'bad'"),
+        ("!!bool maybe", "!!bool cannot make a value of 'maybe'"),
+        ("!!binary x", "failed to decode base64 data"),
+    ],
+)
+def test_an_explicit_tag_that_cannot_make_its_value_is_refused(tagged: str, problem: str, tmp_path: Path):
+    in_file = refused_alike(recipe_file(tmp_path, f"optimizer:\n  lr: {tagged}\n"), work=tmp_path)
+    assert len(in_file) == 1 and in_file[0].startswith(f"line 3, column 7: not valid YAML ({problem}"), in_file
+    as_override = refused_alike(QUICKSTART, f"optimizer.lr={tagged}", work=tmp_path / "override")
+    assert as_override[0].startswith(f"optimizer.lr: the override value '{tagged}' is not valid YAML ({problem}")
+
+
+DEEP = 3500  # far past Python's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (f"model:\n  extra: {'[' * DEEP}{']' * DEEP}\n", "model.extra"),
+        (f"model:\n  extra: {'{a: ' * DEEP}1{'}' * DEEP}\n", "model.extra.a"),
+    ],
+    ids=["lists", "sections"],
+)
+def test_deep_nesting_is_refused(text: str, key: str, tmp_path: Path):
+    assert refused_alike(recipe_file(tmp_path, text), work=tmp_path) == [
+        f"{key}: nested more than 100 levels deep (line 3); a recipe needs a handful"
+    ]
+    value = text.split("extra: ", 1)[1].strip()
+    assert refused_alike(QUICKSTART, f"model.extra={value}", work=tmp_path / "override") == [
+        "model.extra: the override value is nested more than 100 levels deep; a recipe needs a handful"
+    ]
+
+
+def test_nesting_through_aliases_is_refused_where_it_is(tmp_path: Path):
+    chain = "".join(f"  a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 120))
+    refused = refused_alike(recipe_file(tmp_path, f"model:\n  a0: &a0 [1]\n{chain}"), work=tmp_path)
+    assert refused == ["model.a119: nested more than 100 levels deep; a recipe needs a handful"]
+    endless = refused_alike(QUICKSTART, "model.extra=&x [1, *x]", work=tmp_path / "endless")
+    assert endless == ["model.extra: the override value is nested more than 100 levels deep; a recipe needs a handful"]
+
+
+def test_the_nesting_limit_counts_from_the_top_of_the_recipe():
+    assert parse_yaml("[" * 100 + "]" * 100) == parse_yaml("[" * 100 + "]" * 100)
+    with pytest.raises(yaml.YAMLError, match="nested more than 100 levels deep"):
+        parse_yaml("[" * 101 + "]" * 101)
+    assert apply_overrides({}, ["a.b=" + "[" * 98 + "]" * 98], "r.yaml")[1] == []  # the top, a and b: 100
+    assert apply_overrides({}, ["a.b=" + "[" * 99 + "]" * 99], "r.yaml")[1] == [
+        "r.yaml: a.b: the override value is nested more than 100 levels deep; a recipe needs a handful"
+    ]
+    assert apply_overrides({}, ["x." * 150 + "y=1"], "r.yaml")[1] == [
+        f"r.yaml: {('x.' * 150)[:57]}...: a path of 151 keys nests more than 100 levels deep"
+    ]
+
+
+def test_a_list_as_a_key_is_refused(tmp_path: Path):
+    assert refused_alike(recipe_file(tmp_path, "? [a, b]\n: 1\n"), work=tmp_path) == [
+        "line 2, column 3: not valid YAML (a key must be a name, got a list)"
+    ]
+    assert refused_alike(QUICKSTART, "model.x={? [a, b] : 1}", work=tmp_path / "override") == [
+        "model.x: the override value '{? [a, b] : 1}' is not valid YAML (a key must be a name, got a list)"
+    ]
+
+
+def test_keys_that_are_not_names_are_refused_where_they_name_something(tmp_path: Path):
+    text = "optimizer: {_component_: adam, lr: 0.003, 7: 1}\n1.5: x\nstrategy: {fsdp: {null: 1, true: 2}}\n"
+    assert refused_alike(recipe_file(tmp_path, text), work=tmp_path) == [
+        "1.5: a key must be a name (a string), got a number (1.5)",
+        "optimizer.7: a key must be a name (a string), got a number (7)",
+        "strategy.fsdp.null: a key must be a name (a string), got null",
+        "strategy.fsdp.true: a key must be a name (a string), got a boolean (true)",
+    ]
+    as_override = refused_alike(QUICKSTART, "optimizer={_component_: adam, lr: 0.003, 7: 1}", work=tmp_path / "o")
+    assert as_override == ["optimizer.7: a key must be a name (a string), got a number (7)"]
+
+
+def test_keys_inside_an_arguments_value_are_the_components_business(tmp_path: Path):
+    """A mapping given to a component as a value (labels by class id) is the component's to read."""
+    (tmp_path / "labelled.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n"
+        "    def __init__(self, in_features, out_features, labels=None):\n"
+        "        super().__init__(in_features, out_features)\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        "model: {_component_: labelled.Net, in_features: 8, out_features: 2, labels: {0: cat, 1: dog}}\n"
+        "data: {train: {_component_: synthetic_classification}}\n"
+        "optimizer: {_component_: sgd, lr: 0.1}\ntrain: {max_steps: 1}\n"
+    )
+    assert load_recipe(tmp_path / "r.yaml").model.kwargs["labels"] == {0: "cat", 1: "dog"}
+
+
+# ---------------------------------------------------------------------------------------------------- null sections
+
+PARENT = """\
+model: {_component_: mlp, hidden_sizes: [4]}
+data: {train: {_component_: synthetic_classification}}
+optimizer: {_component_: sgd, lr: 0.1}
+scheduler: {_component_: cosine, warmup_steps: 2}
+train: {max_steps: 5}
+strategy: {timeout_s: 60}
+checkpoint: {keep_last: 7}
+"""
+
+
+def test_null_drops_an_inherited_section_and_its_defaults_apply(tmp_path: Path):
+    (tmp_path / "parent.yaml").write_text(PARENT)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nstrategy: null\ncheckpoint: null\nscheduler: null\n")
+    recipe = load_recipe(child)
+    assert recipe.strategy == StrategyConfig() and recipe.checkpoint == CheckpointConfig()
+    assert recipe.scheduler.target == "constant" and recipe.checkpoint.keep_last == 3
+    assert load_recipe(tmp_path / "parent.yaml", ["strategy=null", "checkpoint=null", "scheduler=null"]) == (
+        dataclasses.replace(recipe, name="parent", run_dir="runs/parent")
+    )
+    # train takes what validate takes: the recipe it would run, printed.
+    code, printed, _ = cli_in_process(["train", str(child), "--print-recipe"], tmp_path)
+    assert code == 0 and yaml.safe_load(printed)["strategy"]["timeout_s"] == 1800.0
+
+
+def test_a_required_section_given_null_is_missing(tmp_path: Path):
+    (tmp_path / "parent.yaml").write_text(PARENT)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nmodel: null\ndata: {train: null}\n")
+    assert refused_alike(child, work=tmp_path) == [
+        "model: missing required value (null leaves a section unset)",
+        "data.train: missing required value (null leaves a section unset)",
     ]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_metrics, run_cli
+from conftest import REPO, cli_in_process, read_metrics, refused_alike, run_cli
 from slurm.cluster import LocalCluster
 
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
@@ -246,3 +246,39 @@ def test_status_reads_past_a_line_cut_short_by_a_dying_node(tmp_path: Path):
     proc = run_cli("slurm", "status", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "job 41 " in proc.stdout and "2 attempt(s), 1 requeue(s)" in proc.stdout
+
+
+SUBMIT = ("slurm", "submit", "--dry-run")
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("slurm.time=abc", "slurm.time: expected HH:MM:SS, MM:SS, MM or D-HH:MM:SS, got 'abc'"),
+        ("slurm.nodes=-1", "slurm.nodes: must be >= 1, got -1"),
+        ("slurm.max_requeues=-1", "slurm.max_requeues: must be >= 0, got -1"),
+        ("slurm.signal_before_s=70000", "slurm.signal_before_s: must be <= 65535 (SLURM's limit), got 70000"),
+        ("slurm.sbatch=--qos", "slurm.sbatch: expected a list of sbatch options, one per item; got a string ('--qos')"),
+        ("slurm.sbatch=nan", "slurm.sbatch: expected a list of sbatch options, one per item; got a string ('nan')"),
+        ("slurm.sbatch=[nan]", "slurm.sbatch: expected sbatch options such as --qos=high, one per item; got 'nan'"),
+        ("slurm.setup=module load cuda", "slurm.setup: expected a list of shell lines, one per item; got a string"),
+    ],
+)
+def test_a_bad_slurm_section_is_refused_alike_by_validate_train_and_submit(tmp_path: Path, override: str, problem: str):
+    refused = refused_alike(Path(QUICKSTART), override, work=tmp_path, verbs=(("validate",), ("train",), SUBMIT))
+    assert len(refused) == 1 and refused[0].startswith(problem), refused
+
+
+def test_a_bad_slurm_section_in_a_file_is_refused_alike(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {QUICKSTART}\nslurm:\n  time: 1h\n  sbatch: --qos=high\n")
+    assert refused_alike(recipe, work=tmp_path / "work", verbs=(("validate",), ("train",), SUBMIT)) == [
+        "slurm.sbatch: expected a list of sbatch options, one per item; got a string ('--qos=high')",
+        "slurm.time: expected HH:MM:SS, MM:SS, MM or D-HH:MM:SS, got '1h'",
+    ]
+
+
+def test_sbatch_options_given_as_a_list_reach_the_job_script(tmp_path: Path):
+    code, script, err = cli_in_process([*SUBMIT, QUICKSTART, "slurm.sbatch=[--qos=high, --exclusive]"], tmp_path)
+    assert code == 0, err
+    assert "#SBATCH --qos=high\n#SBATCH --exclusive\n" in script

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.components import describe, fraction_problem, integer_problem
+from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem
 from launcher.data.blocks import Blocks, offsets_problems
 
 
@@ -39,10 +39,7 @@ class TokenMemmap(Blocks):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         file = Path(path.replace("{split}", split))
-        if file.suffix == ".npy":
-            tokens = np.load(file, mmap_mode="r")
-        else:
-            tokens = np.memmap(file, dtype=np.dtype(dtype), mode="r")
+        tokens = np.load(file, mmap_mode="r") if file.suffix == ".npy" else _token_file(file, np.dtype(dtype))
         if "{split}" not in path:
             cut = int(len(tokens) * (1 - val_fraction))
             tokens = tokens[:cut] if split == "train" else tokens[cut:]
@@ -71,6 +68,21 @@ class TokenMemmap(Blocks):
         if args.get("split") not in ("train", "val"):
             checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
         return [(name, problem) for name, problem in checks if problem]
+
+
+def _token_file(file: Path, dtype: np.dtype) -> np.memmap:
+    """The raw file's tokens, memory-mapped. A size that is no whole number of tokens (another dtype, or a file
+    cut short) is refused naming the file, its size and the dtype: numpy's own error names none of them."""
+    size = file.stat().st_size
+    if size == 0:
+        raise ArgumentProblem("path", f"{file} is empty: it holds no tokens")
+    if size % dtype.itemsize:
+        raise ArgumentProblem(
+            "path",
+            f"{file} has {size:,} bytes, not a whole number of {dtype.name} tokens ({dtype.itemsize} bytes each): "
+            "is dtype the one it was written with, or is the file cut short?",
+        )
+    return np.memmap(file, dtype=dtype, mode="r")
 
 
 def _dtype_problem(name: Any) -> str | None:

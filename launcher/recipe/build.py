@@ -18,10 +18,13 @@ from typing import Any, Literal
 from launcher import components
 from launcher.components import Component, describe
 from launcher.recipe.dialect import deep_merge
-from launcher.recipe.schema import MISSING, DataConfig, Recipe
+from launcher.recipe.schema import MISSING, DataConfig, Recipe, SlurmConfig
 
 # Keys a section accepts besides its fields: `data.dataset` is folded into `data.train` and `data.val` first.
 _EXTRA_KEYS: dict[type, tuple[str, ...]] = {DataConfig: ("dataset",)}
+# Lists that one string is not taken for (elsewhere `trackers: jsonl` is a list of one): each item is one line of
+# the job script, and a lone string there is most often a slip (`slurm.sbatch=--qos` for `slurm.sbatch=[--qos=high]`).
+_LISTS_ONLY: dict[type, dict[str, str]] = {SlurmConfig: {"sbatch": "sbatch options", "setup": "shell lines"}}
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class _Checker:
             )
             return None
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        raw = self.named_keys(raw, prefix)
         self.unknown_keys(raw, [*fields, *_EXTRA_KEYS.get(cls, ())], prefix)
         hints = typing.get_type_hints(cls)
         values = {}
@@ -135,7 +139,10 @@ class _Checker:
         for name, f in fields.items():
             key = f"{prefix}{name}"
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if name in raw:
+            lists_only = _LISTS_ONLY.get(cls, {})
+            if name in lists_only and isinstance(raw.get(name), str):
+                self.problem(key, f"expected a list of {lists_only[name]}, one per item; got {describe(raw[name])}")
+            elif name in raw and not _unset_section(raw[name], hints[name]):
                 value = self.convert(raw[name], hints[name], key)
                 if value is not _BAD:
                     values[name] = value
@@ -143,9 +150,20 @@ class _Checker:
                     ok = False
             elif required:
                 if key not in self.bad_keys:
-                    self.problem(key, "missing required value")
+                    given_null = " (null leaves a section unset)" if name in raw else ""
+                    self.problem(key, f"missing required value{given_null}")
                 ok = False
         return cls(**values) if ok else None
+
+    def named_keys(self, raw: Mapping[Any, Any], prefix: str) -> dict[str, Any]:
+        """`raw` without the keys that are not strings, each recorded as a problem: a section's keys and a
+        component's arguments are names (YAML reads `7:` or `null:` as a number or null)."""
+        for key in raw:
+            if not isinstance(key, str):
+                self.problems.append(
+                    f"{self.source}: {prefix}{_key_text(key)}: a key must be a name (a string), got {describe(key)}"
+                )
+        return {k: v for k, v in raw.items() if isinstance(k, str)}
 
     def unknown_keys(self, raw: Mapping[str, Any], known: list[str], prefix: str) -> None:
         for key in raw:
@@ -240,8 +258,8 @@ class _Checker:
         if not isinstance(value, Mapping):
             self.problem(key, f"expected a _component_ section or a name, got {describe(value)}")
             return _BAD
-        kwargs = {k: v for k, v in value.items() if k != "_component_"}
-        misspelt = [k for k in kwargs if _looks_like_component_key(str(k), "_component_" in value)]
+        kwargs = {k: v for k, v in self.named_keys(value, key + ".").items() if k != "_component_"}
+        misspelt = [k for k in kwargs if _looks_like_component_key(k, "_component_" in value)]
         for k in misspelt:
             self.problem(f"{key}.{k}", "unknown key (did you mean '_component_'?)")
             del kwargs[k]
@@ -266,6 +284,20 @@ class _Checker:
             self.problem(f"{key}._component_", f"expected a string (a short name or a dotted path), got {what}")
             return False
         return True
+
+
+def _unset_section(value: Any, tp: Any) -> bool:
+    """`strategy: null`: a section (or component) given null is not set, as if left out: its defaults apply, or,
+    for a required one, it is missing. A file can so drop a section it inherits (`~key` does on the command line);
+    where null is a value of its own (`early_stopping: null`, `data.val: null`: off), the type says so."""
+    return value is None and (tp is Component or dataclasses.is_dataclass(tp))
+
+
+def _key_text(key: Any) -> str:
+    """A key as written in YAML: `null`, `true`, `7`."""
+    if key is None or isinstance(key, bool):
+        return "null" if key is None else str(key).lower()
+    return str(key)
 
 
 def _wanted(form: Any) -> str:

@@ -17,8 +17,10 @@ from launcher.recipe.schema import (
     LoggingConfig,
     ProfileConfig,
     Recipe,
+    SlurmConfig,
     TrainConfig,
 )
+from launcher.slurm import MAX_SIGNAL_TIME_S, TIME_FORMATS, parse_time
 
 MAX_WORKERS = 256  # DataLoader worker processes per training process; each holds a copy of the dataset
 MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the timeout, ends a little further
@@ -37,6 +39,7 @@ def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = 
         *_check_resume(recipe.resume, check_files),
         *(_check_folders(recipe) if check_files and this_machine else []),
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
+        *_check_slurm(recipe.slurm),
     ]
 
 
@@ -264,3 +267,30 @@ def _check_strategy(recipe: Recipe) -> list[str]:
     if not 0 < s.timeout_s <= MAX_TIMEOUT_S:
         problems.append(f"strategy.timeout_s: must be > 0 and at most {MAX_TIMEOUT_S:g} seconds, got {s.timeout_s}")
     return problems + strategies.recipe_problems(recipe)
+
+
+def _check_slurm(sl: SlurmConfig) -> list[str]:
+    """The job's settings, checked wherever the recipe is, so that a job is not refused (or its script garbled)
+    only once submitted; `launcher slurm submit` checks its flags on top (launcher/slurm.py)."""
+    problems = _at_least(
+        ("slurm.nodes", sl.nodes, 1),
+        ("slurm.gpus_per_node", sl.gpus_per_node, 0),
+        ("slurm.max_requeues", sl.max_requeues, 0),
+        ("slurm.signal_before_s", sl.signal_before_s, 0),
+        ("slurm.stop_before_end_s", sl.stop_before_end_s, 0),
+    )
+    try:
+        parse_time(sl.time)
+    except ValueError:
+        problems.append(f"slurm.time: expected {TIME_FORMATS}, got {sl.time!r}")
+    if sl.signal_before_s > MAX_SIGNAL_TIME_S:
+        problems.append(
+            f"slurm.signal_before_s: must be <= {MAX_SIGNAL_TIME_S} (SLURM's limit), got {sl.signal_before_s}"
+        )
+    for option in sl.sbatch:
+        if not option.startswith("-") or "\n" in option:
+            problems.append(f"slurm.sbatch: expected sbatch options such as --qos=high, one per item; got {option!r}")
+    for key, value in (("slurm.partition", sl.partition), ("slurm.account", sl.account)):
+        if value is not None and "\n" in value:  # it would end its #SBATCH line and start a line of its own
+            problems.append(f"{key}: expected a name on one line, or null; got {value!r}")
+    return problems

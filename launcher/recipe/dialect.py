@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,55 @@ import yaml
 from launcher.components import describe
 from launcher.errors import RecipeError
 
+MAX_NESTING = 100  # sections and lists within each other: a real recipe needs a handful
+
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's scalars, as users expect them: `1e-3` is a number, `no`/`on`/`yes`
-    are strings (`mixed_precision: no`), only true/false are booleans; and a key given twice is an error."""
+    are strings (`mixed_precision: no`), only true/false are booleans; a key given twice is an error; and every
+    failure is a YAMLError with its line, never another exception."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.open_keys: list[Any] = []  # the keys (list indices) of the collections being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # PyYAML composes nested collections recursively: refused well before Python's recursion limit would be hit.
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        if len(self.open_keys) >= MAX_NESTING:
+            raise NestingError(self.open_keys[1:], self.peek_event().start_mark)
+        self.open_keys.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.open_keys.pop()
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """An explicit tag's constructor may fail with any exception (`!!float abc`, `!!timestamp bad`): it becomes
+        a YAMLError at the value's line, as the parser's own complaints are."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            shown = repr(_shortened(node.value)) if isinstance(node, yaml.ScalarNode) else "this value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{tag} cannot make a value of {shown}", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # `? [a, b]`: a list or a section as a key
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a name, got {'a list' if isinstance(key, list) else 'a section'}",
+                    key_node.start_mark,
+                )
             if key in seen and key != "<<":
                 raise yaml.constructor.ConstructorError(
                     f"while reading a section (line {node.start_mark.line + 1})",
@@ -56,8 +96,64 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+class NestingError(yaml.YAMLError):
+    """Sections and lists nested more than MAX_NESTING levels deep: in the text, or through aliases (`&a` ...
+    `*a`) that only the built value shows. `path`: the keys down to there; `mark`: where, when known."""
+
+    def __init__(self, path: list[Any], mark: yaml.Mark | None = None):
+        self.path, self.mark = path, mark
+        super().__init__(self.problem())
+
+    def problem(self, with_line: bool = True) -> str:
+        line = f" (line {self.mark.line + 1})" if self.mark and with_line else ""
+        return f"nested more than {MAX_NESTING} levels deep{line}; a recipe needs a handful"
+
+    def key(self) -> str:
+        """The first few keys of the path: enough to find the place, short enough for one line."""
+        keys = []
+        for part in self.path[:3]:
+            if not isinstance(part, str):
+                break
+            keys.append(part)
+        return ".".join(keys) or "(top level)"
+
+
+def parse_yaml(text: str, depth: int = 0) -> Any:
+    """The YAML value of `text`, or yaml.YAMLError; `depth`: how deep the value will sit in the recipe (an
+    override's key path), which counts towards the nesting limit."""
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except RecursionError:  # only where the caller's own stack is already deep: the composer refuses deep input
+        raise NestingError([]) from None
+    path = too_deep(value, MAX_NESTING - depth)
+    if path is not None:
+        raise NestingError(path)
+    return value
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> list[Any] | None:
+    """The keys (and list indices) down to where `value` nests more than `limit` sections and lists, or None.
+
+    Walked with a stack of its own, so no depth of input reaches Python's recursion limit, and each shared value
+    (a YAML alias) once per depth it is met at, so aliases of aliases cannot make the walk exponential; an alias
+    inside the value it names nests without end, and is found as too deep.
+    """
+    stack: list[tuple[Any, int, list[Any]]] = [(value, 1, [])] if isinstance(value, (dict, list)) else []
+    deepest: dict[int, int] = {}
+    while stack:
+        node, depth, path = stack.pop()
+        if deepest.get(id(node), 0) >= depth:
+            continue
+        if depth > limit:
+            return path
+        deepest[id(node)] = depth
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((child, depth + 1, [*path, key]) for key, child in items if isinstance(child, (dict, list)))
+    return None
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def base_override(overrides: Sequence[str], source: str) -> tuple[list[str] | None, list[str], list[str]]:
@@ -93,6 +189,8 @@ def _is_path_list(value: Any) -> bool:
 def read_yaml_file(path: Path) -> dict[str, Any]:
     try:
         data = parse_yaml(path.read_text())
+    except NestingError as e:
+        raise RecipeError(f"{path}: {e.key()}: {e.problem()}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
@@ -114,6 +212,11 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     if context and context_mark and (not mark or context_mark.line != mark.line):
         began = f"; {context.removeprefix('while ')} that began on line {context_mark.line + 1}"
     return f"{where}not valid YAML ({problem}{began})"
+
+
+def _override_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint about an override's value, without a line and column (it has one line)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
 
 
 def compose(path: Path, _seen: tuple[Path, ...] = (), bases: list[str] | None = None) -> dict[str, Any]:
@@ -173,12 +276,16 @@ def _set(out: dict[str, Any], item: str) -> str | None:
     key, sep, text = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         return f"override '{item}': expected key.path=value (or ~key.path to remove it), e.g. optimizer.lr=1e-3"
-    try:
-        value = parse_yaml(text) if text else None
-    except yaml.YAMLError:
-        return f"{key}: the override value {text!r} is not valid YAML"
-    node = out
     parts = key.split(".")
+    if len(parts) > MAX_NESTING:
+        return f"{_shortened(key)}: a path of {len(parts)} keys nests more than {MAX_NESTING} levels deep"
+    try:
+        value = parse_yaml(text, depth=len(parts)) if text else None
+    except NestingError as e:
+        return f"{key}: the override value is {e.problem(with_line=False)}"
+    except yaml.YAMLError as e:
+        return f"{key}: the override value {_shortened(text)!r} is not valid YAML ({_override_problem(e)})"
+    node = out
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
