@@ -132,6 +132,7 @@ FIXED_VARIATIONS = {
         ok("checkpoint.save_final=false"),
         ok("checkpoint.every_steps=1"),
         ok("~logging.every_steps", "strategy.timeout_s=60"),
+        ok("strategy=null", "slurm=null"),  # null leaves a section unset: its defaults, as ~strategy
         ok("loss=cross_entropy"),
         ok("loss._component_=torch.nn.CrossEntropyLoss", "loss.label_smoothing=0.1"),
     ],
@@ -287,6 +288,8 @@ KEY_BREAKS = [
     bad(("train.max_steps", "train.max_epochs"), "~train.max_steps"),
     bad(("data.dataset._component_", "data.train._component_"), "~data.dataset._component_"),
     bad("nosuch.key", "~nosuch.key"),
+    bad("model", "model=null"),  # a required section cannot be left unset
+    bad("optimizer", "optimizer=null"),
     bad("train", "train=5"),
     bad(("train.max_epochs",), "train.max_epochs=abc", "train.max_steps=null"),
 ]
@@ -514,7 +517,8 @@ def assert_refused_cleanly(outcome: Outcome, source: str) -> list[str]:
 
 
 def related(key: str, expected: str) -> bool:
-    return key == expected or key.startswith(expected + ".") or expected.startswith(key + ".")
+    """The same key, or one inside the other (`a.b` in `a`, `a[0].b` in `a`)."""
+    return key == expected or key.startswith((expected + ".", expected + "[")) or expected.startswith(key + ".")
 
 
 def assert_trained(outcome: Outcome, run_dir: Path) -> None:
