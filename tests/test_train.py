@@ -51,7 +51,8 @@ def test_overrides_reach_the_printed_and_the_saved_recipe(tmp_path: Path):
     assert saved == resolved
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["step"] == 50
-    assert max(r["lr"] for r in rows if "lr" in r) == pytest.approx(1e-3)
+    # The rows show the rates their updates used: the warm-up's peak (1e-3) may fall between two logged rows.
+    assert max(r["lr"] for r in rows if "lr" in r) == pytest.approx(1e-3, rel=0.05)
     # Every log row carries the model's FLOP rate, its utilisation of the peak given, and the peak memory.
     logged = [r for r in rows if "train/loss" in r]
     assert all(r["flops_per_s"] > 0 and r["memory/peak_gib"] > 0 for r in logged)
