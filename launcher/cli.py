@@ -322,7 +322,7 @@ def ckpt_info_command(path_text: str) -> int:
     if one and infos[0]["problem"]:
         raise RecipeError(f"{path}: damaged: {infos[0]['problem']}")
     for info in infos:
-        print(_format_info(info))
+        print(checkpoint.describe(info))
     damaged = sum(1 for info in infos if info["problem"])
     if damaged:
         raise RecipeError(f"{path}: {damaged} of {len(infos)} checkpoints damaged")
@@ -338,30 +338,6 @@ def _is_one_checkpoint(path: Path) -> bool:
     """A checkpoint (complete, damaged or interrupted), not a folder of them."""
     held = (STATE_FILE, WEIGHTS_FILE, DCP_DIR, DEEPSPEED_DIR)
     return path.name.startswith(CHECKPOINT_PREFIXES) or any((path / name).exists() for name in held)
-
-
-def _format_info(info: dict) -> str:
-    if not info["complete"]:
-        return f"{info['checkpoint']}: incomplete (an interrupted save; resume ignores it), {_size(info)}"
-    if info["problem"]:
-        return f"{info['checkpoint']}: damaged: {info['problem']}"
-    monitor = info.get("monitor") or {}
-    metric = (
-        f"{monitor['name']} {monitor['value']:.6g} ({monitor['mode']})" if monitor.get("value") is not None else "-"
-    )
-    return (
-        f"{info['checkpoint']}: step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
-        f"metric {metric}, world size {info['world_size']}, strategy {info.get('strategy') or '?'}, "
-        f"model {info.get('model') or '?'}, {_size(info)}, complete"
-    )
-
-
-def _size(info: dict) -> str:
-    size, units = float(info["size_bytes"]), ["B", "KiB", "MiB", "GiB", "TiB"]
-    while size >= 1024 and len(units) > 1:
-        size /= 1024
-        units.pop(0)
-    return f"{size:.1f} {units[0]} in {info['files']} files"
 
 
 def ckpt_export_command(

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.tracking import filter_trackers
 from accelerate.utils import set_seed
 from filelock import FileLock
 from tqdm.auto import tqdm
@@ -32,7 +31,6 @@ from launcher.recipe import Recipe
 from launcher.rundir import RunDir
 from launcher.saving import Saver
 from launcher.strategies import DDP
-from launcher.trackers import trackers
 from launcher.trainstate import LogWindow, RunResult
 from launcher.updates import Updates
 
@@ -51,18 +49,14 @@ def run(recipe: Recipe, start: Start) -> RunResult:
             raise
         requests = StopRequests(recipe.train.max_time_s, Path(recipe.run_dir) / consensus.STOP_FILE)
         requests.install()
-        opened = False  # until the run dir is written to, a run that ends leaves it as it found it
+        opened = False  # until the run dir is written, a run that ends leaves it as it found it
         try:
             problem = guards.world_problem(os.environ, accelerator.num_processes, str(accelerator.distributed_type))
             if problem:
                 raise RunFailed(f"error: {problem}", exit_code=2)
             consensus.refuse_together(accelerator, start.refusal)
             training = Training(accelerator, recipe, strategy, start, requests)
-            # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
-            opened = True
-            first_step = None if start.saved is None else int(start.saved["step"])
-            chosen = trackers(recipe.logging.trackers, recipe.run_dir, first_step)
-            accelerator.log_with = filter_trackers(chosen, recipe.run_dir)
+            opened = True  # `run` writes the run dir from its first line on
             return training.run()
         finally:
             requests.uninstall()

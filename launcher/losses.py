@@ -78,3 +78,37 @@ def classifies(loss_fn: Any) -> bool:
     if isinstance(loss_fn, torch.nn.CrossEntropyLoss):
         return True
     return isinstance(loss_fn, FunctionLoss) and loss_fn.fn is torch.nn.functional.cross_entropy
+
+
+def takes_float_targets(loss_fn: Any) -> bool:
+    """Whether the loss compares the output with float targets of its shape (class indices do not fit it)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    modules = (
+        nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss, nn.KLDivLoss,
+        nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.MultiLabelSoftMarginLoss,
+    )  # fmt: skip
+    functions = (
+        F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
+        F.binary_cross_entropy_with_logits, F.kl_div, F.soft_margin_loss, F.poisson_nll_loss,
+        F.multilabel_soft_margin_loss,
+    )  # fmt: skip
+    return isinstance(loss_fn, modules) or getattr(loss_fn, "fn", None) in functions
+
+
+def evaluation_metrics(spec: Component | None) -> tuple[str, ...] | None:
+    """The metrics an evaluation produces with this loss (`evaluation.evaluate`): val/loss, and val/accuracy for
+    cross-entropy (or no loss: a model's own loss is scored by cross-entropy). None where that is not known
+    without building the loss (a function that makes one)."""
+    if spec is None:
+        return ("val/accuracy", "val/loss")
+    try:
+        fn = components.resolve("loss", spec.target)
+    except components.ResolveError:
+        return None
+    if is_loss_function(fn, spec.kwargs):
+        return ("val/accuracy", "val/loss") if fn is torch.nn.functional.cross_entropy else ("val/loss",)
+    if not inspect.isclass(fn):
+        return None
+    return ("val/accuracy", "val/loss") if issubclass(fn, torch.nn.CrossEntropyLoss) else ("val/loss",)

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.tracking import filter_trackers
 
 from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
 from launcher.metrics import JsonlWriter, environment, flat_hparams
 from launcher.recipe import Recipe, dump
 from launcher.strategies import DDP
-from launcher.trackers import tracker_options
+from launcher.trackers import tracker_options, trackers
 
 
 class RunDir:
@@ -25,12 +26,15 @@ class RunDir:
         self.recipe = recipe
         self.path = Path(recipe.run_dir)
         self.jsonl: JsonlWriter | None = None
+        self.opened = False
+        self.noted: dict[str, Any] = {}  # what `note` was told before `open`: written with the environment
 
     def open(self, strategy: DDP, step: int, resume_from: Path | None) -> None:
         """Write the run's recipe and environment and the attempt's start, and start logging at `step`. Every
         rank calls this after all passed their checks (the barrier), so nothing is written for a refused run."""
         accelerator, recipe, t = self.accelerator, self.recipe, self.recipe.train
         accelerator.wait_for_everyone()
+        self.opened = True
         if accelerator.is_main_process:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / RECIPE_FILE).write_text(dump(recipe))
@@ -38,6 +42,7 @@ class RunDir:
                 accelerator.num_processes, str(accelerator.distributed_type), t.mixed_precision, str(accelerator.device)
             )
             env["strategy"] = strategy.name
+            env.update(self.noted)
             (self.path / ENV_FILE).write_text(json.dumps(env, indent=2))
             resumed_from = str(resume_from) if resume_from else None
             record(self.path, "start", step=step, resumed_from=resumed_from, world_size=accelerator.num_processes)
@@ -45,14 +50,20 @@ class RunDir:
                 if resume_from is not None:
                     roll_back_metrics(self.path, step)
                 self.jsonl = JsonlWriter(self.path / METRICS_FILE)
+        # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
+        chosen = trackers(recipe.logging.trackers, str(self.path), step if resume_from is not None else None)
+        accelerator.log_with = filter_trackers(chosen, str(self.path))
         # The recipe's name is the wandb project and MLflow experiment; the run dir's name, the run's.
         accelerator.init_trackers(
             recipe.name or "launcher", config=flat_hparams(recipe.to_dict()), init_kwargs=tracker_options(self.path)
         )
 
     def note(self, values: dict[str, Any]) -> None:
-        """Add what the run learns once it runs (the FLOPs of an update) to `env.json`."""
-        if self.accelerator.is_main_process:
+        """Add what the run learns once it runs (the FLOPs of an update) to `env.json`; before the run dir is
+        opened (a resumed run knows them from its checkpoint), kept until it is."""
+        if not self.opened:
+            self.noted.update(values)
+        elif self.accelerator.is_main_process:
             path = self.path / ENV_FILE
             path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 

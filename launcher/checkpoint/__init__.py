@@ -19,7 +19,7 @@ naming the file (`restore.py`), and passed over by `resume=auto` (`retention.py`
 
 from launcher.checkpoint.formats import FORMATS, Format, checkpoint_format, format_of
 from launcher.checkpoint.hf_export import NotHuggingFace
-from launcher.checkpoint.info import export, summary
+from launcher.checkpoint.info import describe, export, summary
 from launcher.checkpoint.named import resume_problem
 from launcher.checkpoint.restore import load
 from launcher.checkpoint.retention import (
@@ -59,6 +59,7 @@ __all__ = [
     "best",
     "checkpoint_format",
     "complete_steps",
+    "describe",
     "export",
     "finish_pruning",
     "format_of",

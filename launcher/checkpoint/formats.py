@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from launcher.checkpoint import integrity, shards, statefile
-from launcher.checkpoint.integrity import Damaged
+from launcher.checkpoint.damage import Damaged
 from launcher.checkpoint.weights import (
     WEIGHTS_FILE,
     load_optimizer_state,

@@ -76,3 +76,28 @@ def _recipe_summary(recipe_file: Path) -> dict[str, Any]:
         "strategy": strategy.get("name") if isinstance(strategy, dict) else None,
         "model": model.get("_component_") if isinstance(model, dict) else None,
     }
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One checkpoint's `summary` as `launcher ckpt info` shows it, in one line."""
+    if not info["complete"]:
+        return f"{info['checkpoint']}: incomplete (an interrupted save; resume ignores it), {_size(info)}"
+    if info["problem"]:
+        return f"{info['checkpoint']}: damaged: {info['problem']}"
+    monitor = info.get("monitor") or {}
+    metric = (
+        f"{monitor['name']} {monitor['value']:.6g} ({monitor['mode']})" if monitor.get("value") is not None else "-"
+    )
+    return (
+        f"{info['checkpoint']}: step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
+        f"metric {metric}, world size {info['world_size']}, strategy {info.get('strategy') or '?'}, "
+        f"model {info.get('model') or '?'}, {_size(info)}, complete"
+    )
+
+
+def _size(info: dict[str, Any]) -> str:
+    size, units = float(info["size_bytes"]), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size /= 1024
+        units.pop(0)
+    return f"{size:.1f} {units[0]} in {info['files']} files"

@@ -30,19 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from launcher.checkpoint.damage import Damaged, reason
 from launcher.layout import DCP_DIR, STATE_FILE
 
 MANIFEST_KEY = "files"  # in trainer_state.json: {relative path: {"size": bytes, "crc32": 8 hex digits}}
 CHUNK_BYTES = 4 << 20  # large enough that the checksum runs near memory speed, small enough to stay in cache
-
-
-class Damaged(Exception):
-    """A checkpoint file is missing, cut short or unreadable: `file` (relative to the checkpoint) and why."""
-
-    def __init__(self, file: str, reason: str):
-        self.file = file
-        self.reason = reason
-        super().__init__(f"{file}: {reason}")
 
 
 def crc32(file: Path) -> str:
@@ -238,13 +230,3 @@ _STRUCTURE_CHECKS: dict[str, Callable[[Path], str | None]] = {
     ".safetensors": _safetensors_problem,
     ".pt": _torch_file_problem,
 }
-
-
-def reason(e: BaseException) -> str:
-    """An exception as a short phrase for one line: its type and the telling part of its message."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    # torch's weights-only refusal opens with paragraphs of advice; the cause is on a later line.
-    telling = next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error: U"))), None)
-    text = (telling or (lines[0] if lines else "")).split(". ")[0]  # the first sentence: torch adds advice after it
-    text = text if len(text) <= 160 else text[:157] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 
 from launcher.checkpoint import integrity, shards, statefile
+from launcher.checkpoint.damage import Damaged
 from launcher.checkpoint.formats import FORMATS, checkpoint_format, reading
-from launcher.checkpoint.integrity import Damaged
 from launcher.errors import RunFailed
 from launcher.layout import RNG_FILE, SCALER_FILE, SCHEDULER_FILE
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
-from launcher.checkpoint.integrity import Damaged, reason
+from launcher.checkpoint.damage import Damaged, reason
 from launcher.layout import DEEPSPEED_DIR
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from launcher import components, folders, strategies
+from launcher import components, folders, losses, strategies
 from launcher.extensions import build_lock_watch
 from launcher.layout import BEST, LATEST
 from launcher.recipe import component_checks
@@ -20,7 +20,7 @@ from launcher.recipe.schema import (
     SlurmConfig,
     TrainConfig,
 )
-from launcher.slurm import MAX_SIGNAL_TIME_S, TIME_FORMATS, parse_time
+from launcher.slurm_time import MAX_SIGNAL_TIME_S, TIME_FORMATS, parse_time
 
 MAX_WORKERS = 256  # DataLoader worker processes per training process; each holds a copy of the dataset
 MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the timeout, ends a little further
@@ -141,7 +141,7 @@ def _check_evaluation(recipe: Recipe) -> list[str]:
         ("checkpoint.keep_best", c.keep_best, 0),
     )
     evaluates = recipe.data.val is not None and (e.every_steps is not None or e.every_epoch)
-    metrics = component_checks.evaluation_metrics(recipe.loss)
+    metrics = losses.evaluation_metrics(recipe.loss)
     if es is not None:
         problems += _at_least(("early_stopping.patience", es.patience, 0))
         if not es.min_delta >= 0:

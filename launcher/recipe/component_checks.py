@@ -196,41 +196,6 @@ def _meta_only(line: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def _float_target_losses() -> tuple[type, ...]:
-    """Losses that compare the output with float targets of its shape: class indices do not fit them."""
-    from torch import nn
-
-    return (
-        nn.MSELoss,
-        nn.L1Loss,
-        nn.SmoothL1Loss,
-        nn.HuberLoss,
-        nn.BCELoss,
-        nn.BCEWithLogitsLoss,
-        nn.KLDivLoss,
-        nn.SoftMarginLoss,
-        nn.PoissonNLLLoss,
-        nn.MultiLabelSoftMarginLoss,
-    )
-
-
-def _float_target_functions() -> tuple[Any, ...]:
-    from torch.nn import functional as F
-
-    return (
-        F.mse_loss,
-        F.l1_loss,
-        F.smooth_l1_loss,
-        F.huber_loss,
-        F.binary_cross_entropy,
-        F.binary_cross_entropy_with_logits,
-        F.kl_div,
-        F.soft_margin_loss,
-        F.poisson_nll_loss,
-        F.multilabel_soft_margin_loss,
-    )
-
-
 def check_loss(recipe: Recipe) -> list[str]:
     """The loss builds as training builds it (a module, a function of outputs and targets, or a function that
     makes one); with a built-in dataset (class indices or token ids as targets) it must take class indices.
@@ -250,34 +215,12 @@ def check_loss(recipe: Recipe) -> list[str]:
         data = components.resolve("data", recipe.data.train.target)
     except components.ResolveError:
         return []  # reported with the data
-    floats = isinstance(loss, _float_target_losses()) or getattr(loss, "fn", None) in _float_target_functions()
-    if components.is_built_in(data) and floats:
+    if components.is_built_in(data) and losses.takes_float_targets(loss):
         return [
             f"loss: {recipe.loss.target} compares the output with float targets of its shape, but "
             f"{recipe.data.train.target} gives class indices; use cross_entropy"
         ]
     return []
-
-
-def evaluation_metrics(loss: Component | None) -> tuple[str, ...] | None:
-    """The metrics an evaluation produces with this loss (loop.evaluate): val/loss, and val/accuracy for
-    cross-entropy (or no loss: a model's own loss is scored by cross-entropy). None where that is not known
-    without building the loss (a function that makes one)."""
-    if loss is None:
-        return ("val/accuracy", "val/loss")
-    try:
-        fn = components.resolve("loss", loss.target)
-    except components.ResolveError:
-        return None
-    import torch
-
-    from launcher import losses
-
-    if losses.is_loss_function(fn, loss.kwargs):
-        return ("val/accuracy", "val/loss") if fn is torch.nn.functional.cross_entropy else ("val/loss",)
-    if not inspect.isclass(fn):
-        return None
-    return ("val/accuracy", "val/loss") if issubclass(fn, torch.nn.CrossEntropyLoss) else ("val/loss",)
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
