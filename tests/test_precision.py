@@ -108,7 +108,9 @@ def test_accelerate_wraps_the_forward_and_the_launcher_unwraps_it():
     """Accelerate's `prepare` still copies a bf16 model's outputs to fp32 (if a version stops, this test says so and
     the unwrapping can go); after `keep_output_precision` the output is bf16 under autocast, and fp32 outside."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a run earlier in this process left its own
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = accelerator.prepare(Head())
     x = torch.randn(4, 8)

@@ -181,7 +181,9 @@ def test_an_fsdp_wrap_class_the_model_lacks_is_named(tiny_recipe: Path, tmp_path
     results = finish(procs, TIMEOUT)
     assert [rc for rc, _, _ in results] == [2, 2], results
     last = results[0][2].strip().splitlines()[-1]
-    assert last.startswith("error: strategy.fsdp.wrap: the model has no module of class Block;") and "Linear" in last
+    wanted = f"error: {tiny_recipe}: strategy.fsdp.wrap: the model has no module of class Block;"
+    assert last.startswith(wanted) and "Linear" in last, last
+    assert not (tmp_path / "run").exists()  # found in the recipe, before anything was written
 
 
 # ---------------------------------------------------------------------------------------------------- pure
