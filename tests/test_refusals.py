@@ -11,22 +11,11 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import read_metrics
+from test_recipe_property import TINY
 
 from launcher import cli, folders, losses
 from launcher.components import Component
 from launcher.errors import RecipeError
-
-TINY = """\
-model: {_component_: mlp}
-data:
-  dataset: {_component_: synthetic_classification, num_features: 4, num_classes: 3, num_samples: 64}
-  train: {split: train}
-  val: {split: val, num_samples: 32}
-optimizer: {_component_: adam, lr: 0.003}
-train: {max_steps: 2, batch_size: 8, seed: 3}
-eval: {every_steps: 1, every_epoch: false}
-logging: {every_steps: 1, trackers: [jsonl, tensorboard], progress_bar: false}
-"""
 
 # A model that builds on the meta device (where `launcher validate` builds it) and refuses a real one: a stand-in
 # for whatever only training can find.
@@ -76,7 +65,7 @@ def test_a_run_refused_while_it_is_built_leaves_the_run_dir_as_it_found_it(recip
         for name, data in holds.items():
             (run_dir / name).write_bytes(data)
     before = contents(recipe.parent / "deep")
-    args = [str(recipe), f"run_dir={run_dir}", "model._component_=onlymeta.OnlyOnMeta"]
+    args = [str(recipe), f"run_dir={run_dir}", "model=onlymeta.OnlyOnMeta", "logging.trackers=[jsonl,tensorboard]"]
     assert launcher("validate", *args)[0] == 0  # the meta device builds it
     code, err = launcher("train", *args)
     assert code == 2 and "this model wants another machine" in err and err.startswith(f"error: {recipe}: model:"), err
