@@ -148,11 +148,23 @@ def job_state(cluster: LocalCluster, job: str) -> str:
     return match.group(1) if match else "GONE"
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, state=lambda: "") -> None:
+    """Until `condition()`; a timeout says what it waited for and, where `state` tells it, how the job stood."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {state()}"
         time.sleep(0.5)
+
+
+def job_report(cluster: LocalCluster, job: str, run_dir: Path):
+    """The job's state and the end of its log, for a wait that timed out."""
+
+    def report() -> str:
+        log = run_dir / "slurm" / f"{job}.out"
+        tail = log.read_text()[-2000:] if log.is_file() else "(no log yet)"
+        return f"(job {job}: {job_state(cluster, job)})\n{tail}"
+
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +189,18 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
 ):
     run_dir = tmp_path / "preempted"
     job = submit(cluster, run_dir)
-    wait_for(lambda: (run_dir / "checkpoints" / "step_00000100").is_dir(), 300, "a checkpoint at step 100")
+    report = job_report(cluster, job, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000100").is_dir(), 300, "a checkpoint at step 100", report)
     # SLURM's warning before the end, as --signal=B:USR1@120 sends it, to the batch script alone.
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    wait_for(lambda: job_state(cluster, job) == "PENDING", 120, "the job to requeue itself")
+    wait_for(lambda: job_state(cluster, job) == "PENDING", 120, "the job to requeue itself", report)
     # SLURM holds a requeued job back for a while (BeginTime) so that the nodes finish cleaning up after it; once
     # they have (idle again), let it start now rather than in two minutes.
     wait_for(lambda: cluster.run("sinfo", "-h", "-N", "-o", "%t").stdout.split() == ["idle", "idle"], 120, "idle")
     # A start in the same second or so as the requeue is refused by slurmd ("Job credential revoked"): a few more.
     time.sleep(5)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
+    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}", report)
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert job_state(cluster, job) == "COMPLETED", log[-3000:]
 
