@@ -124,7 +124,8 @@ def validate_command(path: str, overrides: Sequence[str]) -> int:
 def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> int:
     from launcher.recipe import dump, load_recipe
 
-    recipe = load_recipe(path, overrides)
+    # A checkpoint named by `resume` is read (its checksums) once, by the start (loop.preflight), not here as well.
+    recipe = load_recipe(path, overrides, read_resume=False)
     if print_recipe:
         print(dump(recipe), end="")
         return 0

@@ -73,14 +73,20 @@ __all__ = [
 
 
 def load_recipe(
-    path: str | Path, overrides: Sequence[str] = (), check_files: bool = True, this_machine: bool = True
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    check_files: bool = True,
+    this_machine: bool = True,
+    read_resume: bool = True,
 ) -> Recipe:
     """Read, compose, override and validate a recipe, or raise RecipeError listing every problem.
 
     The recipe's folder becomes importable, as a script's folder is, so `_component_: mymodels.Net` finds a
     `mymodels.py` kept beside the recipe. Without `check_files`, data files need not exist yet (`launcher plan`).
     Without `this_machine`, nothing is checked against this machine (its GPU, its memory): the recipe is for
-    another one (`launcher slurm submit` on a login node, `launcher plan`).
+    another one (`launcher slurm submit` on a login node, `launcher plan`). Without `read_resume`, a checkpoint
+    named by `resume` is looked for but not read (its checksums): `launcher train`'s start reads it right after,
+    on every process, with the same line for what it refuses.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,7 +97,8 @@ def load_recipe(
     recipe_dir = str(path.resolve().parent)
     if recipe_dir not in sys.path:
         sys.path.insert(0, recipe_dir)
-    return validate(raw, str(path), path.stem, [*base_problems, *override_problems], check_files, this_machine)
+    problems = [*base_problems, *override_problems]
+    return validate(raw, str(path), path.stem, problems, check_files, this_machine, read_resume)
 
 
 def validate(
@@ -101,15 +108,16 @@ def validate(
     problems: Sequence[str] = (),
     check_files: bool = True,
     this_machine: bool = True,
+    read_resume: bool = True,
 ) -> Recipe:
     """The typed, frozen recipe, or RecipeError with every problem found (and `problems` found before), one
-    line each. `check_files` and `this_machine` as in `load_recipe`."""
+    line each. `check_files`, `this_machine` and `read_resume` as in `load_recipe`."""
     found: list[str] = list(problems)
     built = build_recipe(raw, source, default_name, found)
     if built.recipe is not None:
         # Values that failed their type check stand at their defaults here: their range checks would only repeat
         # or mislead, so problems under those keys, or that reason about them, are left out.
-        for problem in check_values(built.recipe, check_files, this_machine):
+        for problem in check_values(built.recipe, check_files, this_machine, read_resume):
             if not built.about_bad_keys(problem):
                 found.append(f"{source}: {problem}")
     if found:

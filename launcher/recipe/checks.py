@@ -26,7 +26,9 @@ MAX_WORKERS = 256  # DataLoader worker processes per training process; each hold
 MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the timeout, ends a little further
 
 
-def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = True) -> list[str]:
+def check_values(
+    recipe: Recipe, check_files: bool = True, this_machine: bool = True, read_resume: bool = True
+) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
     missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
     return [
@@ -36,7 +38,7 @@ def check_values(recipe: Recipe, check_files: bool = True, this_machine: bool = 
         *_check_components(recipe, check_files, this_machine),
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
-        *_check_resume(recipe.resume, check_files),
+        *_check_resume(recipe.resume, check_files and read_resume),
         *(_check_folders(recipe) if check_files and this_machine else []),
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
@@ -237,8 +239,9 @@ def _check_profile(pr: ProfileConfig, this_machine: bool) -> list[str]:
     return problems
 
 
-def _check_resume(resume: str, check_files: bool) -> list[str]:
-    """A checkpoint to resume from, named by its path: there, complete and intact (as training checks it)."""
+def _check_resume(resume: str, read: bool) -> list[str]:
+    """A checkpoint to resume from, named by its path: there and (`read`) complete and intact, as the run's start
+    checks it."""
     by_name = Path(resume).name in (LATEST, BEST) and Path(resume).parent.is_dir()
     if resume in ("none", "auto"):
         return []
@@ -249,7 +252,7 @@ def _check_resume(resume: str, check_files: bool) -> list[str]:
         ]
     from launcher import checkpoint
 
-    problem = checkpoint.resume_problem(Path(resume)) if check_files else None
+    problem = checkpoint.resume_problem(Path(resume)) if read else None
     return [f"resume: {problem}"] if problem else []
 
 
