@@ -130,9 +130,8 @@ class HFChat(Dataset):
                 ("too_long", f"expected one of: {', '.join(TOO_LONG)}; got {describe(args.get('too_long'))}")
             )
         if (args.get("prompt_column") is None) != (args.get("response_column") is None):
-            given = "prompt_column" if args.get("prompt_column") is not None else "response_column"
-            other = "response_column" if given == "prompt_column" else "prompt_column"
-            problems.append((other, f"missing: {given} is given, so {other} must be too (or neither: messages_column)"))
+            given, other = ("prompt_column", "response_column")[:: 1 if args.get("prompt_column") else -1]
+            problems.append((given, f"given without {other}: give both, or neither (a messages_column)"))
         return problems
 
 
@@ -156,14 +155,14 @@ def encode_records(
 ) -> dict[str, np.ndarray]:
     """Every record's tokens and which of them count, concatenated, with each example's offset; examples too long
     (or, truncated, with no answer left) are dropped and counted."""
-    for column in columns:
-        if column not in records.column_names:
-            key = (
-                "messages_column" if len(columns) == 1 else ("prompt_column", "response_column")[columns.index(column)]
-            )
-            raise ArgumentProblem(
-                key, f"{shown} has no column {column!r} (its columns: {', '.join(records.column_names)})"
-            )
+    missing = [c for c in columns if c not in records.column_names]
+    if missing:
+        # Under `path`, which both splits share: the file is what lacks it, whether the column was named or not.
+        raise ArgumentProblem(
+            "path",
+            f"{shown} has no column {missing[0]!r} (its columns: {', '.join(records.column_names)}): name its "
+            "conversations' column with messages_column, or give prompt_column and response_column",
+        )
     ids: list[int] = []
     counted: list[bool] = []
     offsets, dropped = [0], 0
