@@ -80,12 +80,12 @@ class HFChat(Dataset):
         if len(examples) == 0:
             raise ArgumentProblem("path", f"{shown} has no {split} example of at most {max_length} tokens")
         dropped = int(self.arrays["dropped"][0])
-        if dropped and split == "train" and os.environ.get("RANK", "0") == "0":
+        if dropped and split == "train":
             how = "cut to" if too_long == "truncate" else "longer than"
-            print(
-                f"note: {shown}: {dropped} of {dropped + len(lengths)} examples dropped ({how} max_length "
-                f"{max_length} tokens{', no answer token left' if too_long == 'truncate' else ''})",
-                file=sys.stderr,
+            left = ", no answer token left" if too_long == "truncate" else ""
+            note(
+                f"note: {shown}: {dropped} of {dropped + len(lengths)} examples dropped ({how} max_length {max_length} "
+                f"tokens{left})"
             )
         self.starts = offsets[examples.start : examples.stop]
         self.lengths = lengths[examples.start : examples.stop]
@@ -133,6 +133,16 @@ class HFChat(Dataset):
             given, other = ("prompt_column", "response_column")[:: 1 if args.get("prompt_column") else -1]
             problems.append((given, f"given without {other}: give both, or neither (a messages_column)"))
         return problems
+
+
+NOTED: set[str] = set()  # what this process said already: the recipe's checks open the set before training does
+
+
+def note(line: str) -> None:
+    """Say `line` once per run, on the first process."""
+    if line not in NOTED and os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    NOTED.add(line)
 
 
 def use_template(tokenizer: Any, name: str, template: str | None) -> None:
