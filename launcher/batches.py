@@ -125,6 +125,15 @@ def per_sample_of_tokens(
     return losses.sum(dim=1) / per_position, right.sum(dim=1) / per_position
 
 
+def weights(inputs: Any, targets: Any, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """How much each sample's mean loss weighs in a token-weighted mean: a mapping batch of sequence labels, the
+    labels that count (after the shift: a causal LM's last position predicts nothing); 1 for any other sample,
+    whose positions (if any) all count alike."""
+    if isinstance(inputs, Mapping) and isinstance(targets, torch.Tensor) and sequence_tokens(targets):
+        return (targets[:, 1:] != ignore_index).sum(dim=1).float()
+    return torch.ones(samples(inputs, targets))
+
+
 def sequence_tokens(targets: Any) -> int:
     """Tokens in a batch of sequence targets (batch, time); 0 for one target per sample."""
     if not isinstance(targets, torch.Tensor):

@@ -34,7 +34,11 @@ DATASETS = {
     "token_memmap": "launcher.data.memmap.TokenMemmap",
     "hf_text": "launcher.data.hf.HFText",
     "hf_classification": "launcher.data.hf.HFClassification",
+    "hf_chat": "launcher.data.chat.HFChat",
 }
+# The built-in names of what trains on token sequences: a language model's evaluation gives its perplexity.
+SEQUENCE_DATASETS = {"char_text", "token_memmap", "hf_text", "hf_chat"}
+LANGUAGE_MODELS = {"gpt", "hf_causal_lm"}
 LOSSES = {
     "cross_entropy": "torch.nn.CrossEntropyLoss",
     "mse": "torch.nn.MSELoss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from launcher.metrics import Throughput
 from launcher.precision import Precision
 from launcher.recipe import Recipe
 from launcher.trainstate import TrainState
+
+MAX_EXPONENT = 700.0  # e to more overflows a float: the perplexity is then infinite (logged as null)
 
 
 class Evaluator:
@@ -101,18 +104,19 @@ def evaluate(
     precision: Precision,
     chunked: bool,
 ) -> dict[str, float]:
-    """Mean loss (and accuracy, for classification) over the validation set, each sample counted once across all
-    ranks: per-sample values are gathered, and the padding Accelerate adds to even out ranks is dropped. A model
-    that computes its own loss (`loss_fn` None) is scored with cross-entropy of its logits, per sample; one with
-    the chunked head (`chunked`) by that head, which never holds all the logits. Forward and loss run in the
-    training's autocast regions (`precision`)."""
+    """Mean loss (and accuracy, for classification; perplexity, for a language model) over the validation set, each
+    sample counted once across all ranks: per-sample values and their weights (the labels each counts) are gathered,
+    and the padding Accelerate adds to even out ranks is dropped. A model that computes its own loss (`loss_fn`
+    None) is scored with cross-entropy of its logits, per sample; one with the chunked head (`chunked`) by that
+    head, which never holds all the logits. Forward and loss run in the training's autocast regions
+    (`precision`)."""
     loss_fn = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
     per_sample_loss_fn = copy.copy(loss_fn)
     if hasattr(per_sample_loss_fn, "reduction"):
         per_sample_loss_fn.reduction = "none"
     classify = classifies(loss_fn)
     model.eval()
-    loss_total, correct_total, count = 0.0, 0.0, 0
+    loss_total, correct_total, count, sequences = 0.0, 0.0, 0.0, False
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -124,16 +128,29 @@ def evaluate(
                 output = batches.forward(model, inputs)
                 with precision.loss():
                     losses, right = score(loss_fn, per_sample_loss_fn, inputs, output, targets)
-        gathered = accelerator.gather_for_metrics([losses] if right is None else [losses, right])
-        loss_total += gathered[0].sum().item()
-        count += len(gathered[0])
-        if classify:
-            correct_total += gathered[1].sum().item()
+        weight = batches.weights(inputs, targets, getattr(loss_fn, "ignore_index", batches.IGNORE_INDEX))
+        sequences = sequences or batches.sequence_tokens(targets) > 0
+        values = [losses, weight.to(losses.device)] + ([] if right is None else [right])
+        gathered = accelerator.gather_for_metrics(values)
+        loss_total += (gathered[0] * gathered[1]).sum().item()
+        count += gathered[1].sum().item()
+        if classify and right is not None:
+            correct_total += (gathered[2] * gathered[1]).sum().item()
     model.train()
-    results = {"val/loss": loss_total / max(count, 1)}
+    return results(loss_total, correct_total, count, classify, sequences)
+
+
+def results(loss_total: float, correct_total: float, count: float, classify: bool, sequences: bool) -> dict[str, float]:
+    """The metrics of an evaluation from its token-weighted totals: each counted token (or each sample, without
+    sequences) weighs the same, however the batches fell. A cross-entropy over token sequences (a language model)
+    also gives its perplexity, e to the mean loss."""
+    loss = loss_total / max(count, 1)
+    out = {"val/loss": loss}
     if classify:
-        results["val/accuracy"] = correct_total / max(count, 1)
-    return results
+        out["val/accuracy"] = correct_total / max(count, 1)
+        if sequences:
+            out["val/perplexity"] = math.exp(loss) if loss < MAX_EXPONENT else math.inf
+    return out
 
 
 def score(

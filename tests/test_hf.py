@@ -243,9 +243,10 @@ def test_a_killed_two_process_run_resumes_bitwise_and_exports(data: Path, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hf_causal_lm", "hf_classify"])
+@pytest.mark.parametrize("name", ["hf_causal_lm", "hf_classify", "hf_sft_lora"])
 def test_the_shipped_recipes_run_as_their_headers_say(data: Path, tmp_path: Path, name: str):
-    path = data / ("text.jsonl" if name == "hf_causal_lm" else "labels.csv")
+    chats = REPO / "recipes" / "data" / "chat_sample.jsonl"
+    path = {"hf_causal_lm": data / "text.jsonl", "hf_classify": data / "labels.csv", "hf_sft_lora": chats}[name]
     run_dir = tmp_path / "run"
     short = ["train.max_steps=6", "eval.every_steps=3", "eval.every_epoch=false", "eval.max_batches=2"]
     short.append("checkpoint.every_steps=3")  # with a small corpus an epoch ends inside the 6 steps: no eval there
@@ -262,6 +263,9 @@ def test_the_shipped_recipes_run_as_their_headers_say(data: Path, tmp_path: Path
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "val/accuracy" in r] == [3, 6]
     assert (run_dir / "checkpoints" / "step_00000006" / "hf" / "tokenizer.json").is_file()
+    if name == "hf_sft_lora":  # a language model's perplexity, and the chat template exported with its tokenizer
+        assert [r["step"] for r in rows if "val/perplexity" in r] == [3, 6]
+        assert (run_dir / "checkpoints" / "step_00000006" / "hf" / "chat_template.jinja").is_file()
 
 
 REFUSALS = {

@@ -11,7 +11,9 @@ it, and its objects in the output only cost memory.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import sys
 import tempfile
 import types
 from collections.abc import Mapping
@@ -164,11 +166,30 @@ def causal_lm(
     vocab_size: int | None = None,
     block_size: int | None = None,
     pad_token_id: int | None = None,
+    packed: bool = False,
 ) -> torch.nn.Module:
     """A causal language model (`AutoModelForCausalLM`). `vocab_size`, `block_size` and `pad_token_id` come from
-    the data (its tokenizer and blocks)."""
+    the data (its tokenizer and blocks); `packed`: rows of several examples, told apart by `position_ids`."""
     told = {"vocab_size": vocab_size, "block_size": block_size, "pad_token_id": pad_token_id}
-    return build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told)
+    model = build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told)
+    problem = packing_problem(model) if packed else None
+    if problem:
+        why = f"{problem}: its attention would cross packed examples; set data.dataset.packing=false"
+        raise ArgumentProblem("packing", why, key="model")
+    return model
+
+
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why a model cannot keep packed examples apart, or None: it must take `position_ids` and build its mask with
+    `transformers.masking_utils`, which makes a block-diagonal causal mask of them when no attention mask is given
+    (eager, sdpa, flex attention; flash attention reads them as sequence boundaries)."""
+    name = type(model).__name__
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return f"{name} takes no position_ids"
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    if "masking_utils" not in source:
+        return f"{name} does not build its attention mask with transformers' masking_utils"
+    return None
 
 
 def classifier(

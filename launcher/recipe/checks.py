@@ -143,7 +143,7 @@ def _check_evaluation(recipe: Recipe) -> list[str]:
         ("checkpoint.keep_best", c.keep_best, 0),
     )
     evaluates = recipe.data.val is not None and (e.every_steps is not None or e.every_epoch)
-    metrics = losses.evaluation_metrics(recipe.loss)
+    metrics = with_perplexity(losses.evaluation_metrics(recipe.loss), language_model(recipe))
     if es is not None:
         problems += _at_least(("early_stopping.patience", es.patience, 0))
         if not es.min_delta >= 0:
@@ -161,13 +161,34 @@ def _check_evaluation(recipe: Recipe) -> list[str]:
     return problems
 
 
+def language_model(recipe: Recipe) -> bool | None:
+    """Whether the run trains on token sequences (its evaluation then gives val/perplexity with cross-entropy),
+    from its built-in data or model; None where neither is built in."""
+    data, model = recipe.data.train.short_name, recipe.model.short_name
+    for name, sequences, others in (
+        (data, components.SEQUENCE_DATASETS, components.DATASETS),
+        (model, components.LANGUAGE_MODELS, components.MODELS),
+    ):
+        if name in others:
+            return name in sequences
+    return None
+
+
+def with_perplexity(metrics: tuple[str, ...] | None, sequences: bool | None) -> tuple[str, ...] | None:
+    """The metrics of a cross-entropy evaluation (val/accuracy among them) with val/perplexity where the run is a
+    language model's; not known (None) where that is not known."""
+    if metrics is None or "val/accuracy" not in metrics or sequences is False:
+        return metrics
+    return (*metrics, "val/perplexity") if sequences else None
+
+
 def _monitor_problems(key: str, name: str, metrics: tuple[str, ...] | None) -> list[str]:
     """A monitored metric the evaluation will produce: the line training would give at its first evaluation.
     `metrics` None: not known before training (a loss built by a function), so any validation metric goes."""
     if metrics is None:
         if name.startswith("val/"):
             return []
-        return [f"{key}: expected a validation metric such as val/loss or val/accuracy, got {name!r}"]
+        return [f"{key}: expected a validation metric such as val/loss, val/accuracy or val/perplexity, got {name!r}"]
     if name not in metrics:
         return [f"{key}: {name!r} is not a validation metric of this run (it has: {', '.join(sorted(metrics))})"]
     return []
