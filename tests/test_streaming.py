@@ -52,7 +52,7 @@ def stream_recipe(data: Path, tmp_path: Path) -> Path:  # noqa: F811
     return path
 
 
-def kill_after(procs: list, checkpoints: Path, past: int) -> int:
+def kill_after(procs: list, checkpoints: Path, past: int = 0) -> int:
     """SIGKILL every rank once a checkpoint after step `past` is complete; its step."""
     deadline = time.monotonic() + TIMEOUT
     while not [s for s in checkpoint.complete_steps(checkpoints) if s > past]:
@@ -96,15 +96,13 @@ def stream_text(stream: object, ids: list[int]) -> str:
 
 
 @pytest.mark.slow
-def test_a_streaming_run_killed_twice_resumes_bitwise_and_warns_on_another_world_size(
-    split_data: Path, tmp_path: Path
-):
+def test_a_streaming_run_killed_twice_resumes_bitwise_and_warns_on_another_world_size(split_data: Path, tmp_path: Path):
     path = stream_recipe(split_data, tmp_path)
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     results = finish(start_ranks(2, "train", str(path), f"run_dir={full}", cwd=tmp_path), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
 
-    first = kill_after(start_ranks(2, "train", str(path), f"run_dir={crashed}", cwd=tmp_path), crashed / "checkpoints", 0)
+    first = kill_after(start_ranks(2, "train", str(path), f"run_dir={crashed}", cwd=tmp_path), crashed / "checkpoints")
     resumed = start_ranks(2, "train", str(path), f"run_dir={crashed}", "resume=auto", cwd=tmp_path)
     second = kill_after(resumed, crashed / "checkpoints", first)
     assert first < second < 16
