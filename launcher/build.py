@@ -179,7 +179,7 @@ def make_train_loader(dataset: Dataset, accelerator: Accelerator, recipe: Recipe
     t = recipe.train
     if isinstance(dataset, TokenStream):
         dataset.share(accelerator.process_index, accelerator.num_processes, recipe.data.shuffle, t.seed)
-        return StreamLoader(dataset, t.batch_size, recipe.data.num_workers, accelerator.device)
+        return StreamLoader(dataset, t.batch_size, recipe.data.num_workers, accelerator.device, t.seed)
     return make_loader(dataset, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
 
 

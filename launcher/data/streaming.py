@@ -247,11 +247,17 @@ class StreamLoader:
 
     streamed = True
 
-    def __init__(self, dataset: TokenStream, batch_size: int, num_workers: int, device: torch.device):
+    def __init__(self, dataset: TokenStream, batch_size: int, num_workers: int, device: torch.device, seed: int):
         self.dataset, self.device = dataset, device
         loader_class = optional("torchdata.stateful_dataloader", "hf").StatefulDataLoader
         self.loader = loader_class(
-            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # Its own generator: starting an iterator draws from it, not from the global RNG (which a resumed run
+            # restores before it starts iterating, so a draw there would change its dropout).
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def __iter__(self) -> Iterator[Any]:
