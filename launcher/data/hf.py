@@ -234,8 +234,6 @@ class HFText(StreamsWhenAsked, Dataset):
 
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
-        from launcher.data.streaming import stream_problems
-
         streamed = [(name, problem) for name, problem in stream_problems(args) if problem]
         return common_problems(args, "block_size") + streamed
 
@@ -330,3 +328,21 @@ def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str
     if fmt is not None and fmt not in set(FORMATS.values()):
         checks.append(("format", f"expected one of: {', '.join(sorted(set(FORMATS.values())))}; got {describe(fmt)}"))
     return [(name, problem) for name, problem in checks if problem]
+
+
+def stream_problems(args: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """(argument, problem) pairs of `streaming` and `shuffle_buffer`, as `hf_text`'s `check_args` gives them."""
+    streaming = args.get("streaming")
+    problems: list[tuple[str, str | None]] = [
+        ("streaming", None if isinstance(streaming, bool) else f"expected true or false, got {streaming!r}"),
+        ("shuffle_buffer", integer_problem(args.get("shuffle_buffer"), 0)),
+    ]
+    if streaming is True and args.get("split") == "val" and "{split}" not in str(args.get("path")):
+        problems.append(
+            (
+                "streaming",
+                "a streamed train set has no held-out tail to validate on: give a path with {split} (one file per "
+                "split; the val split is read map-style) or set data.val: null",
+            )
+        )
+    return problems

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from launcher.components import ArgumentProblem, integer_problem, optional
+from launcher.components import ArgumentProblem, optional
 from launcher.data.hf import FORMATS, hf_datasets, load_tokenizer, source, told
 
 PASS_KEY = "stream_pass"  # the pass a rank's stream is in, as its state holds it (found in workers' states too)
@@ -222,30 +222,10 @@ def open_stream(name: str, file: Any, builder: str | None, column: str) -> Any:
     return records
 
 
-def stream_problems(args: Mapping[str, Any]) -> list[tuple[str, str | None]]:
-    """(argument, problem) pairs of `streaming` and `shuffle_buffer`, as `hf_text`'s `check_args` gives them."""
-    streaming = args.get("streaming")
-    problems: list[tuple[str, str | None]] = [
-        ("streaming", None if isinstance(streaming, bool) else f"expected true or false, got {streaming!r}"),
-        ("shuffle_buffer", integer_problem(args.get("shuffle_buffer"), 0)),
-    ]
-    if streaming is True and args.get("split") == "val" and "{split}" not in str(args.get("path")):
-        problems.append(
-            (
-                "streaming",
-                "a streamed train set has no held-out tail to validate on: give a path with {split} (one file per "
-                "split; the val split is read map-style) or set data.val: null",
-            )
-        )
-    return problems
-
-
 class StreamLoader:
     """Batches of a `TokenStream` on `device`, through torchdata's `StatefulDataLoader` (whose `state_dict` holds
     each worker's stream state and the batches fetched ahead of the loop). It has no length, no epochs (the
     stream's passes are its own) and is not prepared by Accelerate, which would split the stream a second time."""
-
-    streamed = True
 
     def __init__(self, dataset: TokenStream, batch_size: int, num_workers: int, device: torch.device, seed: int):
         self.dataset, self.device = dataset, device
