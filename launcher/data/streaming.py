@@ -22,6 +22,7 @@ workers and accounts for the batches they fetched ahead (`StreamLoader`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -230,21 +231,21 @@ class StreamLoader:
     def __init__(self, dataset: TokenStream, batch_size: int, num_workers: int, device: torch.device, seed: int):
         self.dataset, self.device = dataset, device
         loader_class = optional("torchdata.stateful_dataloader", "hf").StatefulDataLoader
-        self.loader = loader_class(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # Its own generator: starting an iterator draws from it, not from the global RNG (which a resumed run
-            # restores before it starts iterating, so a draw there would change its dropout).
-            generator=torch.Generator().manual_seed(seed),
-        )
+        with quiet_torchdata():
+            self.loader = loader_class(
+                dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                pin_memory=torch.cuda.is_available(),
+                # Its own generator: starting an iterator draws from it, not from the global RNG (which a resumed
+                # run restores before it starts iterating, so a draw there would change its dropout).
+                generator=torch.Generator().manual_seed(seed),
+            )
 
     def __iter__(self) -> Iterator[Any]:
         from accelerate.utils import send_to_device
 
-        with warnings.catch_warnings():  # torchdata's own call of a deprecated torch function: nothing to act on
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
+        with quiet_torchdata():
             batches = iter(self.loader)
         for batch in batches:
             yield send_to_device(batch, self.device)
@@ -261,3 +262,11 @@ class StreamLoader:
     def restart(self, stream_pass: int) -> None:
         """Begin again at the start of pass `stream_pass` (a saved position that does not apply here)."""
         self.dataset.fresh(stream_pass)
+
+
+@contextlib.contextmanager
+def quiet_torchdata() -> Iterator[None]:
+    """Without the warning torchdata's own call of a deprecated torch function gives: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        yield
