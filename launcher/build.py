@@ -290,6 +290,8 @@ def resume(
     if not same_world:
         note = world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes, stream_note)
         accelerator.print(note)
+    elif stream_note:
+        accelerator.print(f"note: {stream_note}")
 
 
 def resume_stream(accelerator: Accelerator, path: Path, parts: Parts, same_world: bool) -> str | None:
