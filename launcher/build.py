@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from launcher import checkpoint, chunked_loss, components, losses, models, param_groups, plan, schedules
+from launcher.data.streaming import StreamLoader, TokenStream, saved_pass
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
 from launcher.models import hf
@@ -30,7 +31,7 @@ class Parts:
     model: torch.nn.Module
     loss_fn: torch.nn.Module | None  # None: the model's own loss (see `batches.batch_loss`)
     optimizer: Any
-    train_loader: DataLoader
+    train_loader: DataLoader | StreamLoader  # a stream's: not prepared by Accelerate (see data/streaming.py)
     val_loader: DataLoader | None
     stepper: Stepper
     # A Hugging Face model's config and tokenizer files, kept in every checkpoint (see models.hf.export_files).
@@ -45,6 +46,25 @@ class Parts:
         """The batches an evaluation reads."""
         n = 0 if self.val_loader is None else len(self.val_loader)
         return n if max_batches is None else min(n, max_batches)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_loader, StreamLoader)
+
+    def train_batches(self) -> int | None:
+        """Batches per epoch on each process; None for a stream, which has no length."""
+        return None if self.streamed else len(self.train_loader)
+
+    def epoch_batches(self, accelerator: Accelerator, samples_done: int, samples_per_batch: int) -> Any:
+        """The epoch's batches: resuming inside an epoch, in the same order with the samples already seen skipped;
+        a stream continues where its restored state stands (nothing to skip, nothing read again)."""
+        if samples_done and not self.streamed:
+            return accelerator.skip_first_batches(self.train_loader, samples_done // samples_per_batch)
+        return self.train_loader
+
+    def data_state(self) -> Callable[[], Any] | None:
+        """What saves this process's place in a stream (None: a map-style set, placed by the trainer state)."""
+        return self.train_loader.state_dict if isinstance(self.train_loader, StreamLoader) else None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch for the loader's shuffle and for a train set that changes with it (random block offsets).
@@ -78,9 +98,11 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     fused = fused_default(recipe, strategy, accelerator)
     decay = decay_rule(recipe, saved, accelerator.print)
     optimizer, rate_keys = make_optimizer(recipe, model, decay, fused)
-    train_loader = make_loader(train_set, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
+    train_loader = make_train_loader(train_set, accelerator, recipe)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
-    model, optimizer, train_loader = strategy.prepare(accelerator, model, optimizer, train_loader)
+    stream = isinstance(train_loader, StreamLoader)
+    model, optimizer, prepared = strategy.prepare(accelerator, model, optimizer, None if stream else train_loader)
+    train_loader = train_loader if stream else prepared
     keep_output_precision(model)  # the loop autocasts forward and loss together (see launcher/precision.py)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -152,6 +174,15 @@ def epoch_seed(recipe: Recipe) -> dict[str, int]:
     return {"seed": recipe.train.seed} if changes else {}
 
 
+def make_train_loader(dataset: Dataset, accelerator: Accelerator, recipe: Recipe) -> DataLoader | StreamLoader:
+    """The train set's loader; a stream is told this process's share, its shuffle and seed (see data/streaming.py)."""
+    t = recipe.train
+    if isinstance(dataset, TokenStream):
+        dataset.share(accelerator.process_index, accelerator.num_processes, recipe.data.shuffle, t.seed)
+        return StreamLoader(dataset, t.batch_size, recipe.data.num_workers, accelerator.device, t.seed)
+    return make_loader(dataset, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, recipe: Recipe) -> DataLoader:
     return DataLoader(
         dataset,
@@ -204,7 +235,7 @@ def begin(
     state, saved = starting_state(recipe, saved, world, samples_per_batch)
     global_batch = samples_per_batch * t.gradient_accumulation_steps
     budget = plan.budget(
-        len(parts.train_loader), t.gradient_accumulation_steps, global_batch, t.max_steps, t.max_epochs, saved
+        parts.train_batches() or 0, t.gradient_accumulation_steps, global_batch, t.max_steps, t.max_epochs, saved
     )
     state.schedule_total, state.schedule_batch = budget.schedule_total, budget.schedule_batch
     state.decay = parts.decay
@@ -253,13 +284,42 @@ def resume(
     """Load the checkpoint into the built run, and say what a resume on another number of processes changes."""
     checkpoint.load(accelerator, path, parts.model, parts.optimizer, scheduler, strategy.checkpoint_format)
     match_fused(parts.stepper.inner)
+    same_world = saved.get("world_size", accelerator.num_processes) == accelerator.num_processes
+    stream_note = resume_stream(accelerator, path, parts, same_world) if parts.streamed else None
     accelerator.print(f"resumed from {path} at step {state.step}")
-    if saved.get("world_size", accelerator.num_processes) != accelerator.num_processes:
-        accelerator.print(world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes))
+    if not same_world:
+        note = world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes, stream_note)
+        accelerator.print(note)
+    elif stream_note:
+        accelerator.print(f"note: {stream_note}")
 
 
-def world_change_note(saved: dict[str, Any], state: TrainState, budget: plan.Budget, recipe: Recipe, world: int) -> str:
-    """What a resume on another number of processes keeps and what it changes, in one line."""
+def resume_stream(accelerator: Accelerator, path: Path, parts: Parts, same_world: bool) -> str | None:
+    """Put this process's stream where the checkpoint left it. Another number of processes splits the stream into
+    other shares, which no saved position fits: each starts its share at the start of the earliest pass a process
+    was in. What that changes, for the warning (None: exact)."""
+    loader = parts.train_loader
+    assert isinstance(loader, StreamLoader)
+    states = checkpoint.data_states(path)
+    if states is None:  # written by a run whose train set was not a stream
+        loader.restart(0)
+        return "the checkpoint holds no stream position: the stream starts at its beginning"
+    if same_world:
+        loader.load_state_dict(states[accelerator.process_index])
+        return None
+    start = min((p for p in map(saved_pass, states) if p is not None), default=0)
+    loader.restart(start)
+    return (
+        f"the stream cannot continue at the saved positions (each process's share of it depends on their number): "
+        f"every process starts its new share at the start of pass {start}, so blocks of that pass are seen again"
+    )
+
+
+def world_change_note(
+    saved: dict[str, Any], state: TrainState, budget: plan.Budget, recipe: Recipe, world: int, stream: str | None = None
+) -> str:
+    """What a resume on another number of processes keeps and what it changes, in one line (`stream`: what it
+    changes for a streamed train set)."""
     saved_world = saved.get("world_size", world)
     how = (
         f"the epoch budget is kept: {budget.total_steps - state.step} updates of "
@@ -271,7 +331,8 @@ def world_change_note(saved: dict[str, Any], state: TrainState, budget: plan.Bud
     if budget.remapped and recipe.scheduler.short_name not in schedules.SCHEDULES:
         how += f" (but {recipe.scheduler.target} counts updates: its curve is stretched to the new count)"
     fresh = f"; processes beyond {saved_world} start from fresh RNG states" if saved_world < world else ""
-    return (
-        f"warning: written by {saved_world} processes, resumed by {world}: {how}; the data continues at sample "
-        f"{state.samples_in_epoch} of epoch {state.epoch} (saved at {saved.get('samples_in_epoch')}){fresh}"
+    data = stream or (
+        f"the data continues at sample {state.samples_in_epoch} of epoch {state.epoch} (saved at "
+        f"{saved.get('samples_in_epoch')})"
     )
+    return f"warning: written by {saved_world} processes, resumed by {world}: {how}; {data}{fresh}"

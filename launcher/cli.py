@@ -258,10 +258,12 @@ def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> 
         train_set, missing = None, text.split(" (LAUNCHER_FULL_ERROR")[0].split("failed: ")[-1]
     else:
         missing = ""
+    model_kwargs = getattr(train_set, "model_kwargs", None)
+    if train_set is not None and not hasattr(train_set, "__len__"):  # a stream: no length, no sample to look at
+        train_set, missing = None, "a stream, read as it goes: no length"
     samples = None if train_set is None else len(train_set)
     made = plan.make_plan(recipe, samples, processes)
     # Without the data, the sizes the dataset would tell the model (block_size, vocab_size) come from the recipe.
-    model_kwargs = getattr(train_set, "model_kwargs", None)
     if model_kwargs is None:
         model_kwargs = {k: v for k, v in recipe.data.train.kwargs.items() if k in ("block_size", "vocab_size")}
     tokens = _tokens_per_sample(train_set) if train_set is not None else int(model_kwargs.get("block_size", 0))

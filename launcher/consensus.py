@@ -318,10 +318,11 @@ def refuse_together(accelerator: Accelerator, refusal: list[str]) -> None:
     raise RunFailed("", exit_code=2)
 
 
-def refuse_uneven_data(accelerator: Accelerator, train_batches: int, val_batches: int) -> None:
+def refuse_uneven_data(accelerator: Accelerator, train_batches: int | None, val_batches: int) -> None:
     """Refuse, before the first step, data that gives no batch (an epoch would never end) or gives the processes
     different numbers of batches (a dataset that shards itself unevenly): the longer ones would wait at a
-    collective for the shorter ones until the timeout. `val_batches`: those an evaluation reads."""
+    collective for the shorter ones until the timeout. `train_batches` None: a stream, endless on every rank;
+    `val_batches`: those an evaluation reads."""
     main = accelerator.is_main_process
     if train_batches == 0:  # the same on every rank unless the data is uneven, which the check below names
         raise RunFailed(

@@ -32,6 +32,7 @@ OLD_OPTIMIZER_FILE = "optimizer.pt"  # written by launcher 0.1.0 before optimize
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"  # fp16 only
 RNG_FILE = "rng.pt"  # every rank's RNG state
+DATA_FILE = "data_state.pt"  # every rank's place in a streamed train set (only where the train set is a stream)
 DCP_DIR = "dcp"  # `dcp` format (FSDP): every process's shard
 HF_DIR = "hf"  # a Hugging Face model's config, generation config and tokenizer: what `ckpt export --format hf` adds
 DEEPSPEED_DIR = "deepspeed"  # `deepspeed` format: the tag of DeepSpeed's checkpoint, its ZeRO partitions

@@ -84,8 +84,8 @@ class Training:
         set_seed(t.seed)
         self.parts = p = build.build(accelerator, recipe, strategy, start.saved)
         self.samples_per_batch = t.batch_size * world  # one micro-batch on every rank
-        self.samples_per_epoch = len(p.train_loader) * self.samples_per_batch
-        consensus.refuse_uneven_data(accelerator, len(p.train_loader), p.val_batches(recipe.eval.max_batches))
+        self.samples_per_epoch = (p.train_batches() or 0) * self.samples_per_batch  # 0: a stream, no epochs
+        consensus.refuse_uneven_data(accelerator, p.train_batches(), p.val_batches(recipe.eval.max_batches))
         begin = build.begin(accelerator, recipe, strategy, p, start.resume_from, start.saved)
         self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
@@ -102,7 +102,7 @@ class Training:
         writer = checkpoint.Writer(
             accelerator, p.model, p.optimizer, begin.scheduler, strategy.checkpoint_format, recipe.checkpoint.async_save
         )
-        writer.files = p.model_files
+        writer.files, writer.data_state = p.model_files, p.data_state()
         self.saver = Saver(accelerator, recipe, strategy, p.model, writer, self.budget, throughput)
         self.evaluator = Evaluator(accelerator, recipe, p, self.state, throughput)
         self.compiling = FirstUpdates() if t.compile.enabled else None
@@ -143,10 +143,7 @@ class Training:
         p.model.train()
         while not stop_reason:
             p.set_epoch(state.epoch)
-            batches = p.train_loader
-            if state.samples_in_epoch:  # resuming inside an epoch: same order, the samples already seen skipped
-                done = state.samples_in_epoch // self.samples_per_batch
-                batches = self.accelerator.skip_first_batches(p.train_loader, done)
+            batches = p.epoch_batches(self.accelerator, state.samples_in_epoch, self.samples_per_batch)
             for inputs, targets in map(split, self.peers.each(batches)):
                 state.samples_in_epoch += self.samples_per_batch
                 with self.peers.waiting_for("the gradient all-reduce"):
@@ -233,7 +230,7 @@ class Training:
             reason = "done" if stop_reason == "done" else f"stopped ({stop_reason})"
             summary = self.evaluator.summary()
             print(f"{reason} at step {state.step}/{total}  {summary}  run dir: {self.files.path}", flush=True)
-        epochs = state.epoch + state.samples_in_epoch / self.samples_per_epoch
+        epochs = state.epoch + state.samples_in_epoch / max(self.samples_per_epoch, 1)
         return RunResult(state.step, epochs, stop_reason, self.evaluator.last, self.files.path)
 
     def diverged_message(self) -> str:

@@ -184,7 +184,8 @@ class Updates:
             "train/loss": train_loss,
             **rates,
             "grad_norm": float(self.grad_norm),
-            "epoch": state.epoch + state.samples_in_epoch / samples_per_epoch,
+            # samples_per_epoch 0: a stream, which has no epochs
+            **({"epoch": state.epoch + state.samples_in_epoch / samples_per_epoch} if samples_per_epoch else {}),
             "train/skipped_steps": state.skipped_steps,
             **self.throughput.rates(state.step - self.logged_step),
             **peak_memory(self.accelerator.device),

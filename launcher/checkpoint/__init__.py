@@ -1,13 +1,14 @@
 """Checkpoints: atomic directories, loaded without unpickling objects.
 
 A checkpoint is a directory `step_00000400/` holding the model and optimizer state, `scheduler.pt`, `scaler.pt`
-(fp16), `rng.pt` (every rank's RNG), `recipe.yaml` and, written last, `trainer_state.json`. How it holds the model
-and optimizer is its format (`formats.py`): `model.safetensors` + `optimizer.safetensors`, written by the main
-process alone (DDP, one process), or each process's shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see
-`shards.py`. The directory is built under a hidden temporary name, synced to disk and renamed into place, so a crash
-at any moment leaves either the whole directory or none of it (`writer.py`). `trainer_state.json` records every
-other file's size and checksum (`integrity.py`): a checkpoint damaged after it was written is refused in one line
-naming the file (`restore.py`), and passed over by `resume=auto` (`retention.py`).
+(fp16), `rng.pt` (every rank's RNG), `data_state.pt` (every rank's place in a streamed train set), `recipe.yaml`
+and, written last, `trainer_state.json`. How it holds the model and optimizer is its format (`formats.py`):
+`model.safetensors` + `optimizer.safetensors`, written by the main process alone (DDP, one process), or each
+process's shard in `dcp/` (FSDP) or `deepspeed/` (DeepSpeed ZeRO), see `shards.py`. The directory is built under a
+hidden temporary name, synced to disk and renamed into place, so a crash at any moment leaves either the whole
+directory or none of it (`writer.py`). `trainer_state.json` records every other file's size and checksum
+(`integrity.py`): a checkpoint damaged after it was written is refused in one line naming the file (`restore.py`),
+and passed over by `resume=auto` (`retention.py`).
 
 - `retention.py`: which checkpoints a run has (latest, best, intact, interrupted) and which it keeps (and how it
   deletes the others: renamed to `.pruned-step_...` first, so a kill mid-way leaves no damaged-looking checkpoint).
@@ -21,7 +22,7 @@ from launcher.checkpoint.formats import FORMATS, Format, checkpoint_format, form
 from launcher.checkpoint.hf_export import NotHuggingFace
 from launcher.checkpoint.info import describe, export, summary
 from launcher.checkpoint.named import resume_problem
-from launcher.checkpoint.restore import load
+from launcher.checkpoint.restore import data_states, load
 from launcher.checkpoint.retention import (
     best,
     finish_pruning,
@@ -59,6 +60,7 @@ __all__ = [
     "best",
     "checkpoint_format",
     "complete_steps",
+    "data_states",
     "describe",
     "export",
     "finish_pruning",

@@ -13,7 +13,7 @@ from launcher.checkpoint import integrity, shards, statefile
 from launcher.checkpoint.damage import Damaged
 from launcher.checkpoint.formats import FORMATS, checkpoint_format, reading
 from launcher.errors import RunFailed
-from launcher.layout import RNG_FILE, SCALER_FILE, SCHEDULER_FILE
+from launcher.layout import DATA_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE
 
 
 def load(
@@ -71,6 +71,19 @@ def _load_rest(accelerator: Accelerator, path: Path, scheduler: Any) -> None:
             random.setstate(_as_tuple(rng["python"]))
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def data_states(path: Path) -> list[Any] | None:
+    """Every rank's place in a streamed train set, as the checkpoint at `path` saved them (None: it saved none)."""
+    if not (path / DATA_FILE).is_file():
+        return None
+    try:
+        with reading(DATA_FILE):
+            return list(torch.load(path / DATA_FILE, weights_only=True)["ranks"])
+    except shards.UnsafeCheckpoint as e:
+        raise RunFailed(e.refusal(f"error: resume: {path}"), exit_code=2) from None
+    except Damaged as e:
+        raise RunFailed(f"error: resume: {path}: {e}", exit_code=2) from None
 
 
 def _as_tuple(value: Any) -> Any:

@@ -24,13 +24,23 @@ from accelerate.utils import gather_object
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, host_copy
-from launcher.layout import HF_DIR, RECIPE_FILE, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE, old_dir, tmp_dir
+from launcher.layout import (
+    DATA_FILE,
+    HF_DIR,
+    RECIPE_FILE,
+    RNG_FILE,
+    SCALER_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    old_dir,
+    tmp_dir,
+)
 
 
 @dataclass(frozen=True)
 class Save:
     """One save under way: where it goes, the trainer state and recipe it records, what runs once it is in place
-    (retention), and every rank's RNG state."""
+    (retention), every rank's RNG state and, where the train set is a stream, every rank's place in it."""
 
     path: Path
     state: dict[str, Any]
@@ -38,6 +48,12 @@ class Save:
     after: Callable[[], None]
     rng_states: list[dict[str, Any]]
     files: dict[str, bytes]
+    data_states: list[Any] | None = None
+
+    def per_rank(self) -> dict[str, Any]:
+        """The files of every rank's state, as the main process writes them."""
+        data = {DATA_FILE: {"ranks": self.data_states}} if self.data_states is not None else {}
+        return {RNG_FILE: {"ranks": self.rng_states}, **data}
 
 
 class Writer:
@@ -69,6 +85,8 @@ class Writer:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.files: dict[str, bytes] = {}  # written into every checkpoint's HF_DIR (a Hugging Face model's config)
+        # This rank's place in a streamed train set (fresh tensors and plain values); None: no stream.
+        self.data_state: Callable[[], Any] | None = None
 
     def save(
         self,
@@ -79,7 +97,8 @@ class Writer:
     ) -> None:
         """Write a checkpoint at `path` atomically, then run `after` (retention) on the main process."""
         state = {**trainer_state, "world_size": self.accelerator.num_processes, "format": self.format.name}
-        save = Save(path, state, recipe_text, after, _gather_rng(self.accelerator), self.files)
+        data = None if self.data_state is None else _gather(self.accelerator, self.data_state())
+        save = Save(path, state, recipe_text, after, _gather_rng(self.accelerator), self.files, data)
         if self.format.sharded:
             self._save_shards(save)
         else:
@@ -97,7 +116,7 @@ class Writer:
             model_state = self.format.snapshot(accelerator, self.model, self.optimizer, copy)
             snapshot = {
                 SCHEDULER_FILE: host_copy(self.scheduler.state_dict(), copy),
-                RNG_FILE: {"ranks": save.rng_states},
+                **save.per_rank(),
                 **({SCALER_FILE: host_copy(scaler.state_dict(), copy)} if scaler is not None else {}),
             }
             job = functools.partial(self._write_main, save, model_state, snapshot)
@@ -123,7 +142,7 @@ class Writer:
         accelerator.wait_for_everyone()  # every shard is written
         if accelerator.is_main_process:
             self.format.tidy(tmp)
-            snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), RNG_FILE: {"ranks": save.rng_states}}
+            snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), **save.per_rank()}
             _complete(save, snapshot)
         accelerator.wait_for_everyone()
 
@@ -174,7 +193,12 @@ def _gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return list(gather_object([rng])) if accelerator.num_processes > 1 else [rng]
+    return _gather(accelerator, rng)
+
+
+def _gather(accelerator: Accelerator, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order."""
+    return list(gather_object([value])) if accelerator.num_processes > 1 else [value]
 
 
 def _sync(directory: Path) -> None:

@@ -162,10 +162,27 @@ def told(tokenizer: Any, length: int) -> dict[str, Any]:
     return {"vocab_size": len(tokenizer), "block_size": length, "pad_token_id": tokenizer.pad_token_id}
 
 
-class HFText(Dataset):
+class StreamsWhenAsked:
+    """A set whose train split, with `streaming: true`, is read as it goes: built as `streamed` (a dotted path, see
+    launcher/data/streaming.py) instead. The val split stays map-style: evaluations count each sample once."""
+
+    streamed = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("streaming") is True and kwargs.get("split", "train") == "train":
+            from launcher.components import import_object
+
+            return import_object(cls.streamed)(*args, **kwargs)
+        return super().__new__(cls)
+
+
+class HFText(StreamsWhenAsked, Dataset):
     """Records of text tokenized (no special tokens but an end-of-text token between records), concatenated and cut
     into `block_size` token blocks; the labels are the inputs (the model shifts them). The last `val_fraction` of
-    the blocks are val, unless the path has `{split}` (one file per split)."""
+    the blocks are val, unless the path has `{split}` (one file per split). `streaming: true` reads the train split
+    as it goes instead (launcher/data/streaming.py; `shuffle_buffer`: the blocks it shuffles among)."""
+
+    streamed = "launcher.data.streaming.StreamedText"
 
     def __init__(
         self,
@@ -177,6 +194,8 @@ class HFText(Dataset):
         val_fraction: float = 0.05,
         format: str | None = None,
         cache_dir: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
     ):
         self.tokenizer, name, file, key = opened(path, tokenizer, split, "text")
         key["column"] = column
@@ -215,7 +234,8 @@ class HFText(Dataset):
 
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return common_problems(args, "block_size")
+        streamed = [(name, problem) for name, problem in stream_problems(args) if problem]
+        return common_problems(args, "block_size") + streamed
 
 
 class HFClassification(Dataset):
@@ -308,3 +328,21 @@ def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str
     if fmt is not None and fmt not in set(FORMATS.values()):
         checks.append(("format", f"expected one of: {', '.join(sorted(set(FORMATS.values())))}; got {describe(fmt)}"))
     return [(name, problem) for name, problem in checks if problem]
+
+
+def stream_problems(args: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """(argument, problem) pairs of `streaming` and `shuffle_buffer`, as `hf_text`'s `check_args` gives them."""
+    streaming = args.get("streaming")
+    problems: list[tuple[str, str | None]] = [
+        ("streaming", None if isinstance(streaming, bool) else f"expected true or false, got {streaming!r}"),
+        ("shuffle_buffer", integer_problem(args.get("shuffle_buffer"), 0)),
+    ]
+    if streaming is True and args.get("split") == "val" and "{split}" not in str(args.get("path")):
+        problems.append(
+            (
+                "streaming",
+                "a streamed train set has no held-out tail to validate on: give a path with {split} (one file per "
+                "split; the val split is read map-style) or set data.val: null",
+            )
+        )
+    return problems

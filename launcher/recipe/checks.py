@@ -33,6 +33,7 @@ def check_values(
     missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
     return [
         *_check_train(recipe.train),
+        *_check_stream(recipe),
         *(_check_machine(recipe) if this_machine else []),
         *_check_strategy(recipe),
         *_check_components(recipe, check_files, this_machine),
@@ -42,6 +43,16 @@ def check_values(
         *(_check_folders(recipe) if check_files and this_machine else []),
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
+    ]
+
+
+def _check_stream(recipe: Recipe) -> list[str]:
+    """A streamed train set has no length: no epochs, so the run is bounded by `train.max_steps` alone."""
+    if recipe.data.train.kwargs.get("streaming") is not True or recipe.train.max_epochs is None:
+        return []
+    return [
+        "train.max_epochs: a streamed train set (data.train.streaming: true) has no length, so no epochs: bound "
+        "the run with train.max_steps instead"
     ]
 
 
@@ -119,7 +130,7 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
     problems += found
     if d.val is not None:
         problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
-    if facts is not None:
+    if facts is not None and facts.samples >= 0:  # -1: a stream, which has no length
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)
     problems += component_checks.check_model(recipe, facts, this_machine)

@@ -96,7 +96,10 @@ def check_split(key: str, spec: Component, check_files: bool, this_machine: bool
         dataset = components.instantiate("data", spec, key=key)
     except RecipeError as e:
         return e.problems, None
-    return [], DataFacts(model_kwargs=dict(getattr(dataset, "model_kwargs", {})), samples=len(dataset))
+    model_kwargs = dict(getattr(dataset, "model_kwargs", {}))
+    if not hasattr(dataset, "__len__"):  # a stream: what it tells the model is known, its length is not
+        return [], DataFacts(model_kwargs=model_kwargs, samples=-1)
+    return [], DataFacts(model_kwargs=model_kwargs, samples=len(dataset))
 
 
 def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
