@@ -12,8 +12,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from launcher.checkpoint import adapters
 from launcher import checkpoint, chunked_loss, components, losses, models, param_groups, plan, schedules
+from launcher.checkpoint import adapters
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
 from launcher.models import hf, lora

@@ -197,7 +197,14 @@ def classifier(
         "labels": labels,
     }
     return build(
-        "AutoModelForSequenceClassification", pretrained, config, dtype, attn_implementation, trust_remote_code, told, lora
+        "AutoModelForSequenceClassification",
+        pretrained,
+        config,
+        dtype,
+        attn_implementation,
+        trust_remote_code,
+        told,
+        lora,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,13 @@ def problems(lora: Any, pretrained: Any = None) -> list[tuple[str, str]]:
         found.append(("lora.dropout", f"expected a number in [0, 1), got {describe(dropout)}"))
     targets = lora.get("target_modules", ALL_LINEAR)
     if targets != ALL_LINEAR and not names(targets):
-        found.append(("lora.target_modules", f"expected {ALL_LINEAR} or a list of module names, got {describe(targets)}"))
+        found.append(
+            ("lora.target_modules", f"expected {ALL_LINEAR} or a list of module names, got {describe(targets)}")
+        )
     if "modules_to_save" in lora and not names(lora["modules_to_save"]):
-        found.append(("lora.modules_to_save", f"expected a list of module names, got {describe(lora['modules_to_save'])}"))
+        found.append(
+            ("lora.modules_to_save", f"expected a list of module names, got {describe(lora['modules_to_save'])}")
+        )
     problem = quantize_problem(lora.get("quantize"), pretrained, torch.cuda.is_available(), has_bitsandbytes())
     return found + ([("lora.quantize", problem)] if problem else [])
 
@@ -170,7 +175,9 @@ def apply(model: torch.nn.Module, lora: Mapping[str, Any], auto_class: str, pret
         base_model_name_or_path=pretrained,
     )
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing the user can change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # a module type peft cannot adapt
         raise ArgumentProblem("lora.target_modules", str(e).splitlines()[0]) from None
     inner = wrapped.get_base_model()
@@ -222,8 +229,10 @@ def base_change(saved: Mapping[str, Any], model: torch.nn.Module) -> str | None:
         return None
     now = model.lora_base
     if now["pretrained"] != saved["pretrained"]:
-        return f"warning: the checkpoint's adapters were trained on {saved['pretrained']}; this run's base is {now['pretrained']}"
+        return (
+            f"warning: the checkpoint's adapters were trained on {saved['pretrained']}; this run's base is "
+            f"{now['pretrained']}"
+        )
     if now["files"] != saved["files"]:
         return f"warning: the base model's files in {now['pretrained']} changed since the checkpoint was written"
     return None
-
