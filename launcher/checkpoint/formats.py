@@ -110,7 +110,9 @@ class Full(Format):
 
     def snapshot(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, copy: bool) -> Any:
         kept, aliases = weights_snapshot(unwrap(accelerator, model), copy=copy)
-        return (adapters.kept(model, kept), aliases), host_copy(optimizer.state_dict(), copy)
+        kept = adapters.kept(model, kept)
+        aliases = {alias: name for alias, name in aliases.items() if name in kept}  # a tied frozen embedding's head
+        return (kept, aliases), host_copy(optimizer.state_dict(), copy)
 
     def write_snapshot(self, tmp: Path, snapshot: Any) -> None:
         weights, optimizer_state = snapshot

@@ -128,6 +128,9 @@ def _dcp_state(model: torch.nn.Module, optimizer: Any, trainable_only: bool = Fa
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, _inner(optimizer), options=_dcp_options(trainable_only))
+    if trainable_only:  # torch leaves a frozen tensor's other names in (a tied head's)
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in names}
     return {"model": model_state, "optimizer": optimizer_state}
 
 
