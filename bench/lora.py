@@ -77,6 +77,13 @@ def run(mode: str, steps: int, threads: int) -> dict[str, float]:
     }
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -102,7 +109,7 @@ def main() -> None:
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
-    print(f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, {args.steps} updates\n")
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; {args.threads} threads, {args.steps} updates\n")
     print("| fine-tuning | trainable parameters | updates/s | peak RSS | checkpoint (model + AdamW) |")
     print("| --- | --- | --- | --- | --- |")
     for mode, r in rows.items():
