@@ -13,10 +13,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from launcher import checkpoint, chunked_loss, components, losses, models, param_groups, plan, schedules
+from launcher.checkpoint import adapters
 from launcher.data.streaming import StreamLoader, TokenStream, saved_pass
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
-from launcher.models import hf
+from launcher.models import hf, lora
 from launcher.precision import Precision, keep_output_precision
 from launcher.recipe import Recipe
 from launcher.strategies import DDP
@@ -87,7 +88,11 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     if problem:
         raise RecipeError(problem)
     # Only the main process writes checkpoints: only it needs the files.
-    model_files = hf.export_files(model, getattr(train_set, "tokenizer", None)) if accelerator.is_main_process else {}
+    model_files = (
+        {**hf.export_files(model, getattr(train_set, "tokenizer", None)), **lora.files(model)}
+        if accelerator.is_main_process
+        else {}
+    )
     loss_fn = losses.build(recipe.loss) if recipe.loss is not None else None
     # Before the strategy wraps the model: a Hugging Face model's forward is replaced for it.
     chunked, note = chunked_loss.choose(t.chunked_loss, model, loss_fn, hf.chunk_head)
@@ -283,6 +288,9 @@ def resume(
 ) -> None:
     """Load the checkpoint into the built run, and say what a resume on another number of processes changes."""
     checkpoint.load(accelerator, path, parts.model, parts.optimizer, scheduler, strategy.checkpoint_format)
+    changed = adapters.base_change(path, parts.model)
+    if changed:
+        accelerator.print(changed)
     match_fused(parts.stepper.inner)
     same_world = saved.get("world_size", accelerator.num_processes) == accelerator.num_processes
     stream_note = resume_stream(accelerator, path, parts, same_world) if parts.streamed else None

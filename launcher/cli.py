@@ -50,7 +50,9 @@ def run_verb(args: argparse.Namespace) -> int:
         "report": lambda: report_command(args.run_dirs, args.out, args.json),
         "tokenize": lambda: tokenize_command(args.text, args.out, args.val_fraction),
         "ckpt info": lambda: ckpt_info_command(args.path),
-        "ckpt export": lambda: ckpt_export_command(args.path, args.out, args.force, args.format, args.max_shard_size),
+        "ckpt export": lambda: ckpt_export_command(
+            args.path, args.out, args.force, args.format, args.max_shard_size, args.merge
+        ),
     }
     return commands[verb]()
 
@@ -81,6 +83,9 @@ def make_parser() -> argparse.ArgumentParser:
     hf_help = "hf: config, safetensors shards with their index, generation config, tokenizer (from_pretrained)"
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors", help=hf_help)
     export.add_argument("--max-shard-size", default="5GB", help="with --format hf: the largest shard (e.g. 2GB)")
+    export.add_argument(
+        "--merge", action="store_true", help="with --format hf, of a LoRA model: the model with its adapters merged in"
+    )
 
     slurm = verbs.add_parser("slurm", help="run a recipe as a SLURM job; how a job is doing")
     slurm_verbs = slurm.add_subparsers(dest="slurm_verb", required=True, metavar="VERB")
@@ -344,7 +349,12 @@ def _is_one_checkpoint(path: Path) -> bool:
 
 
 def ckpt_export_command(
-    path_text: str, out_text: str, force: bool, fmt: str = "safetensors", max_shard_size: str = "5GB"
+    path_text: str,
+    out_text: str,
+    force: bool,
+    fmt: str = "safetensors",
+    max_shard_size: str = "5GB",
+    merge: bool = False,
 ) -> int:
     from launcher import checkpoint
     from launcher.checkpoint import integrity
@@ -365,7 +375,7 @@ def ckpt_export_command(
     from launcher.checkpoint.shards import UnsafeCheckpoint
 
     try:
-        count = checkpoint.export(path, out, fmt, max_shard_size)
+        count = checkpoint.export(path, out, fmt, max_shard_size, merge)
     except checkpoint.NotHuggingFace as e:
         raise RecipeError(f"{path_text}: {e}") from None
     except UnsafeCheckpoint as e:

@@ -35,6 +35,8 @@ RNG_FILE = "rng.pt"  # every rank's RNG state
 DATA_FILE = "data_state.pt"  # every rank's place in a streamed train set (only where the train set is a stream)
 DCP_DIR = "dcp"  # `dcp` format (FSDP): every process's shard
 HF_DIR = "hf"  # a Hugging Face model's config, generation config and tokenizer: what `ckpt export --format hf` adds
+LORA_BASE_FILE = "lora_base.json"  # in HF_DIR of a LoRA model's checkpoint: the base its adapters trained on
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # in HF_DIR of a LoRA model's checkpoint: peft's adapter config
 DEEPSPEED_DIR = "deepspeed"  # `deepspeed` format: the tag of DeepSpeed's checkpoint, its ZeRO partitions
 
 # Step dirs, and the hidden siblings a save or resume makes of one (`.tmp-step_00000400`).

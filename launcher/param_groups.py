@@ -180,7 +180,9 @@ def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_de
     """The param groups, empty ones left out, each in the model's order of parameters (tied ones once): the
     recipe's groups in order, then the default ones. `weight_decay`: the optimizer's own (None: it takes none, so
     the rule has nothing to split)."""
-    named = list(model.named_parameters())  # de-duplicated by identity, as model.parameters()
+    # De-duplicated by identity, as model.parameters(); frozen parameters (a LoRA model's base) in no group: an
+    # optimizer would keep state for them, and weight decay would change them.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     kept = no_decay(model) if decay == "matrices" and weight_decay is not None else set()
     taken = first_matches(named, groups)
     out = []

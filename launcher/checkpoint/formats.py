@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from launcher.checkpoint import integrity, shards, statefile
+from launcher.checkpoint import adapters, integrity, shards, statefile
 from launcher.checkpoint.damage import Damaged
 from launcher.checkpoint.weights import (
     WEIGHTS_FILE,
@@ -109,7 +109,10 @@ class Full(Format):
     name, written_by, sharded = "full", "ddp", False
 
     def snapshot(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, copy: bool) -> Any:
-        return weights_snapshot(unwrap(accelerator, model), copy=copy), host_copy(optimizer.state_dict(), copy)
+        kept, aliases = weights_snapshot(unwrap(accelerator, model), copy=copy)
+        kept = adapters.kept(model, kept)
+        aliases = {alias: name for alias, name in aliases.items() if name in kept}  # a tied frozen embedding's head
+        return (kept, aliases), host_copy(optimizer.state_dict(), copy)
 
     def write_snapshot(self, tmp: Path, snapshot: Any) -> None:
         weights, optimizer_state = snapshot
@@ -121,7 +124,9 @@ class Full(Format):
     ) -> None:
         with fitting(path):
             weights = self.weights(path)
-            unwrap(accelerator, model).load_state_dict(weights, strict=True)
+            strict = not adapters.adapter_only(model)
+            missing, unexpected = unwrap(accelerator, model).load_state_dict(weights, strict=strict)
+            adapters.check_loaded(model, missing, unexpected)
         with reading(optimizer_file(path)):
             optimizer.load_state_dict(load_optimizer_state(path))
 
@@ -136,13 +141,13 @@ class Dcp(Format):
     name, written_by, sharded, shard_dir = "dcp", "fsdp", True, DCP_DIR
 
     def write_shards(self, tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
-        shards.save_dcp(tmp / DCP_DIR, model, optimizer)
+        shards.save_dcp(tmp / DCP_DIR, model, optimizer, adapters.adapter_only(model))
 
     def load_model_and_optimizer(
         self, accelerator: Accelerator, path: Path, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]
     ) -> None:
         with fitting(path):
-            shards.load_dcp(path / DCP_DIR, model, optimizer)
+            shards.load_dcp(path / DCP_DIR, model, optimizer, adapters.adapter_only(model))
 
     def weights(self, path: Path) -> dict[str, torch.Tensor]:
         return shards.dcp_weights(path / DCP_DIR)
@@ -154,7 +159,7 @@ class DeepSpeed(Format):
     name, written_by, sharded, shard_dir = "deepspeed", "deepspeed", True, DEEPSPEED_DIR
 
     def write_shards(self, tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
-        shards.save_deepspeed(tmp, model)
+        shards.save_deepspeed(tmp, model, adapters.adapter_only(model))
 
     def tidy(self, tmp: Path) -> None:
         for script in tmp.glob("zero_to_*.py"):
@@ -165,14 +170,14 @@ class DeepSpeed(Format):
     ) -> None:
         with fitting(path):
             if state.get("world_size", 1) == accelerator.num_processes:
-                shards.load_deepspeed(path, model)
+                shards.load_deepspeed(path, model, adapters.adapter_only(model))
                 return
             # ZeRO partitions are tied to the world size: DeepSpeed's universal checkpoint is not.
             universal = universal_dir(path)
             if accelerator.is_main_process:
                 shards.to_universal(path, universal)
             accelerator.wait_for_everyone()
-            shards.load_deepspeed(universal, model)
+            shards.load_deepspeed(universal, model, adapters.adapter_only(model))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 shutil.rmtree(universal, ignore_errors=True)

@@ -9,19 +9,23 @@ from safetensors.torch import save_file
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, checkpoint_format
-from launcher.checkpoint.hf_export import export_hf
+from launcher.checkpoint.hf_export import NotHuggingFace, export_hf
+from launcher.checkpoint.lora_export import export_lora, is_lora
 from launcher.checkpoint.retention import interrupted
 from launcher.layout import RECIPE_FILE, TMP_PREFIX
 
 
-def export(path: Path, out: Path, fmt: str = "safetensors", max_shard_size: str = "5GB") -> int:
+def export(path: Path, out: Path, fmt: str = "safetensors", max_shard_size: str = "5GB", merge: bool = False) -> int:
     """One plain safetensors file of the checkpoint's weights (sharded ones consolidated), every key its own
     tensor, loadable with `safetensors.torch.load_file` and `load_state_dict` and nothing else; with `fmt` "hf",
     the Hugging Face model directory (`hf_export`). Returns the number of tensors. Raises
     `shards.UnsafeCheckpoint` for a file that is not plain tensors, `Damaged` for one that does not load,
-    `NotHuggingFace` for an hf export of another model."""
+    `NotHuggingFace` for an hf export of another model. A LoRA model's hf export is its adapter, or with `merge`
+    the model with the adapter merged in (`lora_export`)."""
+    if merge and not (fmt == "hf" and is_lora(path)):
+        raise NotHuggingFace("--merge merges LoRA adapters: it needs --format hf and a checkpoint of a LoRA model")
     if fmt == "hf":
-        return export_hf(path, out, max_shard_size)
+        return export_lora(path, out, merge, max_shard_size) if is_lora(path) else export_hf(path, out, max_shard_size)
     weights = FORMATS[checkpoint_format(path)].weights(path)
     state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in weights.items()}
     tmp = out.parent / f"{TMP_PREFIX}{out.name}"

@@ -118,31 +118,48 @@ def _quiet_alone() -> Iterator[None]:
         yield
 
 
-def _dcp_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+def _dcp_options(trainable_only: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: Any, trainable_only: bool = False) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, _inner(optimizer))
+    model_state, optimizer_state = get_state_dict(model, _inner(optimizer), options=_dcp_options(trainable_only))
+    if trainable_only:  # torch leaves a frozen tensor's other names in (a tied head's)
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in names}
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
-    """Every process writes its shard of model and optimizer state (a collective: all ranks call it)."""
+def save_dcp(directory: Path, model: torch.nn.Module, optimizer: Any, trainable_only: bool = False) -> None:
+    """Every process writes its shard of model and optimizer state (a collective: all ranks call it);
+    `trainable_only`: of the model, only its trainable parameters (a LoRA model's adapters)."""
     import torch.distributed.checkpoint as dcp
 
+    state = _dcp_state(model, optimizer, trainable_only)
     with _quiet_alone():
-        dcp.save(_dcp_state(model, optimizer), storage_writer=FileSystemWriter(str(directory)), no_dist=_alone())
+        dcp.save(state, storage_writer=FileSystemWriter(str(directory)), no_dist=_alone())
 
 
-def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
+def load_dcp(directory: Path, model: torch.nn.Module, optimizer: Any, trainable_only: bool = False) -> None:
     """Load into this run's sharding, whatever the world size that wrote it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = _dcp_state(model, optimizer)
+    state = _dcp_state(model, optimizer, trainable_only)
     check_dcp(directory)  # refused here, the same on every rank, before any collective
     with _dcp_errors(directory), _quiet_alone():
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(), no_dist=_alone())
-    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model,
+        _inner(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=_dcp_options(trainable_only),
+    )
 
 
 def dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -249,17 +266,24 @@ class _SafeCheckpointEngine:
         return safe_torch_load(path, map_location)
 
 
-def save_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
-    """Every process writes its ZeRO partition (a collective: all ranks call it)."""
-    engine.save_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_DIR, save_latest=False)
+def save_deepspeed(checkpoint_dir: Path, engine: Any, trainable_only: bool = False) -> None:
+    """Every process writes its ZeRO partition (a collective: all ranks call it); `trainable_only`: without the
+    frozen parameters (a LoRA model's base)."""
+    engine.save_checkpoint(
+        str(checkpoint_dir), tag=DEEPSPEED_DIR, save_latest=False, exclude_frozen_parameters=trainable_only
+    )
 
 
-def load_deepspeed(checkpoint_dir: Path, engine: Any) -> None:
+def load_deepspeed(checkpoint_dir: Path, engine: Any, trainable_only: bool = False) -> None:
     if not isinstance(engine.checkpoint_engine, _SafeCheckpointEngine):
         engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
     try:
         path, _ = engine.load_checkpoint(
-            str(checkpoint_dir), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(checkpoint_dir),
+            tag=DEEPSPEED_DIR,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=not trainable_only,
         )
     except (UnsafeCheckpoint, Damaged):
         raise

@@ -25,6 +25,7 @@ import torch
 from launcher.batches import IGNORE_INDEX
 from launcher.chunked_loss import ChunkedLinear
 from launcher.components import ArgumentProblem, describe, optional
+from launcher.models import lora as lora_adapters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_FILE = "config.json"
@@ -116,6 +117,7 @@ def build(
     attn_implementation: str | None,
     trust_remote_code: bool,
     told: Mapping[str, Any],
+    lora: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """The model: a pretrained one's weights loaded, a fresh one initialised from the seeded RNG. On the meta device
     (validation, `launcher plan`) only the config is read, never the weights."""
@@ -131,11 +133,11 @@ def build(
         if pretrained is None or torch.get_default_device().type == "meta":
             model = auto.from_config(hf_config, **options)
         else:
-            model = auto.from_pretrained(pretrained, config=hf_config, **options)
+            model = auto.from_pretrained(pretrained, config=hf_config, **options, **lora_adapters.load_options(lora))
     except ValueError as e:  # an architecture without this head, an attention implementation it lacks
         raise ArgumentProblem("pretrained" if config is None else "config", str(e).splitlines()[0]) from None
     declare_flops(model)
-    return model
+    return model if lora is None else lora_adapters.apply(model, lora, auto_class, pretrained)
 
 
 def declare_flops(model: torch.nn.Module) -> None:
@@ -167,11 +169,13 @@ def causal_lm(
     block_size: int | None = None,
     pad_token_id: int | None = None,
     packed: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A causal language model (`AutoModelForCausalLM`). `vocab_size`, `block_size` and `pad_token_id` come from
-    the data (its tokenizer and blocks); `packed`: rows of several examples, told apart by `position_ids`."""
+    the data (its tokenizer and blocks); `packed`: rows of several examples, told apart by `position_ids`;
+    `lora`: train LoRA adapters only (see models/lora.py)."""
     told = {"vocab_size": vocab_size, "block_size": block_size, "pad_token_id": pad_token_id}
-    model = build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told)
+    model = build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told, lora)
     problem = packing_problem(model) if packed else None
     if problem:
         why = f"{problem}: its attention would cross packed examples; set data.dataset.packing=false"
@@ -203,6 +207,7 @@ def classifier(
     pad_token_id: int | None = None,
     num_labels: int | None = None,
     labels: list[str] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A sequence classifier (`AutoModelForSequenceClassification`); `num_labels` and their names come from the
     data. A pretrained model gets a fresh classification head of that size."""
@@ -214,7 +219,14 @@ def classifier(
         "labels": labels,
     }
     return build(
-        "AutoModelForSequenceClassification", pretrained, config, dtype, attn_implementation, trust_remote_code, told
+        "AutoModelForSequenceClassification",
+        pretrained,
+        config,
+        dtype,
+        attn_implementation,
+        trust_remote_code,
+        told,
+        lora,
     )
 
 
@@ -225,7 +237,7 @@ def check_args(args: Mapping[str, Any], data: Mapping[str, Any] | None = None) -
         problems.append(("pretrained", "give either pretrained (a directory or Hub name) or config, not both"))
     if args.get("dtype") not in DTYPES:
         problems.append(("dtype", f"expected one of: {', '.join(DTYPES)}, got {describe(args.get('dtype'))}"))
-    return problems
+    return problems + lora_adapters.problems(args.get("lora"), args.get("pretrained"))
 
 
 causal_lm.check_args = check_args  # type: ignore[attr-defined]
