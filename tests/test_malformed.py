@@ -3,32 +3,26 @@ no traceback, and nothing written.
 
 Each `tests/malformed/*.yaml` is one case (files in subfolders are only pulled in through `base:`). Its leading
 comment lines `# expect: <text>` name what the error must say: the first one is the key path (or, for YAML syntax
-errors, the line), the others are further text. Every case runs through both `validate` and `train`, each in a
-subprocess whose working directory is an empty temporary folder, with `run_dir=` pointing inside that folder.
-
-The subprocesses take a second or two each (importing torch), so the ones the selected tests need are started
-together when the first of them asks, and each test waits only for its own.
+errors, the line), the others are further text. Every case runs through both `validate` and `train`, each in this
+process (`launcher.cli.main`, as the installed command calls it: a refusal comes before torch or Accelerate is set
+up), in an empty temporary folder as its working directory, with `run_dir=` pointing inside that folder (a
+subprocess per case took a second or two each; tests/test_hf.py's refusals go through the real command).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 
 TESTS = Path(__file__).resolve().parent
 CASES_DIR = TESTS / "malformed"
 QUICKSTART = TESTS.parent / "recipes" / "quickstart.yaml"
-TIMEOUT_S = 60
 VERBS = ("validate", "train")
 
 
@@ -65,36 +59,26 @@ def run_job(job: Job, root: Path) -> Result:
         recipe = Path(tempfile.mkdtemp(prefix="recipe-", dir=root)) / "recipe.yaml"
         recipe.write_text(job.text)
     assert recipe is not None
-    args = [sys.executable, "-m", "launcher", job.verb, str(recipe), *job.overrides]
+    args = [job.verb, str(recipe), *job.overrides]
     if job.verb == "train":
         args.append(f"run_dir={cwd / 'run'}")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    code, out, err = cli_in_process(args, cwd)
     created = tuple(sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")))
-    return Result(str(recipe), proc.returncode, proc.stdout, proc.stderr, created)
+    return Result(str(recipe), code, out, err, created)
 
 
 @pytest.fixture(scope="session")
-def cli(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """`cli(job) -> Result`. The jobs of every selected test in this module are started at once, on all cores."""
+def cli(tmp_path_factory: pytest.TempPathFactory):
+    """`cli(job) -> Result`, each job run once and its result kept for every test that asks for it."""
     root = tmp_path_factory.mktemp("cli")
-    module = sys.modules[__name__]
-    wanted = []
-    for item in request.session.items:
-        job = getattr(item, "callspec", None) and item.callspec.params.get("job")
-        if getattr(item, "module", None) is module and isinstance(job, Job) and job not in wanted:
-            wanted.append(job)
-    with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2)) as pool:
-        futures: dict[Job, Future[Result]] = {job: pool.submit(run_job, job, root) for job in wanted}
+    results: dict[Job, Result] = {}
 
-        def get(job: Job) -> Result:
-            if job not in futures:
-                futures[job] = pool.submit(run_job, job, root)
-            return futures[job].result()
+    def get(job: Job) -> Result:
+        if job not in results:
+            results[job] = run_job(job, root)
+        return results[job]
 
-        yield get
-        for future in futures.values():
-            future.cancel()
+    return get
 
 
 def assert_rejected_cleanly(result: Result) -> None:
