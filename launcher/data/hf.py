@@ -25,6 +25,8 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem, optional
+from launcher.data import DataFacts
+from launcher.data.records import Unreadable, check_columns, empty, first_columns, reason
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 CACHE_VERSION = 1  # bumped when the cached files' meaning changes, so older caches are not read
@@ -64,8 +66,9 @@ def load_tokenizer(name: str) -> Any:
     auto_tokenizer = optional("transformers", "hf").AutoTokenizer
     if name == BYTES:
         return byte_tokenizer()
-    if (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
-        raise ArgumentProblem("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})")
+    problem = tokenizer_path_problem(name)
+    if problem:
+        raise ArgumentProblem("tokenizer", problem)
     try:
         tokenizer = auto_tokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -73,6 +76,24 @@ def load_tokenizer(name: str) -> Any:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# What a tokenizer's `save_pretrained` writes, one at least (fast tokenizers, slow ones' vocabularies, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")  # or a *.model file
+
+
+def tokenizer_path_problem(name: str) -> str | None:
+    """What is wrong with a local tokenizer path (None: a good one, or a Hub name), without loading it."""
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith(("/", ".", "~"))):
+        return None  # a Hub name
+    if path.is_file():
+        return f"{path} is a file: expected the directory a tokenizer's save_pretrained wrote (or bytes)"
+    if not path.is_dir():
+        return f"no such directory: {path} (relative paths start at {Path.cwd()})"
+    if not any((path / f).is_file() for f in TOKENIZER_FILES) and not any(path.glob("*.model")):
+        return f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): not a saved tokenizer"
+    return None
 
 
 def fingerprint(tokenizer: Any) -> str:
@@ -93,29 +114,66 @@ def source(path: str, split: str) -> tuple[str, Path | None]:
     return name, None
 
 
-def load_records(name: str, file: Path | None, format: str | None, columns: tuple[str, ...]) -> Any:
-    """The file's records as a `datasets.Dataset`; a column it lacks is refused, naming those it has."""
-    datasets = hf_datasets()
+def builder_of(file: Path | None, format: str | None) -> str | None:
+    """The `datasets` builder that reads the file (None: a Hub dataset's own)."""
     builder = format or (FORMATS.get(file.suffix.lower()) if file is not None else None)
     if file is not None and builder is None:
         raise ArgumentProblem(
             "format", f"cannot tell the format of {file}: give one of {', '.join(sorted(set(FORMATS.values())))}"
         )
+    return builder
+
+
+def arrow_cache(cache_dir: str | None) -> str | None:
+    """Where `datasets` keeps its Arrow copy of the records: beside the tokens, under the recipe's `cache_dir`
+    (None: `datasets`' own cache, HF_DATASETS_CACHE, by default ~/.cache/huggingface/datasets)."""
+    return str(Path(cache_dir).expanduser() / "datasets") if cache_dir else None
+
+
+def load_records(
+    name: str, file: Path | None, format: str | None, columns: tuple[str, ...], cache_dir: str | None = None
+) -> Any:
+    """The file's records as a `datasets.Dataset` (its Arrow copy under `cache_dir`, see `arrow_cache`); a file
+    without records, or without a column, is refused, naming the columns it has."""
+    datasets = hf_datasets()
+    builder = builder_of(file, format)
+    if file is not None and file.stat().st_size == 0:
+        raise empty(file)
     options = {"keep_linebreaks": True} if builder == "text" else {}
     try:
         if file is None:
-            records = datasets.load_dataset(name, split="train")
+            records = datasets.load_dataset(name, split="train", cache_dir=arrow_cache(cache_dir))
         else:
-            records = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
-    except Exception as e:  # the Hub unreachable, a file that does not parse as its format
-        raise ArgumentProblem("path", f"cannot load {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    for column in columns:
-        if column not in records.column_names:
-            raise ArgumentProblem(
-                "column" if column == columns[0] else "label_column",
-                f"{name} has no column {column!r} (its columns: {', '.join(records.column_names)})",
+            records = datasets.load_dataset(
+                builder, data_files=str(file), split="train", cache_dir=arrow_cache(cache_dir), **options
             )
+    except Exception as e:  # the Hub unreachable, a file that does not parse as its format
+        if file is not None and "corresponds to no data" in str(e):  # a CSV header without records
+            raise empty(file) from None
+        as_builder = f" as {builder}" if file is not None else ""
+        raise ArgumentProblem("path", f"cannot load {name!r}{as_builder}: {reason(e)}") from None
+    if len(records) == 0:
+        raise empty(name)
+    check_columns(name, records.column_names, columns)
     return records
+
+
+def peek_file(path: str, split: str, format: str | None, columns: tuple[str, ...]) -> None:
+    """The split's file read from its start only (its format, that it holds a record, its columns), as
+    `launcher validate` checks it: nothing is loaded whole, tokenized or written. A Hub dataset is read by training
+    only."""
+    hf_datasets()  # needed to train: asked for here too, so validate names the missing extra
+    name, file = source(path, split)
+    builder = builder_of(file, format)
+    if file is None or builder is None:
+        return
+    try:
+        have = first_columns(file, builder)
+    except Unreadable as e:
+        raise ArgumentProblem("path", f"cannot load {name!r} as {builder}: {e}") from None
+    if have is None:
+        raise empty(file)
+    check_columns(name, have, columns)
 
 
 def cached(cache_dir: str | None, key: Mapping[str, Any], make: Callable[[], dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -180,7 +238,7 @@ class HFText(Dataset):
     ):
         self.tokenizer, name, file, key = opened(path, tokenizer, split, "text")
         key["column"] = column
-        arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column)})
+        arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column, cache_dir)})
         self.tokens = arrays["tokens"]
         self.block_size = block_size
         blocks = len(self.tokens) // block_size
@@ -191,8 +249,10 @@ class HFText(Dataset):
             )
         self.model_kwargs = told(self.tokenizer, block_size)
 
-    def _tokenize(self, name: str, file: Path | None, format: str | None, column: str) -> np.ndarray:
-        records = load_records(name, file, format, (column,))
+    def _tokenize(
+        self, name: str, file: Path | None, format: str | None, column: str, cache_dir: str | None
+    ) -> np.ndarray:
+        records = load_records(name, file, format, (column,), cache_dir)
         lines = (format or FORMATS.get(file.suffix.lower() if file else "", "")) == "text"
         eos = [] if lines or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         encode = self.tokenizer
@@ -217,6 +277,15 @@ class HFText(Dataset):
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         return common_problems(args, "block_size")
 
+    @staticmethod
+    def peek(args: Mapping[str, Any], tell: bool = True) -> DataFacts:
+        """What is known without building the set: its file read from the start (`peek_file`) and, with `tell`,
+        what the tokenizer tells the model; its samples are counted only once it is tokenized."""
+        peek_file(args["path"], args["split"], args["format"], (args["column"],))
+        if not tell:
+            return DataFacts(samples=None)
+        return DataFacts(model_kwargs=told(load_tokenizer(args["tokenizer"]), args["block_size"]), samples=None)
+
 
 class HFClassification(Dataset):
     """Labelled text: each record's text tokenized, truncated and padded to `max_length`, with its label's index.
@@ -239,7 +308,9 @@ class HFClassification(Dataset):
         self.tokenizer, name, file, key = opened(path, tokenizer, split, "classification")
         key.update(columns=[column, label_column], max_length=max_length, labels=labels)
         arrays = cached(
-            cache_dir, key, lambda: self._tokenize(name, file, format, column, label_column, labels, max_length)
+            cache_dir,
+            key,
+            lambda: self._tokenize(name, file, format, (column, label_column), labels, max_length, cache_dir),
         )
         self.arrays = arrays
         self.names = [str(n) for n in json.loads(bytes(arrays["names"]).decode())]
@@ -251,12 +322,13 @@ class HFClassification(Dataset):
         name: str,
         file: Path | None,
         format: str | None,
-        column: str,
-        label_column: str,
+        columns: tuple[str, str],
         labels: list[str] | None,
         max_length: int,
+        cache_dir: str | None,
     ) -> dict[str, np.ndarray]:
-        records = load_records(name, file, format, (column, label_column))
+        column, label_column = columns
+        records = load_records(name, file, format, columns, cache_dir)
         values = records[label_column]
         names = [str(n) for n in labels] if labels else sorted({str(v) for v in values}, key=natural)
         index = {n: i for i, n in enumerate(names)}
@@ -287,6 +359,17 @@ class HFClassification(Dataset):
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         return common_problems(args, "max_length")
+
+    @staticmethod
+    def peek(args: Mapping[str, Any], tell: bool = True) -> DataFacts:
+        """As `HFText.peek`; the labels are known only where `labels` lists them (else the whole file tells)."""
+        peek_file(args["path"], args["split"], args["format"], (args["column"], args["label_column"]))
+        if not tell:
+            return DataFacts(samples=None)
+        told_model = told(load_tokenizer(args["tokenizer"]), args["max_length"])
+        if args["labels"]:
+            told_model.update(num_labels=len(args["labels"]), labels=[str(n) for n in args["labels"]])
+        return DataFacts(model_kwargs=told_model, samples=None)
 
 
 def natural(name: str) -> tuple[int, Any]:

@@ -27,15 +27,20 @@ MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the tim
 
 
 def check_values(
-    recipe: Recipe, check_files: bool = True, this_machine: bool = True, read_resume: bool = True
+    recipe: Recipe,
+    check_files: bool = True,
+    this_machine: bool = True,
+    read_resume: bool = True,
+    build_data: bool = False,
 ) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
-    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`. A tokenized
+    dataset is read from its files' start only, and built (tokenized into its cache) only with `build_data`."""
     return [
         *_check_train(recipe.train),
         *(_check_machine(recipe) if this_machine else []),
         *_check_strategy(recipe),
-        *_check_components(recipe, check_files, this_machine),
+        *_check_components(recipe, check_files, this_machine, build_data),
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
         *_check_resume(recipe.resume, check_files and read_resume),
@@ -110,16 +115,16 @@ def _check_machine(recipe: Recipe) -> list[str]:
     return []
 
 
-def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> list[str]:
+def _check_components(recipe: Recipe, check_files: bool, this_machine: bool, build_data: bool) -> list[str]:
     d = recipe.data
     problems = _at_least(("data.num_workers", d.num_workers, 0))
     if d.num_workers > MAX_WORKERS:
         problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
-    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
+    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine, build_data)
     problems += found
-    if d.val is not None:
-        problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
-    if facts is not None:
+    if d.val is not None and not (found and component_checks.same_set(d.train, d.val)):
+        problems += component_checks.check_split("data.val", d.val, check_files, this_machine, build_data)[0]
+    if facts is not None and facts.samples is not None:
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)
     problems += component_checks.check_model(recipe, facts, this_machine)
