@@ -67,6 +67,7 @@ def write_files(data: Path, folder: Path) -> None:
     (folder / "empty.jsonl").write_text("")
     (folder / "blank.txt").write_text("")
     (folder / "lines.jsonl").write_text((data / "text.jsonl").read_text())
+    (folder / "lines.tsv").write_text((data / "text.jsonl").read_text())
     (folder / "not-a-tokenizer").mkdir()
 
 
@@ -88,11 +89,12 @@ REFUSALS = {
         ["~data.dataset", f"data.train={{{SET}}}", f"data.val={{{SET}, split: val}}"],
         "data.train.label_column: DATA/labels.csv has no column 'lab' (its columns: text, label)",
     ),
-    "column of both split files": (
+    "format of an unknown suffix": (
         CAUSAL,
-        ["data.dataset.path=FOLDER/{split}.jsonl", "data.dataset.column=txt"],
-        "data.dataset.column: FOLDER/train.jsonl has no column 'txt' (its columns: text)",
+        ["data.dataset.path=FOLDER/lines.tsv"],
+        "data.dataset.format: cannot tell the format of FOLDER/lines.tsv: give one of csv, json, parquet, text",
     ),
+    "no path": (CAUSAL, ["~data.dataset.path"], "data.dataset.path: missing required value (a data file, or a Hub"),
     "tokenizer file": (
         CAUSAL,
         ["data.dataset.tokenizer=DATA/text.jsonl"],
@@ -110,8 +112,6 @@ REFUSALS = {
 def test_bad_data_is_refused_in_one_line_alike_by_validate_and_train(data: Path, tmp_path: Path, case: str):
     template, overrides, expected = REFUSALS[case]
     write_files(data, tmp_path)
-    for split in ("train", "val"):
-        (tmp_path / f"{split}.jsonl").write_text((data / "text.jsonl").read_text())
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     filled = [o.replace("FOLDER", str(tmp_path)).replace("DATA", str(data)) for o in overrides]
     args = [str(recipe(data, tmp_path, template)), f"run_dir={run_dir}", f"data.dataset.cache_dir={cache}", *filled]

@@ -377,14 +377,19 @@ def natural(name: str) -> tuple[int, Any]:
     return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
 
 
+REQUIRED = {"path": "a data file, or a Hub dataset's name", "tokenizer": "a tokenizer's folder, or bytes"}
+
+
 def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str]]:
     checks = [
         (length, integer_problem(args.get(length), 2)),
         ("val_fraction", fraction_problem(args.get("val_fraction"), zero=False)),
     ]
-    for name in ("path", "tokenizer"):
-        if not isinstance(args.get(name), str):
-            checks.append((name, f"missing: expected a string, got {describe(args.get(name))}"))
+    for name, what in REQUIRED.items():
+        if args.get(name) is None:
+            checks.append((name, f"missing required value ({what})"))
+        elif not isinstance(args.get(name), str):
+            checks.append((name, f"expected a string ({what}), got {describe(args.get(name))}"))
     if args.get("split") not in ("train", "val"):
         checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
     fmt = args.get("format")

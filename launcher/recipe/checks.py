@@ -122,8 +122,9 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool, bui
         problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
     found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine, build_data)
     problems += found
-    if d.val is not None and not (found and component_checks.same_set(d.train, d.val)):
-        problems += component_checks.check_split("data.val", d.val, check_files, this_machine, build_data)[0]
+    if d.val is not None:
+        val_found = component_checks.check_split("data.val", d.val, check_files, this_machine, build_data)[0]
+        problems += component_checks.new_val_problems(d.train, d.val, found, val_found)
     if facts is not None and facts.samples is not None:
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)

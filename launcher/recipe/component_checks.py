@@ -110,14 +110,17 @@ def check_split(
     return [], DataFacts(model_kwargs=dict(getattr(dataset, "model_kwargs", {})), samples=len(dataset))
 
 
-def same_set(train: Component, val: Component) -> bool:
-    """Whether the val split names the train split's component and arguments (its `split` aside): the same file,
-    with the same problems, which are then reported once."""
+def new_val_problems(train: Component, val: Component, found: list[str], val_found: list[str]) -> list[str]:
+    """The val split's problems but those the train split has already said, word for word: a val set with the
+    train set's component and arguments (its `split` aside) reads the same file, whose column or tokenizer is
+    missing once, not once per split."""
 
     def but_split(spec: Component) -> dict[str, Any]:
         return {k: v for k, v in spec.kwargs.items() if k != "split"}
 
-    return train.target == val.target and but_split(train) == but_split(val)
+    if train.target != val.target or but_split(train) != but_split(val):
+        return val_found
+    return [p for p in val_found if "data.train" + p.removeprefix("data.val") not in found]
 
 
 def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
