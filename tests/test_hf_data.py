@@ -132,3 +132,40 @@ def test_records_loaded_whole_refuse_an_empty_file_in_the_same_line(data: Path, 
         with pytest.raises(ArgumentProblem) as e:
             load_records(name, tmp_path / name, format, ("text",), str(tmp_path / "cache"))
         assert (e.value.arg, e.value.message) == ("path", f"{tmp_path / name} is empty (no records)")
+
+
+def test_a_files_columns_are_read_from_its_start_in_every_format(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launcher.data.records import Unreadable, first_columns
+
+    files = {
+        "lines.jsonl": ('{"text": "a", "label": 1}\n{"text": "b"}\n', "json"),
+        "list.json": ('[\n  {"text": "a", "label": 1}\n]\n', "json"),
+        "columns.json": ('{\n  "text": ["a", "b"]\n}\n', "json"),
+        "none.json": ("[]\n", "json"),
+        "blank-lines.csv": ("\ntext,label\n\n'a',1\n", "csv"),
+        "lines.txt": ("\n", "text"),
+    }
+    for name, (text, _) in files.items():
+        (tmp_path / name).write_text(text)
+    pq.write_table(pa.table({"text": ["a"], "label": [1]}), tmp_path / "rows.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    found = {name: first_columns(tmp_path / name, builder) for name, (_, builder) in files.items()}
+    assert found == {
+        "lines.jsonl": ["text", "label"],
+        "list.json": ["text", "label"],
+        "columns.json": ["text"],
+        "none.json": None,
+        "blank-lines.csv": ["text", "label"],
+        "lines.txt": ["text"],
+    }
+    assert first_columns(tmp_path / "rows.parquet", "parquet") == ["text", "label"]
+    assert first_columns(tmp_path / "none.parquet", "parquet") is None
+    (tmp_path / "bad.json").write_text("{not json\n")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "wide.csv").write_text("text\na\nb,c\n")  # a record of more fields than the header
+    for name, builder in (("bad.json", "json"), ("bad.parquet", "parquet"), ("wide.csv", "csv")):
+        with pytest.raises(Unreadable):
+            first_columns(tmp_path / name, builder)
