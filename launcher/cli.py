@@ -130,7 +130,8 @@ def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> in
     from launcher.recipe import dump, load_recipe
 
     # A checkpoint named by `resume` is read (its checksums) once, by the start (loop.preflight), not here as well.
-    recipe = load_recipe(path, overrides, read_resume=False)
+    # A tokenized dataset is built here, into its cache, so that what only its tokens tell is refused before the run.
+    recipe = load_recipe(path, overrides, read_resume=False, build_data=not print_recipe)
     if print_recipe:
         print(dump(recipe), end="")
         return 0

@@ -15,5 +15,5 @@ class DataFacts:
     """What validation knows of a dataset before training builds it."""
 
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # what it tells the model
-    samples: int = 0  # -1: a stream, whose length is not known
+    samples: int | None = 0  # None: not known before it is built (a tokenized set) or ever (a stream)
     tensor_bytes: int = 0  # the memory its tensors take

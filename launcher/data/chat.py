@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,20 @@ from torch.utils.data import Dataset
 
 from launcher.batches import IGNORE_INDEX
 from launcher.components import ArgumentProblem, describe
-from launcher.data.hf import BYTES, cached, common_problems, load_records, opened, split_range, told
+from launcher.data import DataFacts
+from launcher.data.hf import (
+    builder_of,
+    cached,
+    common_problems,
+    hf_datasets,
+    load_records,
+    opened,
+    source,
+    split_range,
+    told,
+)
+from launcher.data.records import empty, reason
+from launcher.data.tokenizing import BYTES, load_tokenizer
 
 ROLES = ("system", "user", "assistant")
 TOO_LONG = ("drop", "truncate")
@@ -121,6 +135,23 @@ class HFChat(Dataset):
         return row
 
     @staticmethod
+    def peek(args: Mapping[str, Any], tell: bool = True) -> DataFacts:
+        """What `launcher validate` checks without tokenizing or writing anything: the tokenizer and its chat
+        template, and every record's conversation (its roles and texts, not yet rendered), read as the file streams
+        (`load_dataset(..., streaming=True)` keeps no copy). A Hub dataset is read by training only."""
+        tokenizer = load_tokenizer(args["tokenizer"])
+        use_template(tokenizer, args["tokenizer"], args["chat_template"])
+        file = source(args["path"], args["split"])[1]
+        builder = builder_of(file, args["format"])
+        if file is not None and builder is not None:
+            columns = (args["prompt_column"], args["response_column"]) if args["prompt_column"] else None
+            check_conversations(hf_datasets(), file, builder, columns or (args["messages_column"],))
+        if not tell:
+            return DataFacts(samples=None)
+        packed = {"packed": True} if args["packing"] else {}
+        return DataFacts(model_kwargs={**told(tokenizer, args["max_length"]), **packed}, samples=None)
+
+    @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems = common_problems(args, "max_length")
         if not isinstance(args.get("packing"), bool):
@@ -160,19 +191,42 @@ def use_template(tokenizer: Any, name: str, template: str | None) -> None:
         )
 
 
+def check_conversations(datasets: Any, file: Path, builder: str, columns: Sequence[str]) -> None:
+    """Every record of the file read as a conversation (`conversation`), as `encode_records` will."""
+    row = 0
+    # Streaming keeps no copy of the records; its lock files go to a folder of its own, removed after.
+    with tempfile.TemporaryDirectory(prefix="launcher-validate-") as scratch:
+        records = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=True, cache_dir=scratch)
+        try:
+            for row, record in enumerate(records, start=1):
+                if row == 1:
+                    missing_column(file, columns, list(record))
+                conversation([record[c] for c in columns], str(file), row)
+        except ArgumentProblem:
+            raise
+        except Exception as e:  # a record that does not parse as its format
+            raise ArgumentProblem("path", f"cannot load {str(file)!r} as {builder}: {reason(e)}") from None
+    if row == 0:
+        raise empty(file)
+
+
+def missing_column(shown: Path | str, columns: Sequence[str], have: list[str]) -> None:
+    missing = [c for c in columns if c not in have]
+    if missing:
+        # Under `path`, which both splits share: the file is what lacks it, whether the column was named or not.
+        raise ArgumentProblem(
+            "path",
+            f"{shown} has no column {missing[0]!r} (its columns: {', '.join(have)}): name its conversations' column "
+            "with messages_column, or give prompt_column and response_column",
+        )
+
+
 def encode_records(
     tokenizer: Any, shown: str, records: Any, columns: Sequence[str], max_length: int, truncate: bool
 ) -> dict[str, np.ndarray]:
     """Every record's tokens and which of them count, concatenated, with each example's offset; examples too long
     (or, truncated, with no answer left) are dropped and counted."""
-    missing = [c for c in columns if c not in records.column_names]
-    if missing:
-        # Under `path`, which both splits share: the file is what lacks it, whether the column was named or not.
-        raise ArgumentProblem(
-            "path",
-            f"{shown} has no column {missing[0]!r} (its columns: {', '.join(records.column_names)}): name its "
-            "conversations' column with messages_column, or give prompt_column and response_column",
-        )
+    missing_column(shown, columns, records.column_names)
     ids: list[int] = []
     counted: list[bool] = []
     offsets, dropped = [0], 0

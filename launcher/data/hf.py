@@ -25,6 +25,9 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem, optional
+from launcher.data import DataFacts
+from launcher.data.records import Unreadable, check_columns, empty, first_columns, reason
+from launcher.data.tokenizing import fingerprint, load_tokenizer
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 CACHE_VERSION = 1  # bumped when the cached files' meaning changes, so older caches are not read
@@ -32,54 +35,6 @@ CACHE_VERSION = 1  # bumped when the cached files' meaning changes, so older cac
 
 def hf_datasets() -> Any:
     return optional("datasets", "hf")
-
-
-BYTES = "bytes"  # the built-in tokenizer: one token per byte, and an end-of-text token
-END_OF_TEXT = "<|endoftext|>"
-
-
-def byte_tokenizer() -> Any:
-    """A byte-level tokenizer with no merges (GPT-2's byte alphabet): any text, 257 tokens, nothing to download.
-    It saves and loads like any other (`ckpt export --format hf` writes it beside the model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: byte for byte, char in byte_characters().items()} | {END_OF_TEXT: 256}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    fast = optional("transformers", "hf").PreTrainedTokenizerFast
-    return fast(tokenizer_object=bpe, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
-
-
-def byte_characters() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte value, so that a token's id is its byte's value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-
-
-def load_tokenizer(name: str) -> Any:
-    """`AutoTokenizer` from a local directory or Hub name, or the built-in `bytes`; a tokenizer without a padding
-    token pads with its end of text token, as Hugging Face's recipes do."""
-    auto_tokenizer = optional("transformers", "hf").AutoTokenizer
-    if name == BYTES:
-        return byte_tokenizer()
-    if (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
-        raise ArgumentProblem("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})")
-    try:
-        tokenizer = auto_tokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ArgumentProblem("tokenizer", f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def fingerprint(tokenizer: Any) -> str:
-    """What identifies a tokenizer's encoding: its whole definition where it is a fast one, else its vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(f"{text}|{tokenizer.all_special_tokens}".encode()).hexdigest()
 
 
 def source(path: str, split: str) -> tuple[str, Path | None]:
@@ -93,29 +48,66 @@ def source(path: str, split: str) -> tuple[str, Path | None]:
     return name, None
 
 
-def load_records(name: str, file: Path | None, format: str | None, columns: tuple[str, ...]) -> Any:
-    """The file's records as a `datasets.Dataset`; a column it lacks is refused, naming those it has."""
-    datasets = hf_datasets()
+def builder_of(file: Path | None, format: str | None) -> str | None:
+    """The `datasets` builder that reads the file (None: a Hub dataset's own)."""
     builder = format or (FORMATS.get(file.suffix.lower()) if file is not None else None)
     if file is not None and builder is None:
         raise ArgumentProblem(
             "format", f"cannot tell the format of {file}: give one of {', '.join(sorted(set(FORMATS.values())))}"
         )
+    return builder
+
+
+def arrow_cache(cache_dir: str | None) -> str | None:
+    """Where `datasets` keeps its Arrow copy of the records: beside the tokens, under the recipe's `cache_dir`
+    (None: `datasets`' own cache, HF_DATASETS_CACHE, by default ~/.cache/huggingface/datasets)."""
+    return str(Path(cache_dir).expanduser() / "datasets") if cache_dir else None
+
+
+def load_records(
+    name: str, file: Path | None, format: str | None, columns: tuple[str, ...], cache_dir: str | None = None
+) -> Any:
+    """The file's records as a `datasets.Dataset` (its Arrow copy under `cache_dir`, see `arrow_cache`); a file
+    without records, or without a column, is refused, naming the columns it has."""
+    datasets = hf_datasets()
+    builder = builder_of(file, format)
+    if file is not None and file.stat().st_size == 0:
+        raise empty(file)
     options = {"keep_linebreaks": True} if builder == "text" else {}
     try:
         if file is None:
-            records = datasets.load_dataset(name, split="train")
+            records = datasets.load_dataset(name, split="train", cache_dir=arrow_cache(cache_dir))
         else:
-            records = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
-    except Exception as e:  # the Hub unreachable, a file that does not parse as its format
-        raise ArgumentProblem("path", f"cannot load {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    for column in columns:
-        if column not in records.column_names:
-            raise ArgumentProblem(
-                "column" if column == columns[0] else "label_column",
-                f"{name} has no column {column!r} (its columns: {', '.join(records.column_names)})",
+            records = datasets.load_dataset(
+                builder, data_files=str(file), split="train", cache_dir=arrow_cache(cache_dir), **options
             )
+    except Exception as e:  # the Hub unreachable, a file that does not parse as its format
+        if file is not None and "corresponds to no data" in str(e):  # a CSV header without records
+            raise empty(file) from None
+        as_builder = f" as {builder}" if file is not None else ""
+        raise ArgumentProblem("path", f"cannot load {name!r}{as_builder}: {reason(e)}") from None
+    if len(records) == 0:
+        raise empty(name)
+    check_columns(name, records.column_names, columns)
     return records
+
+
+def peek_file(path: str, split: str, format: str | None, columns: tuple[str, ...]) -> None:
+    """The split's file read from its start only (its format, that it holds a record, its columns), as
+    `launcher validate` checks it: nothing is loaded whole, tokenized or written. A Hub dataset is read by training
+    only."""
+    hf_datasets()  # needed to train: asked for here too, so validate names the missing extra
+    name, file = source(path, split)
+    builder = builder_of(file, format)
+    if file is None or builder is None:
+        return
+    try:
+        have = first_columns(file, builder)
+    except Unreadable as e:
+        raise ArgumentProblem("path", f"cannot load {name!r} as {builder}: {e}") from None
+    if have is None:
+        raise empty(file)
+    check_columns(name, have, columns)
 
 
 def cached(cache_dir: str | None, key: Mapping[str, Any], make: Callable[[], dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -199,7 +191,7 @@ class HFText(StreamsWhenAsked, Dataset):
     ):
         self.tokenizer, name, file, key = opened(path, tokenizer, split, "text")
         key["column"] = column
-        arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column)})
+        arrays = cached(cache_dir, key, lambda: {"tokens": self._tokenize(name, file, format, column, cache_dir)})
         self.tokens = arrays["tokens"]
         self.block_size = block_size
         blocks = len(self.tokens) // block_size
@@ -210,8 +202,10 @@ class HFText(StreamsWhenAsked, Dataset):
             )
         self.model_kwargs = told(self.tokenizer, block_size)
 
-    def _tokenize(self, name: str, file: Path | None, format: str | None, column: str) -> np.ndarray:
-        records = load_records(name, file, format, (column,))
+    def _tokenize(
+        self, name: str, file: Path | None, format: str | None, column: str, cache_dir: str | None
+    ) -> np.ndarray:
+        records = load_records(name, file, format, (column,), cache_dir)
         lines = (format or FORMATS.get(file.suffix.lower() if file else "", "")) == "text"
         eos = [] if lines or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         encode = self.tokenizer
@@ -237,6 +231,15 @@ class HFText(StreamsWhenAsked, Dataset):
         streamed = [(name, problem) for name, problem in stream_problems(args) if problem]
         return common_problems(args, "block_size") + streamed
 
+    @staticmethod
+    def peek(args: Mapping[str, Any], tell: bool = True) -> DataFacts:
+        """What is known without building the set: its file read from the start (`peek_file`) and, with `tell`,
+        what the tokenizer tells the model; its samples are counted only once it is tokenized."""
+        peek_file(args["path"], args["split"], args["format"], (args["column"],))
+        if not tell:
+            return DataFacts(samples=None)
+        return DataFacts(model_kwargs=told(load_tokenizer(args["tokenizer"]), args["block_size"]), samples=None)
+
 
 class HFClassification(Dataset):
     """Labelled text: each record's text tokenized, truncated and padded to `max_length`, with its label's index.
@@ -259,7 +262,9 @@ class HFClassification(Dataset):
         self.tokenizer, name, file, key = opened(path, tokenizer, split, "classification")
         key.update(columns=[column, label_column], max_length=max_length, labels=labels)
         arrays = cached(
-            cache_dir, key, lambda: self._tokenize(name, file, format, column, label_column, labels, max_length)
+            cache_dir,
+            key,
+            lambda: self._tokenize(name, file, format, (column, label_column), labels, max_length, cache_dir),
         )
         self.arrays = arrays
         self.names = [str(n) for n in json.loads(bytes(arrays["names"]).decode())]
@@ -271,12 +276,13 @@ class HFClassification(Dataset):
         name: str,
         file: Path | None,
         format: str | None,
-        column: str,
-        label_column: str,
+        columns: tuple[str, str],
         labels: list[str] | None,
         max_length: int,
+        cache_dir: str | None,
     ) -> dict[str, np.ndarray]:
-        records = load_records(name, file, format, (column, label_column))
+        column, label_column = columns
+        records = load_records(name, file, format, columns, cache_dir)
         values = records[label_column]
         names = [str(n) for n in labels] if labels else sorted({str(v) for v in values}, key=natural)
         index = {n: i for i, n in enumerate(names)}
@@ -308,10 +314,24 @@ class HFClassification(Dataset):
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         return common_problems(args, "max_length")
 
+    @staticmethod
+    def peek(args: Mapping[str, Any], tell: bool = True) -> DataFacts:
+        """As `HFText.peek`; the labels are known only where `labels` lists them (else the whole file tells)."""
+        peek_file(args["path"], args["split"], args["format"], (args["column"], args["label_column"]))
+        if not tell:
+            return DataFacts(samples=None)
+        told_model = told(load_tokenizer(args["tokenizer"]), args["max_length"])
+        if args["labels"]:
+            told_model.update(num_labels=len(args["labels"]), labels=[str(n) for n in args["labels"]])
+        return DataFacts(model_kwargs=told_model, samples=None)
+
 
 def natural(name: str) -> tuple[int, Any]:
     """Integers in numeric order before names in text order."""
     return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+REQUIRED = {"path": "a data file, or a Hub dataset's name", "tokenizer": "a tokenizer's folder, or bytes"}
 
 
 def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str]]:
@@ -319,9 +339,11 @@ def common_problems(args: Mapping[str, Any], length: str) -> list[tuple[str, str
         (length, integer_problem(args.get(length), 2)),
         ("val_fraction", fraction_problem(args.get("val_fraction"), zero=False)),
     ]
-    for name in ("path", "tokenizer"):
-        if not isinstance(args.get(name), str):
-            checks.append((name, f"missing: expected a string, got {describe(args.get(name))}"))
+    for name, what in REQUIRED.items():
+        if args.get(name) is None:
+            checks.append((name, f"missing required value ({what})"))
+        elif not isinstance(args.get(name), str):
+            checks.append((name, f"expected a string ({what}), got {describe(args.get(name))}"))
     if args.get("split") not in ("train", "val"):
         checks.append(("split", f"expected one of: train, val; got {describe(args.get('split'))}"))
     fmt = args.get("format")

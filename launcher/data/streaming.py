@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from launcher.components import ArgumentProblem, optional
-from launcher.data.hf import FORMATS, hf_datasets, load_tokenizer, source, told
+from launcher.data.hf import FORMATS, hf_datasets, source, told
+from launcher.data.tokenizing import load_tokenizer
 
 PASS_KEY = "stream_pass"  # the pass a rank's stream is in, as its state holds it (found in workers' states too)
 

@@ -78,6 +78,7 @@ def load_recipe(
     check_files: bool = True,
     this_machine: bool = True,
     read_resume: bool = True,
+    build_data: bool = False,
 ) -> Recipe:
     """Read, compose, override and validate a recipe, or raise RecipeError listing every problem.
 
@@ -86,7 +87,9 @@ def load_recipe(
     Without `this_machine`, nothing is checked against this machine (its GPU, its memory): the recipe is for
     another one (`launcher slurm submit` on a login node, `launcher plan`). Without `read_resume`, a checkpoint
     named by `resume` is looked for but not read (its checksums): `launcher train`'s start reads it right after,
-    on every process, with the same line for what it refuses.
+    on every process, with the same line for what it refuses. With `build_data`, a tokenized dataset is built
+    into its cache (`launcher train`, which then maps it); without, its files are read from their start only and
+    nothing is written.
     """
     path = Path(path)
     if not path.is_file():
@@ -98,7 +101,7 @@ def load_recipe(
     if recipe_dir not in sys.path:
         sys.path.insert(0, recipe_dir)
     problems = [*base_problems, *override_problems]
-    return validate(raw, str(path), path.stem, problems, check_files, this_machine, read_resume)
+    return validate(raw, str(path), path.stem, problems, check_files, this_machine, read_resume, build_data)
 
 
 def validate(
@@ -109,15 +112,16 @@ def validate(
     check_files: bool = True,
     this_machine: bool = True,
     read_resume: bool = True,
+    build_data: bool = False,
 ) -> Recipe:
     """The typed, frozen recipe, or RecipeError with every problem found (and `problems` found before), one
-    line each. `check_files`, `this_machine` and `read_resume` as in `load_recipe`."""
+    line each. `check_files`, `this_machine`, `read_resume` and `build_data` as in `load_recipe`."""
     found: list[str] = list(problems)
     built = build_recipe(raw, source, default_name, found)
     if built.recipe is not None:
         # Values that failed their type check stand at their defaults here: their range checks would only repeat
         # or mislead, so problems under those keys, or that reason about them, are left out.
-        for problem in check_values(built.recipe, check_files, this_machine, read_resume):
+        for problem in check_values(built.recipe, check_files, this_machine, read_resume, build_data):
             if not built.about_bad_keys(problem):
                 found.append(f"{source}: {problem}")
     if found:

@@ -34,6 +34,9 @@ class Built:
     recipe: Recipe | None  # None: a required section could not be built
     bad_keys: list[str]  # keys with a type problem: their values stand at their defaults in `recipe`
     origin: dict[str, str]  # keys inherited from data.dataset: `data.train.path` -> `data.dataset.path`
+    # The splits built on data.dataset, and the keys their own sections give: a problem with an argument given by
+    # neither (a default) is reported under data.dataset too, where the user would set it.
+    own_keys: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
     def about_bad_keys(self, problem: str) -> bool:
         """Whether `problem` is under a key that already has a problem, or names one (a dotted one: a top-level
@@ -48,9 +51,15 @@ class Built:
         for problem in problems:
             for inherited, written in self.origin.items():
                 problem = re.sub(re.escape(inherited) + r"(?![\w])", written, problem)
+            problem = re.sub(r"(?<![\w.])(data\.(?:train|val))\.(\w+)(?![\w])", self._to_shared, problem)
             if problem not in out:
                 out.append(problem)
         return out
+
+    def _to_shared(self, match: re.Match[str]) -> str:
+        split, arg = match.group(1), match.group(2)
+        own = self.own_keys.get(split)
+        return match.group(0) if own is None or arg in own else f"data.dataset.{arg}"
 
 
 def build_recipe(raw: Mapping[str, Any], source: str, default_name: str, problems: list[str]) -> Built:
@@ -59,9 +68,10 @@ def build_recipe(raw: Mapping[str, Any], source: str, default_name: str, problem
     raw = dict(raw)
     raw.pop("base", None)
     origin: dict[str, str] = {}
+    own_keys: dict[str, frozenset[str]] = {}
     data_problems: list[str] = []
     if isinstance(raw.get("data"), dict):
-        raw["data"], origin, data_problems = _merge_splits(raw["data"])
+        raw["data"], origin, data_problems, own_keys = _merge_splits(raw["data"])
         problems.extend(f"{source}: {p}" for p in data_problems)
     checker = _Checker(source, problems)
     if data_problems:  # a bad data.dataset already explains why data.train is missing
@@ -72,25 +82,30 @@ def build_recipe(raw: Mapping[str, Any], source: str, default_name: str, problem
             recipe = dataclasses.replace(recipe, name=default_name)
         if not recipe.run_dir:
             recipe = dataclasses.replace(recipe, run_dir=str(Path("runs") / recipe.name))
-    return Built(recipe, checker.bad_keys, origin)
+    return Built(recipe, checker.bad_keys, origin, own_keys)
 
 
-def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+def _merge_splits(
+    data: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, str], list[str], dict[str, frozenset[str]]]:
     """Fold `data.dataset` into `data.train` and `data.val` (which default to `split: train|val` when a shared
     dataset is given, so a one-file dataset needs no repetition).
 
     Also returns where each inherited key came from (`data.train.path` -> `data.dataset.path`), so a problem is
-    reported under the key the user wrote, and the problems with `data.dataset` itself.
+    reported under the key the user wrote, the problems with `data.dataset` itself, and the keys each split that
+    inherits gives itself.
     """
     data = dict(data)
     shared = data.pop("dataset", None)
     origin: dict[str, str] = {}
+    own_keys: dict[str, frozenset[str]] = {}
     if shared is None:
-        return data, origin, []
+        return data, origin, [], own_keys
     if isinstance(shared, str):
         shared = {"_component_": shared}
     if not isinstance(shared, dict):
-        return data, origin, [f"data.dataset: expected a _component_ section or a name, got {describe(shared)}"]
+        problem = f"data.dataset: expected a _component_ section or a name, got {describe(shared)}"
+        return data, origin, [problem], own_keys
     for split in ("train", "val"):
         if split in data and data[split] is None:
             continue  # `val: null` turns validation off
@@ -102,10 +117,12 @@ def _merge_splits(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str],
         # A split naming another component does not inherit the shared one's arguments.
         replaced = "_component_" in own and own["_component_"] != shared.get("_component_")
         data[split] = copy.deepcopy(own) if replaced else deep_merge(shared, own)
+        if not replaced:
+            own_keys[f"data.{split}"] = frozenset(own)
         for key in shared:
             if key not in own and not replaced:
                 origin[f"data.{split}.{key}"] = f"data.dataset.{key}"
-    return data, origin, []
+    return data, origin, [], own_keys
 
 
 class _Checker:

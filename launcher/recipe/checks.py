@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher import components, folders, losses, strategies
+from launcher.data import DataFacts
 from launcher.extensions import build_lock_watch
 from launcher.layout import BEST, LATEST
 from launcher.recipe import component_checks
@@ -27,11 +28,16 @@ MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the tim
 
 
 def check_values(
-    recipe: Recipe, check_files: bool = True, this_machine: bool = True, read_resume: bool = True
+    recipe: Recipe,
+    check_files: bool = True,
+    this_machine: bool = True,
+    read_resume: bool = True,
+    build_data: bool = False,
 ) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
-    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
-    return [
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`. A tokenized
+    dataset is read from its files' start only, and built (tokenized into its cache) only with `build_data`."""
+    problems = [
         *_check_train(recipe.train),
         *_check_stream(recipe),
         *(_check_machine(recipe) if this_machine else []),
@@ -44,6 +50,11 @@ def check_values(
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
     ]
+    if build_data and not problems and _built_later(recipe.data.train, recipe.data.val):
+        # Tokenized sets are built (into the cache that serves the run) once all else is known good: what only
+        # their whole files tell (their length, a block longer than the text) comes last.
+        problems += _check_splits(recipe, check_files, this_machine, build=True)[0]
+    return problems
 
 
 def _check_stream(recipe: Recipe) -> list[str]:
@@ -126,13 +137,8 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
     problems = _at_least(("data.num_workers", d.num_workers, 0))
     if d.num_workers > MAX_WORKERS:
         problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
-    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
+    found, facts = _check_splits(recipe, check_files, this_machine, build=False)
     problems += found
-    if d.val is not None:
-        problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
-    if facts is not None and facts.samples >= 0:  # -1: a stream, which has no length
-        processes = component_checks.launched_processes() if this_machine else 1
-        problems += component_checks.check_batches(recipe, facts.samples, processes)
     problems += component_checks.check_model(recipe, facts, this_machine)
     problems += component_checks.check_loss(recipe)
     # The trial optimizer may build a C++ extension (DeepSpeed's CPU Adam): a stale build lock must not hang here.
@@ -140,6 +146,29 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
         problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
     problems += component_checks.check_scheduler(recipe.scheduler)
     return problems
+
+
+def _built_later(*specs: components.Component | None) -> bool:
+    """Whether a split is a set `check_split` reads from its files' start (`peek`) unless told to build it."""
+    built_in = [components.resolve("data", s.target) for s in specs if s is not None]
+    return any(components.is_built_in(fn) and hasattr(fn, "peek") for fn in built_in)
+
+
+def _check_splits(
+    recipe: Recipe, check_files: bool, this_machine: bool, build: bool
+) -> tuple[list[str], DataFacts | None]:
+    """The train and val sets' problems (a val problem the train set said already, once; a train set without a
+    batch for every process), and what is known of the train set."""
+    d = recipe.data
+    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine, build)
+    problems = list(found)
+    if d.val is not None:
+        val_found = component_checks.check_split("data.val", d.val, check_files, this_machine, build)[0]
+        problems += component_checks.new_val_problems(d.train, d.val, found, val_found)
+    if facts is not None and facts.samples is not None:
+        processes = component_checks.launched_processes() if this_machine else 1
+        problems += component_checks.check_batches(recipe, facts.samples, processes)
+    return problems, facts
 
 
 def _check_evaluation(recipe: Recipe) -> list[str]:

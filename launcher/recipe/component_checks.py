@@ -75,8 +75,12 @@ def _too_big(key: str, what: str, size: int, this_machine: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def check_split(key: str, spec: Component, check_files: bool, this_machine: bool) -> tuple[list[str], DataFacts | None]:
-    """Problems with one data split, and what is known of it (None: nothing without building it)."""
+def check_split(
+    key: str, spec: Component, check_files: bool, this_machine: bool, build: bool = False
+) -> tuple[list[str], DataFacts | None]:
+    """Problems with one data split, and what is known of it (None: nothing without building it). A set whose
+    build is costly (`peek`: a tokenized one) is read from its files' start only, and built only with `build`
+    (training, which needs it built: its cache then serves the run)."""
     problems = check_component(key, "data", spec, check_files=check_files)
     if problems:
         return problems, None
@@ -92,14 +96,34 @@ def check_split(key: str, spec: Component, check_files: bool, this_machine: bool
         return _too_big(key, "the set's tensors", facts.tensor_bytes, this_machine), facts
     if not check_files:
         return [], None
+    if hasattr(fn, "peek"):
+        try:  # the same lines as building would give for a missing file, column or tokenizer, in milliseconds
+            facts = fn.peek(args, tell=not build)
+        except components.ArgumentProblem as e:
+            return [f"{e.key or f'{key}.{e.arg}'}: {e.message}"], None
+        if not build:
+            return [], facts
     try:  # a file-backed set, cheap to open: opened as training will, so what it refuses is refused here alike
         dataset = components.instantiate("data", spec, key=key)
     except RecipeError as e:
         return e.problems, None
     model_kwargs = dict(getattr(dataset, "model_kwargs", {}))
     if not hasattr(dataset, "__len__"):  # a stream: what it tells the model is known, its length is not
-        return [], DataFacts(model_kwargs=model_kwargs, samples=-1)
+        return [], DataFacts(model_kwargs=model_kwargs, samples=None)
     return [], DataFacts(model_kwargs=model_kwargs, samples=len(dataset))
+
+
+def new_val_problems(train: Component, val: Component, found: list[str], val_found: list[str]) -> list[str]:
+    """The val split's problems but those the train split has already said, word for word: a val set with the
+    train set's component and arguments (its `split` aside) reads the same file, whose column or tokenizer is
+    missing once, not once per split."""
+
+    def but_split(spec: Component) -> dict[str, Any]:
+        return {k: v for k, v in spec.kwargs.items() if k != "split"}
+
+    if train.target != val.target or but_split(train) != but_split(val):
+        return val_found
+    return [p for p in val_found if "data.train" + p.removeprefix("data.val") not in found]
 
 
 def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
