@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
+from launcher import hub
 from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem, optional
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -66,6 +67,8 @@ def load_tokenizer(name: str) -> Any:
         return byte_tokenizer()
     if (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
         raise ArgumentProblem("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})")
+    if not os.path.exists(name):
+        hub.require(name, "tokenizer", "tokenizer")
     try:
         tokenizer = auto_tokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -102,6 +105,8 @@ def load_records(name: str, file: Path | None, format: str | None, columns: tupl
             "format", f"cannot tell the format of {file}: give one of {', '.join(sorted(set(FORMATS.values())))}"
         )
     options = {"keep_linebreaks": True} if builder == "text" else {}
+    if file is None:
+        hub.require(name, "path", "dataset")
     try:
         if file is None:
             records = datasets.load_dataset(name, split="train")
@@ -158,8 +163,16 @@ def opened(path: str, tokenizer: str, split: str, kind: str) -> tuple[Any, str, 
 
 
 def told(tokenizer: Any, length: int) -> dict[str, Any]:
-    """What a tokenized set tells the model: its vocabulary, sequence length and padding token."""
-    return {"vocab_size": len(tokenizer), "block_size": length, "pad_token_id": tokenizer.pad_token_id}
+    """What a tokenized set tells the model: its vocabulary, sequence length and special tokens' ids. A tokenizer
+    without a beginning-of-text token begins with its end-of-text one, as GPT-2's does."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    return {
+        "vocab_size": len(tokenizer),
+        "block_size": length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": eos if bos is None else bos,
+        "eos_token_id": eos,
+    }
 
 
 class HFText(Dataset):

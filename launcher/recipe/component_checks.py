@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,7 +191,8 @@ def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sur
 def _meta_only(line: str) -> bool:
     """A constructor's failure that only the meta device causes (a value read from a tensor, an operation
     without a meta kernel): the model may well build on a real device."""
-    return "meta" in line.lower() or "NotImplementedError" in line
+    # Not any "meta" in the line: a Hub name such as meta-llama/... is the user's problem, not the device's.
+    return re.search(r"\bmeta (tensor|device)|'meta'", line, re.IGNORECASE) is not None or "NotImplementedError" in line
 
 
 # ---------------------------------------------------------------------------------------------------- loss
