@@ -70,6 +70,17 @@ class FusedAttention(TorchFunctionMode):
         return fused(q, k, v, given.get("dropout_p", 0.0), given.get("is_causal", False), scale=given.get("scale"))[0]
 
 
+class PlainConditions(TorchFunctionMode):
+    """A condition on a meta tensor's value has no answer (`bool()` would read it): it is taken as true. Hugging
+    Face's models ask one of every batch, whether its position ids hold several packed sequences (`(... == 0)
+    .all()`: true, they do not), and true is what a batch of plain blocks answers."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.__bool__ and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return True
+        return func(*args, **(kwargs or {}))
+
+
 def measure(model: nn.Module, blocks: Sequence[nn.Module], forward: Callable[[], Any]) -> Saved:
     """What `forward()` (the model's forward and the loss) saves for backward, charged to `blocks`."""
     params = {id(p) for p in model.parameters()}
@@ -100,7 +111,7 @@ def measure(model: nn.Module, blocks: Sequence[nn.Module], forward: Callable[[],
     handles = [block.register_forward_pre_hook(enter(i)) for i, block in enumerate(blocks)]
     handles += [block.register_forward_hook(leave) for block in blocks]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention(), PlainConditions():
             forward()
     finally:
         for handle in handles:

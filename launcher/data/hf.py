@@ -175,6 +175,20 @@ def told(tokenizer: Any, length: int) -> dict[str, Any]:
     }
 
 
+def missing_files(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(argument, problem) pairs for the local files and folders the arguments name that are not there, told
+    before `transformers` and `datasets` are imported (a Hub name is left to loading)."""
+    problems = []
+    try:
+        source(args["path"], args["split"])
+    except ArgumentProblem as e:
+        problems.append((e.arg, e.message))
+    name = args["tokenizer"]
+    if name != BYTES and (os.path.exists(name) or name.startswith(("/", "."))) and not Path(name).is_dir():
+        problems.append(("tokenizer", f"no such directory: {name} (relative paths start at {Path.cwd()})"))
+    return problems
+
+
 class HFText(Dataset):
     """Records of text tokenized (no special tokens but an end-of-text token between records), concatenated and cut
     into `block_size` token blocks; the labels are the inputs (the model shifts them). The last `val_fraction` of
@@ -229,6 +243,8 @@ class HFText(Dataset):
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         return common_problems(args, "block_size")
+
+    missing_files = staticmethod(missing_files)
 
 
 class HFClassification(Dataset):
@@ -300,6 +316,8 @@ class HFClassification(Dataset):
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:
         return common_problems(args, "max_length")
+
+    missing_files = staticmethod(missing_files)
 
 
 def natural(name: str) -> tuple[int, Any]:

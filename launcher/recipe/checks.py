@@ -27,11 +27,15 @@ MAX_TIMEOUT_S = 1e9  # about 30 years: Python's timedelta, which carries the tim
 
 
 def check_values(
-    recipe: Recipe, check_files: bool = True, this_machine: bool = True, read_resume: bool = True
+    recipe: Recipe, check_files: bool = True, this_machine: bool = True, read_resume: bool = True, build: bool = True
 ) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
-    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`."""
-    return [
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`.
+
+    What needs the data opened (a Hugging Face set imports `transformers` and `datasets` and tokenizes its file) or
+    the model built is checked last, and only where nothing else is wrong (and with `build`: False where the recipe
+    is refused already), so that a refusal comes in a second or two, not after them."""
+    problems = [
         *_check_train(recipe.train),
         *(_check_machine(recipe) if this_machine else []),
         *_check_strategy(recipe),
@@ -43,6 +47,9 @@ def check_values(
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
     ]
+    if build and not problems:
+        problems += _check_built(recipe, check_files, this_machine)
+    return problems
 
 
 def _check_train(t: TrainConfig) -> list[str]:
@@ -115,20 +122,31 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
     problems = _at_least(("data.num_workers", d.num_workers, 0))
     if d.num_workers > MAX_WORKERS:
         problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
-    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
-    problems += found
+    for key, spec in (("data.train", d.train), ("data.val", d.val)):
+        if spec is not None:
+            problems += component_checks.check_split(key, spec, check_files, this_machine, build=False)[0]
+    problems += component_checks.check_model_args(recipe)
+    problems += component_checks.check_loss(recipe)
+    problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe), trial=False)
+    problems += component_checks.check_scheduler(recipe.scheduler)
+    return problems
+
+
+def _check_built(recipe: Recipe, check_files: bool, this_machine: bool) -> list[str]:
+    """What the data says once opened (its length, what it tells the model), the model built with it, and the
+    optimizer built and stepped once."""
+    d = recipe.data
+    problems, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
     if d.val is not None:
         problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
     if facts is not None:
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)
     problems += component_checks.check_model(recipe, facts, this_machine)
-    problems += component_checks.check_loss(recipe)
-    # The trial optimizer may build a C++ extension (DeepSpeed's CPU Adam): a stale build lock must not hang here.
+    # The trial optimizer (seconds: torch.optim's first use) may build a C++ extension (DeepSpeed's CPU Adam): a
+    # stale build lock must not hang here.
     with build_lock_watch(recipe.strategy.timeout_s):
-        problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
-    problems += component_checks.check_scheduler(recipe.scheduler)
-    return problems
+        return problems + component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
 
 
 def _check_evaluation(recipe: Recipe) -> list[str]:

@@ -76,8 +76,11 @@ def _too_big(key: str, what: str, size: int, this_machine: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def check_split(key: str, spec: Component, check_files: bool, this_machine: bool) -> tuple[list[str], DataFacts | None]:
-    """Problems with one data split, and what is known of it (None: nothing without building it)."""
+def check_split(
+    key: str, spec: Component, check_files: bool, this_machine: bool, build: bool = True
+) -> tuple[list[str], DataFacts | None]:
+    """Problems with one data split, and what is known of it (None: nothing without building it). Without `build`,
+    only what needs the set not opened: its arguments and (with `check_files`) the local files they name."""
     problems = check_component(key, "data", spec, check_files=check_files)
     if problems:
         return problems, None
@@ -86,7 +89,9 @@ def check_split(key: str, spec: Component, check_files: bool, this_machine: bool
         return [], None  # the user's dataset: built by training only, which may be costly or download things
     args = components.effective_args(fn, spec.kwargs)
     problems = [f"{key}.{arg}: {msg}" for arg, msg in fn.check_args(args)]
-    if problems:
+    if check_files and not problems and hasattr(fn, "missing_files"):
+        problems = [f"{key}.{arg}: {msg}" for arg, msg in fn.missing_files(args)]
+    if problems or not build:
         return problems, None
     if hasattr(fn, "facts"):
         facts = fn.facts(args)
@@ -152,6 +157,20 @@ def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> 
     if problems or facts is None:
         return problems
     return _build_on_meta(recipe, data, this_machine, sure=True)
+
+
+def check_model_args(recipe: Recipe) -> list[str]:
+    """What the model refuses of the recipe's own arguments, before the data tells it anything (a built-in model's
+    `check_args`), so that it is refused before a costly set is opened."""
+    problems = check_component("model", "model", recipe.model)
+    if problems:
+        return problems
+    fn = components.resolve("model", recipe.model.target)
+    if not components.is_built_in(fn):
+        return []
+    given = dict(recipe.model.kwargs)
+    args = components.effective_args(fn, given)
+    return [f"model.{arg}: {msg}" for arg, msg in fn.check_args(args, {}) if arg in given]
 
 
 def built_in_model(recipe: Recipe) -> bool:
@@ -248,9 +267,10 @@ def _number_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
-    """The optimizer resolves, takes its arguments and values (its groups' too), and builds; `dense_model`: the
-    model is a built-in one, whose gradients are dense, so the optimizer also takes one step on a dense gradient."""
+def check_optimizer(spec: Component, dense_model: bool, trial: bool = True) -> list[str]:
+    """The optimizer resolves, takes its arguments and values (its groups' too), and (with `trial`) builds;
+    `dense_model`: the model is a built-in one, whose gradients are dense, so the optimizer also takes one step on a
+    dense gradient."""
     problems = check_component("optimizer", "optimizer", spec, passed=("params",), extra=param_groups.KEYS)
     if problems:
         return problems
@@ -268,7 +288,7 @@ def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
     problems = _value_problems("optimizer", dict(own.kwargs))
     for i, group in enumerate(groups):
         problems += _value_problems(f"optimizer.groups[{i}]", {k: v for k, v in group.items() if k != "params"})
-    return problems or _trial_step(own, groups, dense_model)
+    return problems or (_trial_step(own, groups, dense_model) if trial else [])
 
 
 def _value_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
