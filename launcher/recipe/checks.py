@@ -137,8 +137,10 @@ def _check_built(recipe: Recipe, check_files: bool, this_machine: bool) -> list[
     optimizer built and stepped once."""
     d = recipe.data
     problems, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
-    if d.val is not None:
+    if d.val is not None and not problems:
         problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
+    if problems:  # the model and optimizer would wait for nothing: what the data said comes first
+        return problems
     if facts is not None:
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)
