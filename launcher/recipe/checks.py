@@ -32,14 +32,16 @@ def check_values(
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
     missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`.
 
-    What needs the data opened (a Hugging Face set imports `transformers` and `datasets` and tokenizes its file) or
-    the model built is checked last, and only where nothing else is wrong (and with `build`: False where the recipe
-    is refused already), so that a refusal comes in a second or two, not after them."""
+    What needs the data opened (a Hugging Face set imports `transformers` and `datasets` and tokenizes its file),
+    the model built or the optimizer stepped is checked last, and only where the components' arguments and files
+    are right (and with `build`: False where the recipe is refused already), so that such a refusal comes in a
+    second or two, not after them."""
+    components_found = _check_components(recipe, check_files, this_machine)
     problems = [
         *_check_train(recipe.train),
         *(_check_machine(recipe) if this_machine else []),
         *_check_strategy(recipe),
-        *_check_components(recipe, check_files, this_machine),
+        *components_found,
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
         *_check_resume(recipe.resume, check_files and read_resume),
@@ -47,7 +49,7 @@ def check_values(
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
     ]
-    if build and not problems:
+    if build and not components_found:
         problems += _check_built(recipe, check_files, this_machine)
     return problems
 
@@ -137,10 +139,8 @@ def _check_built(recipe: Recipe, check_files: bool, this_machine: bool) -> list[
     optimizer built and stepped once."""
     d = recipe.data
     problems, facts = component_checks.check_split("data.train", d.train, check_files, this_machine)
-    if d.val is not None and not problems:
+    if d.val is not None:
         problems += component_checks.check_split("data.val", d.val, check_files, this_machine)[0]
-    if problems:  # the model and optimizer would wait for nothing: what the data said comes first
-        return problems
     if facts is not None:
         processes = component_checks.launched_processes() if this_machine else 1
         problems += component_checks.check_batches(recipe, facts.samples, processes)
