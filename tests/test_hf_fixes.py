@@ -146,4 +146,4 @@ def test_plan_estimates_a_hugging_face_models_activations_close_to_a_measured_fo
     model = AutoModelForCausalLM.from_config(config, attn_implementation=shipped["model"]["attn_implementation"])
     ids = torch.randint(0, 257, (shipped["train"]["batch_size"], shipped["data"]["dataset"]["block_size"]))
     measured = saved_for_backward(model.train(), ids)
-    assert measured / 2 < planned < measured * 2, (planned, measured)
+    assert measured / 1.5 < planned < measured * 1.5, (planned, measured)
