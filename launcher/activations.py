@@ -55,7 +55,9 @@ def nbytes(t: Any) -> int:
 class FusedAttention(TorchFunctionMode):
     """On the meta device `scaled_dot_product_attention` takes its unfused path, which saves every attention score
     for backward; the fused kernels a run uses (flash, memory-efficient) save only the output and its log-sum-exp.
-    Without a mask, the fused CPU kernel's shapes stand in for them."""
+    Without a mask, the fused CPU kernel's shapes stand in for them; with grouped key-value heads (`enable_gqa`,
+    as Hugging Face's Llama-style models ask), given the keys and values repeated to the queries' heads, as the
+    kernels take them."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -63,11 +65,25 @@ class FusedAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         given = {**dict(zip(names, args, strict=False)), **kwargs}
-        if given.get("attn_mask") is not None or given.get("enable_gqa"):
+        if given.get("attn_mask") is not None:
             return func(*args, **kwargs)
         fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         q, k, v = given["query"], given["key"], given["value"]
+        if given.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            groups = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
         return fused(q, k, v, given.get("dropout_p", 0.0), given.get("is_causal", False), scale=given.get("scale"))[0]
+
+
+class PlainConditions(TorchFunctionMode):
+    """A condition on a meta tensor's value has no answer (`bool()` would read it): it is taken as true. Hugging
+    Face's models ask one of every batch, whether its position ids hold several packed sequences (`(... == 0)
+    .all()`: true, they do not), and true is what a batch of plain blocks answers."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.__bool__ and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return True
+        return func(*args, **(kwargs or {}))
 
 
 def measure(model: nn.Module, blocks: Sequence[nn.Module], forward: Callable[[], Any]) -> Saved:
@@ -100,7 +116,7 @@ def measure(model: nn.Module, blocks: Sequence[nn.Module], forward: Callable[[],
     handles = [block.register_forward_pre_hook(enter(i)) for i, block in enumerate(blocks)]
     handles += [block.register_forward_hook(leave) for block in blocks]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention(), PlainConditions():
             forward()
     finally:
         for handle in handles:

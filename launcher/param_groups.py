@@ -1,10 +1,14 @@
 """The optimizer's parameter groups: weight decay only where it belongs, and per-group settings by name pattern.
 
-`optimizer.decay: matrices` (the default) is nanoGPT's and the Hugging Face Trainer's rule with embeddings left out
-too: parameters of two or more dimensions (the weights of linear layers, convolutions, attention) decay; biases,
-norm weights and embedding tables do not (a head tied to an embedding is the embedding's tensor, so it does not
-either). `all` puts the optimizer's `weight_decay` on every parameter, as a checkpoint written before the rule
-existed did.
+`optimizer.decay` says which parameters the optimizer's `weight_decay` falls on:
+- `matrices` (the default): parameters of two or more dimensions (the weights of linear layers, convolutions,
+  attention) but embedding tables (and a head tied to one, which is the embedding's tensor); so not biases or norm
+  weights either.
+- `nanogpt`: nanoGPT's rule, every parameter of two or more dimensions, embeddings (and a tied head) included.
+- `hf_trainer`: the Hugging Face Trainer's (`get_decay_parameter_names`): every parameter but those of
+  `nn.LayerNorm` modules and those whose name (lower-cased) has `bias`, `layernorm`, `rmsnorm`, or `norm` as a
+  name part or `_norm` ending one (RMSNorm weights go by name); embeddings and a tied head decay.
+- `all`: every parameter, as a checkpoint written before the rule existed did.
 
 `optimizer.groups` gives some parameters settings of their own: a list of `{params: PATTERN or [PATTERNS], lr: ...}`,
 the patterns fnmatch globs on the names `named_parameters()` gives (`"*.bias"`, `"lm_head.*"`). The first group
@@ -30,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 from launcher import components
 from launcher.components import Component, describe
 
-DECAY_MODES = ("matrices", "all")
+DECAY_MODES = ("matrices", "nanogpt", "hf_trainer", "all")
+# The names the Hugging Face Trainer keeps from decay (`Trainer.get_decay_parameter_names`), matched in lower case.
+HF_TRAINER_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 KEYS = ("decay", "groups")  # the launcher's own keys of the optimizer section, taken out before building it
 if TYPE_CHECKING:
     import torch
@@ -141,13 +147,20 @@ def patterns_of(value: Any) -> list[str]:
     return []
 
 
-def no_decay(model: torch.nn.Module) -> set[int]:
-    """The identities of the parameters the rule keeps from decay: those of fewer than two dimensions, and the
-    embeddings' (whatever else holds the same tensor, a tied head, is the same Parameter)."""
+def no_decay(model: torch.nn.Module, decay: str = "matrices") -> set[int]:
+    """The identities of the parameters the rule `decay` keeps from decay (see the module's docstring); an
+    embedding's is also a tied head's, which is the same Parameter."""
     from torch import nn
 
-    kept = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    return kept | {id(p) for p in model.parameters() if p.ndim < 2}
+    if decay == "all":
+        return set()
+    if decay == "hf_trainer":
+        kept = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+        return kept | {id(p) for name, p in model.named_parameters() if HF_TRAINER_NO_DECAY.search(name.lower())}
+    small = {id(p) for p in model.parameters() if p.ndim < 2}
+    if decay == "nanogpt":
+        return small
+    return small | {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
 
 
 def unmatched(names: Iterable[str], groups: list[Any]) -> list[str]:
@@ -183,7 +196,7 @@ def make_groups(model: torch.nn.Module, decay: str, groups: list[Any], weight_de
     # De-duplicated by identity, as model.parameters(); frozen parameters (a LoRA model's base) in no group: an
     # optimizer would keep state for them, and weight decay would change them.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    kept = no_decay(model) if decay == "matrices" and weight_decay is not None else set()
+    kept = no_decay(model, decay) if weight_decay is not None else set()
     taken = first_matches(named, groups)
     out = []
     for i, group in [*enumerate(groups), (None, {})]:

@@ -121,6 +121,25 @@ def exported_logits_match(run_dir: Path, data: Path, out: Path) -> None:
     assert abs(per_sample.mean().item() - logged) < 1e-5
 
 
+def exported_generation_stops_at_end_of_text(out: Path) -> None:
+    """The export's config and generation config carry the tokenizer's special ids (not Llama's defaults, 1 and 2,
+    which are other tokens here) and the key-value cache; `generate()` stops at the end-of-text token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    eos = tokenizer.eos_token_id
+    ids = {"bos": eos, "eos": eos, "pad": tokenizer.pad_token_id}  # no bos token: it begins with eos, as GPT-2
+    for config in (model.config, GenerationConfig.from_pretrained(out)):
+        assert {k: getattr(config, f"{k}_token_id") for k in ids} == ids
+    assert model.config.use_cache is True
+    # A model whose end-of-text logit dominates stops after one token, if generate() knows which token that is.
+    model.lm_head.register_forward_hook(lambda m, args, logits: logits.index_fill(-1, torch.tensor([eos]), 1e4))
+    prompt = tokenizer("To be", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated[0, prompt["input_ids"].shape[1] :].tolist() == [eos]
+
+
 def exported_classifier_loads(run_dir: Path, out: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -139,6 +158,7 @@ def test_a_causal_lm_trains_on_one_process_and_exports_what_from_pretrained_load
     assert sorted(rows) == list(range(1, 13)) and rows[12] < rows[1]
     assert sorted((run_dir / "checkpoints" / "step_00000012" / "hf").iterdir())
     exported_logits_match(run_dir, data, tmp_path / "export")
+    exported_generation_stops_at_end_of_text(tmp_path / "export")
     # Sharded: several safetensors files and their index, as from_pretrained expects them.
     shards = tmp_path / "shards"
     proc = run_cli(

@@ -1,6 +1,6 @@
-"""The optimizer's parameter groups: weight decay on matrices only (embeddings, biases and norms kept from it),
-groups by name pattern with their own settings, the checks before a run, `launcher plan`'s lines, and a resumed
-run's rule."""
+"""The optimizer's parameter groups: weight decay on matrices only (embeddings, biases and norms kept from it), or
+by nanoGPT's or the Hugging Face Trainer's rule, groups by name pattern with their own settings, the checks before a
+run, `launcher plan`'s lines, and a resumed run's rule."""
 
 from __future__ import annotations
 
@@ -66,12 +66,64 @@ def test_the_first_matching_group_takes_a_parameter_and_its_own_keys_win():
     assert lines[2].startswith("              no decay: ")
 
 
+class Decoder(nn.Module):
+    """A decoder named as Hugging Face's are: RMSNorms known by their names only, a LayerNorm by its type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(10, 4)
+        self.q_proj = nn.Linear(4, 4)
+        self.input_layernorm = nn.RMSNorm(4)
+        self.k_norm = nn.RMSNorm(4)
+        self.ln = nn.LayerNorm(4)
+        self.norm = nn.RMSNorm(4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    ("rule", "decaying"),
+    [
+        ("matrices", ["q_proj.weight"]),
+        ("nanogpt", ["embed_tokens.weight", "q_proj.weight"]),
+        # As transformers' Trainer.get_decay_parameter_names gives for this model.
+        ("hf_trainer", ["embed_tokens.weight", "q_proj.weight"]),
+        ("all", None),
+    ],
+)
+def test_each_decay_rule_decays_what_its_namesake_does(rule: str, decaying: list[str] | None):
+    model = Decoder()
+    made = param_groups.make_groups(model, rule, [], 0.1)
+    if decaying is None:
+        assert [g.label for g in made] == ["decay 0.1"] and len(made[0].params) == len(list(model.parameters()))
+        return
+    assert names(model, made[0]) == decaying and made[0].label == "decay 0.1"
+    assert set(names(model, made[1])) == {n for n, _ in model.named_parameters()} - set(decaying)
+
+
+def test_hf_trainer_rule_goes_by_name_where_the_module_is_no_layer_norm():
+    model = nn.ModuleDict({"block": Decoder(), "final_norm": nn.Linear(4, 4), "normal": nn.Linear(4, 4)})
+    kept = param_groups.no_decay(model, "hf_trainer")
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(by_id[i] for i in kept if i in by_id) == [
+        "block.input_layernorm.weight",
+        "block.k_norm.weight",
+        "block.ln.bias",
+        "block.ln.weight",
+        "block.norm.weight",
+        "block.q_proj.bias",
+        "final_norm.bias",
+        "final_norm.weight",  # `_norm` ends a name part: kept, as the Trainer keeps it
+        "normal.bias",
+    ]  # `normal.weight` decays: `norm` is not a whole name part there (the Trainer's list, checked once by hand)
+
+
 def test_malformed_decay_and_groups_are_one_line_each():
     spec = Component(
         "adamw", {"decay": "some", "groups": [{"params": ["*.bias", 3]}, {"lr": 0.1}, "x", {"params": "a", "foo": 1}]}
     )
     assert param_groups.form_problems(spec, ["lr", "betas"], "torch.optim.AdamW") == [
-        "optimizer.decay: expected one of: matrices, all, got a string ('some')",
+        "optimizer.decay: expected one of: matrices, nanogpt, hf_trainer, all, got a string ('some')",
         "optimizer.groups[0].params: expected a pattern or list of patterns, got a list (['*.bias', 3])",
         "optimizer.groups[1].params: missing required value (a pattern or list of patterns)",
         "optimizer.groups[2]: expected a section {params: PATTERN, <settings>}, got a string ('x')",

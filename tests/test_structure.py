@@ -93,6 +93,7 @@ LAYERS = [
     ["launcher", "launcher.errors", "launcher.layout", "launcher.folders", "launcher.slurm_time"],
     [
         "launcher.components",
+        "launcher.hub",
         "launcher.extensions",
         "launcher.losses",
         "launcher.batches",

@@ -31,6 +31,8 @@ def export_hf(path: Path, out: Path, max_shard_size: str = "5GB") -> int:
         )
     transformers = optional("transformers", "hf")
     config = transformers.AutoConfig.from_pretrained(folder)
+    # Training runs without the key-value cache; the export is for inference, where `generate()` needs it.
+    config.use_cache = True
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:

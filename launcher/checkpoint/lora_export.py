@@ -55,6 +55,7 @@ def adapted(path: Path, folder: Path, base_info: dict[str, Any]) -> Any:
     checkpoint's adapters."""
     transformers, peft = optional("transformers", "hf"), optional("peft", "hf")
     config = transformers.AutoConfig.from_pretrained(folder)
+    config.use_cache = True  # as in export_hf: the export is for inference
     model_class = getattr(transformers, (config.architectures or [""])[0], None)
     if model_class is None:
         raise NotHuggingFace(f"its config names no architecture transformers has ({config.architectures!r})")

@@ -39,6 +39,7 @@ from launcher.data.hf import (
     common_problems,
     hf_datasets,
     load_records,
+    missing_files,
     opened,
     source,
     split_range,
@@ -150,6 +151,8 @@ class HFChat(Dataset):
             return DataFacts(samples=None)
         packed = {"packed": True} if args["packing"] else {}
         return DataFacts(model_kwargs={**told(tokenizer, args["max_length"]), **packed}, samples=None)
+
+    missing_files = staticmethod(missing_files)
 
     @staticmethod
     def check_args(args: Mapping[str, Any]) -> list[tuple[str, str]]:

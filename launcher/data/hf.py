@@ -24,10 +24,11 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
+from launcher import hub
 from launcher.components import ArgumentProblem, describe, fraction_problem, integer_problem, optional
 from launcher.data import DataFacts
 from launcher.data.records import Unreadable, check_columns, empty, first_columns, reason
-from launcher.data.tokenizing import fingerprint, load_tokenizer
+from launcher.data.tokenizing import BYTES, fingerprint, load_tokenizer, tokenizer_path_problem
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 CACHE_VERSION = 1  # bumped when the cached files' meaning changes, so older caches are not read
@@ -74,6 +75,8 @@ def load_records(
     if file is not None and file.stat().st_size == 0:
         raise empty(file)
     options = {"keep_linebreaks": True} if builder == "text" else {}
+    if file is None:
+        hub.require(name, "path", "dataset")
     try:
         if file is None:
             records = datasets.load_dataset(name, split="train", cache_dir=arrow_cache(cache_dir))
@@ -94,11 +97,13 @@ def load_records(
 
 def peek_file(path: str, split: str, format: str | None, columns: tuple[str, ...]) -> None:
     """The split's file read from its start only (its format, that it holds a record, its columns), as
-    `launcher validate` checks it: nothing is loaded whole, tokenized or written. A Hub dataset is read by training
-    only."""
+    `launcher validate` checks it: nothing is loaded whole, tokenized or written. Of a Hub dataset, only whether the
+    Hub (or the cache, offline) has it here."""
     hf_datasets()  # needed to train: asked for here too, so validate names the missing extra
     name, file = source(path, split)
     builder = builder_of(file, format)
+    if file is None:
+        hub.require(name, "path", "dataset")  # whether it can be loaded here; its records are read by training
     if file is None or builder is None:
         return
     try:
@@ -150,8 +155,28 @@ def opened(path: str, tokenizer: str, split: str, kind: str) -> tuple[Any, str, 
 
 
 def told(tokenizer: Any, length: int) -> dict[str, Any]:
-    """What a tokenized set tells the model: its vocabulary, sequence length and padding token."""
-    return {"vocab_size": len(tokenizer), "block_size": length, "pad_token_id": tokenizer.pad_token_id}
+    """What a tokenized set tells the model: its vocabulary, sequence length and special tokens' ids. A tokenizer
+    without a beginning-of-text token begins with its end-of-text one, as GPT-2's does."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    return {
+        "vocab_size": len(tokenizer),
+        "block_size": length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": eos if bos is None else bos,
+        "eos_token_id": eos,
+    }
+
+
+def missing_files(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(argument, problem) pairs for the local files and folders the arguments name that are not there, told
+    before `transformers` and `datasets` are imported (a Hub name is left to loading)."""
+    problems = []
+    try:
+        source(args["path"], args["split"])
+    except ArgumentProblem as e:
+        problems.append((e.arg, e.message))
+    problem = None if args["tokenizer"] == BYTES else tokenizer_path_problem(args["tokenizer"])
+    return problems + ([("tokenizer", problem)] if problem else [])
 
 
 class StreamsWhenAsked:
@@ -240,6 +265,8 @@ class HFText(StreamsWhenAsked, Dataset):
             return DataFacts(samples=None)
         return DataFacts(model_kwargs=told(load_tokenizer(args["tokenizer"]), args["block_size"]), samples=None)
 
+    missing_files = staticmethod(missing_files)
+
 
 class HFClassification(Dataset):
     """Labelled text: each record's text tokenized, truncated and padded to `max_length`, with its label's index.
@@ -324,6 +351,8 @@ class HFClassification(Dataset):
         if args["labels"]:
             told_model.update(num_labels=len(args["labels"]), labels=[str(n) for n in args["labels"]])
         return DataFacts(model_kwargs=told_model, samples=None)
+
+    missing_files = staticmethod(missing_files)
 
 
 def natural(name: str) -> tuple[int, Any]:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher import hub
 from launcher.components import ArgumentProblem, optional
 
 BYTES = "bytes"  # the built-in tokenizer: one token per byte, and an end-of-text token
@@ -43,6 +44,8 @@ def load_tokenizer(name: str) -> Any:
     problem = tokenizer_path_problem(name)
     if problem:
         raise ArgumentProblem("tokenizer", problem)
+    if not Path(name).expanduser().exists():
+        hub.require(name, "tokenizer", "tokenizer")
     try:
         tokenizer = auto_tokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -2,14 +2,15 @@
 (`hf_classifier`), loaded from a local directory or a Hub name (`pretrained`), or built fresh from a config
 (`config: {model_type: llama, hidden_size: ...}`).
 
-What the data tells the model (`vocab_size`, `block_size`, `pad_token_id`, `num_labels`) fills a fresh config's
-gaps and is checked against a pretrained one: a tokenizer larger than the embedding, or blocks longer than the
-positions the model has, are refused before anything trains. The key-value cache is off: training does not use
-it, and its objects in the output only cost memory.
+What the data tells the model (`vocab_size`, `block_size`, the tokenizer's bos/eos/pad ids, `num_labels`) fills a
+fresh config's gaps and is checked against a pretrained one: a tokenizer larger than the embedding, or blocks longer
+than the positions the model has, are refused before anything trains. The key-value cache is off: training does not
+use it, and its objects in the output only cost memory (an export turns it back on, for `generate()`).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from launcher import hub
 from launcher.batches import IGNORE_INDEX
 from launcher.chunked_loss import ChunkedLinear
 from launcher.components import ArgumentProblem, describe, optional
@@ -29,6 +31,7 @@ from launcher.models import lora as lora_adapters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_FILE = "config.json"
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # what the tokenizer tells the model's config
 
 
 def transformers_module() -> Any:
@@ -52,6 +55,9 @@ def load_config(pretrained: str | None, config: Mapping[str, Any] | None, trust_
         model_type = fields.pop("model_type", None)
         if not isinstance(model_type, str):
             raise ArgumentProblem("config.model_type", "missing: the architecture, such as llama, gpt2 or bert")
+        if model_type not in transformers.CONFIG_MAPPING:
+            known = list(transformers.CONFIG_MAPPING)
+            raise ArgumentProblem("config.model_type", unknown_model_type(model_type, known))
         try:
             return transformers.AutoConfig.for_model(model_type, **fields)
         except ValueError as e:
@@ -59,14 +65,31 @@ def load_config(pretrained: str | None, config: Mapping[str, Any] | None, trust_
     assert pretrained is not None
     if local(pretrained):
         path = Path(pretrained).expanduser()
+        if path.is_file():
+            raise ArgumentProblem(
+                "pretrained", f"{path} is a file; expected a saved model's directory (with {CONFIG_FILE} in it)"
+            )
         if not path.is_dir():
             raise ArgumentProblem("pretrained", f"no such directory: {path} (relative paths start at {Path.cwd()})")
         if not (path / CONFIG_FILE).is_file():
             raise ArgumentProblem("pretrained", f"{path} has no {CONFIG_FILE}: not a saved Hugging Face model")
+    else:
+        hub.require(pretrained, "pretrained", "model")
     try:
         return transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ArgumentProblem("pretrained", f"cannot load {pretrained!r}: {str(e).splitlines()[0]}") from None
+
+
+def unknown_model_type(name: str, known: list[str]) -> str:
+    """One line for a `model_type` transformers does not have, with the nearest ones it has."""
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}?" if near else "expected an architecture such as llama, gpt2 or bert"
+    return f"unknown model_type {name!r} ({len(known)} known to transformers {transformers_version()}): {hint}"
+
+
+def transformers_version() -> str:
+    return str(getattr(transformers_module(), "__version__", ""))
 
 
 def max_positions(config: Any) -> int | None:
@@ -99,8 +122,13 @@ def fit_to_data(config: Any, fresh: Mapping[str, Any] | None, told: Mapping[str,
             "(max_position_embeddings): use a smaller block_size",
             key="model",
         )
-    if told.get("pad_token_id") is not None and getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = told["pad_token_id"]
+    for name in TOKEN_IDS:
+        # The tokenizer's ids, not the architecture's defaults (Llama's 1 and 2 may be other tokens here): they go
+        # into the generation config, and so into the export, where `generate()` stops at the end-of-text id.
+        # A pretrained model's own ids (Llama 3's several end ids) are kept where it has them.
+        unset = name not in fresh if fresh is not None else getattr(config, name, None) is None
+        if told.get(name) is not None and unset:
+            setattr(config, name, told[name])
     if told.get("num_labels") is not None:
         names = told.get("labels") or [str(i) for i in range(told["num_labels"])]
         config.num_labels = told["num_labels"]
@@ -168,13 +196,16 @@ def causal_lm(
     vocab_size: int | None = None,
     block_size: int | None = None,
     pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
     packed: bool = False,
     lora: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """A causal language model (`AutoModelForCausalLM`). `vocab_size`, `block_size` and `pad_token_id` come from
-    the data (its tokenizer and blocks); `packed`: rows of several examples, told apart by `position_ids`;
-    `lora`: train LoRA adapters only (see models/lora.py)."""
-    told = {"vocab_size": vocab_size, "block_size": block_size, "pad_token_id": pad_token_id}
+    """A causal language model (`AutoModelForCausalLM`). `vocab_size`, `block_size` and the special tokens' ids
+    come from the data (its tokenizer and blocks); `packed`: rows of several examples, told apart by
+    `position_ids`; `lora`: train LoRA adapters only (see models/lora.py)."""
+    told = {"vocab_size": vocab_size, "block_size": block_size}
+    told |= {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     model = build("AutoModelForCausalLM", pretrained, config, dtype, attn_implementation, trust_remote_code, told, lora)
     problem = packing_problem(model) if packed else None
     if problem:
@@ -207,6 +238,8 @@ def classifier(
     pad_token_id: int | None = None,
     num_labels: int | None = None,
     labels: list[str] | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
     lora: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A sequence classifier (`AutoModelForSequenceClassification`); `num_labels` and their names come from the
@@ -215,6 +248,8 @@ def classifier(
         "vocab_size": vocab_size,
         "block_size": block_size,
         "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "num_labels": num_labels,
         "labels": labels,
     }

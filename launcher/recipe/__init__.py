@@ -121,7 +121,10 @@ def validate(
     if built.recipe is not None:
         # Values that failed their type check stand at their defaults here: their range checks would only repeat
         # or mislead, so problems under those keys, or that reason about them, are left out.
-        for problem in check_values(built.recipe, check_files, this_machine, read_resume, build_data):
+        # With problems found already, nothing is built for the rest (see check_values): the refusal comes fast.
+        for problem in check_values(
+            built.recipe, check_files, this_machine, read_resume, build=not found, build_data=build_data
+        ):
             if not built.about_bad_keys(problem):
                 found.append(f"{source}: {problem}")
     if found:

@@ -11,7 +11,7 @@ from launcher import components, folders, losses, strategies
 from launcher.data import DataFacts
 from launcher.extensions import build_lock_watch
 from launcher.layout import BEST, LATEST
-from launcher.recipe import component_checks
+from launcher.recipe import component_checks, data_checks
 from launcher.recipe.schema import (
     BUILT_IN_TRACKERS,
     TRACKERS,
@@ -32,17 +32,24 @@ def check_values(
     check_files: bool = True,
     this_machine: bool = True,
     read_resume: bool = True,
+    build: bool = True,
     build_data: bool = False,
 ) -> list[str]:
     """Problems a type cannot express: ranges, combinations, components that do not import or would not build,
-    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`. A tokenized
-    dataset is read from its files' start only, and built (tokenized into its cache) only with `build_data`."""
+    missing files, and (with `this_machine`) what this machine cannot do. Each is `key.path: message`.
+
+    What needs the data opened (a Hugging Face set imports `transformers` and `datasets`), the model built or the
+    optimizer stepped is checked last, and only where the components' arguments and files are right (and with
+    `build`: False where the recipe is refused already), so that such a refusal comes in a second or two, not after
+    them. A tokenized set is read from its files' start only; with `build_data` (`launcher train`, once nothing else
+    is wrong) it is built into the cache that then serves the run, which tells what only its whole file can."""
+    components_found = _check_components(recipe, check_files, this_machine)
     problems = [
         *_check_train(recipe.train),
         *_check_stream(recipe),
         *(_check_machine(recipe) if this_machine else []),
         *_check_strategy(recipe),
-        *_check_components(recipe, check_files, this_machine),
+        *components_found,
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
         *_check_resume(recipe.resume, check_files and read_resume),
@@ -50,10 +57,10 @@ def check_values(
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
     ]
+    if build and not components_found:
+        problems += _check_built(recipe, check_files, this_machine)
     if build_data and not problems and _built_later(recipe.data.train, recipe.data.val):
-        # Tokenized sets are built (into the cache that serves the run) once all else is known good: what only
-        # their whole files tell (their length, a block longer than the text) comes last.
-        problems += _check_splits(recipe, check_files, this_machine, build=True)[0]
+        problems += _check_splits(recipe, check_files, this_machine, stage="build")[0]
     return problems
 
 
@@ -137,37 +144,45 @@ def _check_components(recipe: Recipe, check_files: bool, this_machine: bool) -> 
     problems = _at_least(("data.num_workers", d.num_workers, 0))
     if d.num_workers > MAX_WORKERS:
         problems.append(f"data.num_workers: must be <= {MAX_WORKERS} (processes per trainer), got {d.num_workers}")
-    found, facts = _check_splits(recipe, check_files, this_machine, build=False)
-    problems += found
-    problems += component_checks.check_model(recipe, facts, this_machine)
+    problems += _check_splits(recipe, check_files, this_machine, stage="args")[0]
+    problems += component_checks.check_model_args(recipe)
     problems += component_checks.check_loss(recipe)
-    # The trial optimizer may build a C++ extension (DeepSpeed's CPU Adam): a stale build lock must not hang here.
-    with build_lock_watch(recipe.strategy.timeout_s):
-        problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
+    problems += component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe), trial=False)
     problems += component_checks.check_scheduler(recipe.scheduler)
     return problems
 
 
+def _check_built(recipe: Recipe, check_files: bool, this_machine: bool) -> list[str]:
+    """What the data says once opened (its length, what it tells the model), the model built with it, and the
+    optimizer built and stepped once."""
+    problems, facts = _check_splits(recipe, check_files, this_machine, stage="open")
+    problems += component_checks.check_model(recipe, facts, this_machine)
+    # The trial optimizer (seconds: torch.optim's first use) may build a C++ extension (DeepSpeed's CPU Adam): a
+    # stale build lock must not hang here.
+    with build_lock_watch(recipe.strategy.timeout_s):
+        return problems + component_checks.check_optimizer(recipe.optimizer, component_checks.built_in_model(recipe))
+
+
 def _built_later(*specs: components.Component | None) -> bool:
-    """Whether a split is a set `check_split` reads from its files' start (`peek`) unless told to build it."""
+    """Whether a split is a set `check_split` opens from its files' start (`peek`) unless told to build it."""
     built_in = [components.resolve("data", s.target) for s in specs if s is not None]
     return any(components.is_built_in(fn) and hasattr(fn, "peek") for fn in built_in)
 
 
 def _check_splits(
-    recipe: Recipe, check_files: bool, this_machine: bool, build: bool
+    recipe: Recipe, check_files: bool, this_machine: bool, stage: str
 ) -> tuple[list[str], DataFacts | None]:
-    """The train and val sets' problems (a val problem the train set said already, once; a train set without a
-    batch for every process), and what is known of the train set."""
+    """The train and val sets' problems at `stage` (see `check_split`; a val problem the train set said already,
+    once; a train set without a batch for every process), and what is known of the train set."""
     d = recipe.data
-    found, facts = component_checks.check_split("data.train", d.train, check_files, this_machine, build)
+    found, facts = data_checks.check_split("data.train", d.train, check_files, this_machine, stage)
     problems = list(found)
     if d.val is not None:
-        val_found = component_checks.check_split("data.val", d.val, check_files, this_machine, build)[0]
-        problems += component_checks.new_val_problems(d.train, d.val, found, val_found)
+        val_found = data_checks.check_split("data.val", d.val, check_files, this_machine, stage)[0]
+        problems += data_checks.new_val_problems(d.train, d.val, found, val_found)
     if facts is not None and facts.samples is not None:
-        processes = component_checks.launched_processes() if this_machine else 1
-        problems += component_checks.check_batches(recipe, facts.samples, processes)
+        processes = data_checks.launched_processes() if this_machine else 1
+        problems += data_checks.check_batches(recipe, facts.samples, processes)
     return problems, facts
 
 
@@ -288,7 +303,7 @@ def _check_profile(pr: ProfileConfig, this_machine: bool) -> list[str]:
     if not pr.ranks:
         problems.append("profile.ranks: empty; give the ranks to trace, e.g. [0], or all")
     problems += [f"profile.ranks: a rank is an integer >= 0, got {r}" for r in pr.ranks if r < 0]
-    processes = component_checks.launched_processes() if this_machine else None
+    processes = data_checks.launched_processes() if this_machine else None
     outside = sorted({r for r in pr.ranks if processes is not None and r >= processes})
     if outside:
         have = "1 process: rank 0" if processes == 1 else f"{processes} processes: ranks 0 to {processes - 1}"

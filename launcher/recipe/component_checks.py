@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher import components, guards, param_groups, schedules
+from launcher import components, param_groups, schedules
 from launcher.components import INT64_MAX, Component, describe, finite_number
 from launcher.data import DataFacts
 from launcher.errors import RecipeError
@@ -63,88 +64,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _too_big(key: str, what: str, size: int, this_machine: bool) -> list[str]:
+def too_big(key: str, what: str, size: int, this_machine: bool) -> list[str]:
     """`what` takes `size` bytes: more than this machine has, or than any machine could address."""
     if size > INT64_MAX:
         return [f"{key}: {what} take {size:.3g} bytes, more than any machine's memory"]
     if this_machine and size > machine_memory():
         return [f"{key}: {what} take {_gib(size)}, more than this machine's {_gib(machine_memory())} of memory"]
     return []
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def check_split(
-    key: str, spec: Component, check_files: bool, this_machine: bool, build: bool = False
-) -> tuple[list[str], DataFacts | None]:
-    """Problems with one data split, and what is known of it (None: nothing without building it). A set whose
-    build is costly (`peek`: a tokenized one) is read from its files' start only, and built only with `build`
-    (training, which needs it built: its cache then serves the run)."""
-    problems = check_component(key, "data", spec, check_files=check_files)
-    if problems:
-        return problems, None
-    fn = components.resolve("data", spec.target)
-    if not components.is_built_in(fn):
-        return [], None  # the user's dataset: built by training only, which may be costly or download things
-    args = components.effective_args(fn, spec.kwargs)
-    problems = [f"{key}.{arg}: {msg}" for arg, msg in fn.check_args(args)]
-    if problems:
-        return problems, None
-    if hasattr(fn, "facts"):
-        facts = fn.facts(args)
-        return _too_big(key, "the set's tensors", facts.tensor_bytes, this_machine), facts
-    if not check_files:
-        return [], None
-    if hasattr(fn, "peek"):
-        try:  # the same lines as building would give for a missing file, column or tokenizer, in milliseconds
-            facts = fn.peek(args, tell=not build)
-        except components.ArgumentProblem as e:
-            return [f"{e.key or f'{key}.{e.arg}'}: {e.message}"], None
-        if not build:
-            return [], facts
-    try:  # a file-backed set, cheap to open: opened as training will, so what it refuses is refused here alike
-        dataset = components.instantiate("data", spec, key=key)
-    except RecipeError as e:
-        return e.problems, None
-    model_kwargs = dict(getattr(dataset, "model_kwargs", {}))
-    if not hasattr(dataset, "__len__"):  # a stream: what it tells the model is known, its length is not
-        return [], DataFacts(model_kwargs=model_kwargs, samples=None)
-    return [], DataFacts(model_kwargs=model_kwargs, samples=len(dataset))
-
-
-def new_val_problems(train: Component, val: Component, found: list[str], val_found: list[str]) -> list[str]:
-    """The val split's problems but those the train split has already said, word for word: a val set with the
-    train set's component and arguments (its `split` aside) reads the same file, whose column or tokenizer is
-    missing once, not once per split."""
-
-    def but_split(spec: Component) -> dict[str, Any]:
-        return {k: v for k, v in spec.kwargs.items() if k != "split"}
-
-    if train.target != val.target or but_split(train) != but_split(val):
-        return val_found
-    return [p for p in val_found if "data.train" + p.removeprefix("data.val") not in found]
-
-
-def check_batches(recipe: Recipe, samples: int, processes: int) -> list[str]:
-    """With drop_last, a train set smaller than one global batch gives epochs without a batch: the run would
-    never take a step, nor end."""
-    t = recipe.train
-    if not recipe.data.drop_last or samples >= t.batch_size * processes:
-        return []
-    per = f"{t.batch_size} x {processes} processes" if processes > 1 else str(t.batch_size)
-    return [
-        f"data.drop_last: the train set's {samples} samples make no whole batch of train.batch_size {per}, so an "
-        "epoch would have no step; set data.drop_last=false or a smaller train.batch_size"
-    ]
-
-
-def launched_processes() -> int:
-    """The world size this process was launched into (1 when not launched, or when the variable is garbled)."""
-    try:
-        return max(guards.launched_world(os.environ), 1)
-    except ValueError:
-        return 1
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -180,6 +106,20 @@ def check_model(recipe: Recipe, facts: DataFacts | None, this_machine: bool) -> 
     return _build_on_meta(recipe, data, this_machine, sure=True)
 
 
+def check_model_args(recipe: Recipe) -> list[str]:
+    """What the model refuses of the recipe's own arguments, before the data tells it anything (a built-in model's
+    `check_args`), so that it is refused before a costly set is opened."""
+    problems = check_component("model", "model", recipe.model)
+    if problems:
+        return problems
+    fn = components.resolve("model", recipe.model.target)
+    if not components.is_built_in(fn):
+        return []
+    given = dict(recipe.model.kwargs)
+    args = components.effective_args(fn, given)
+    return [f"model.{arg}: {msg}" for arg, msg in fn.check_args(args, {}) if arg in given]
+
+
 def built_in_model(recipe: Recipe) -> bool:
     try:
         return components.is_built_in(components.resolve("model", recipe.model.target))
@@ -205,7 +145,7 @@ def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sur
     if problem:
         return [problem]
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    problems = _too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
+    problems = too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
     problems += [p for p in [blocks.problem(model, recipe)] if p]
     optimizer = recipe.optimizer
     if not param_groups.form_problems(optimizer, None, ""):
@@ -217,7 +157,8 @@ def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sur
 def _meta_only(line: str) -> bool:
     """A constructor's failure that only the meta device causes (a value read from a tensor, an operation
     without a meta kernel): the model may well build on a real device."""
-    return "meta" in line.lower() or "NotImplementedError" in line
+    # Not any "meta" in the line: a Hub name such as meta-llama/... is the user's problem, not the device's.
+    return re.search(r"\bmeta (tensor|device)|'meta'", line, re.IGNORECASE) is not None or "NotImplementedError" in line
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -273,9 +214,10 @@ def _number_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
-    """The optimizer resolves, takes its arguments and values (its groups' too), and builds; `dense_model`: the
-    model is a built-in one, whose gradients are dense, so the optimizer also takes one step on a dense gradient."""
+def check_optimizer(spec: Component, dense_model: bool, trial: bool = True) -> list[str]:
+    """The optimizer resolves, takes its arguments and values (its groups' too), and (with `trial`) builds;
+    `dense_model`: the model is a built-in one, whose gradients are dense, so the optimizer also takes one step on a
+    dense gradient."""
     problems = check_component("optimizer", "optimizer", spec, passed=("params",), extra=param_groups.KEYS)
     if problems:
         return problems
@@ -293,7 +235,7 @@ def check_optimizer(spec: Component, dense_model: bool) -> list[str]:
     problems = _value_problems("optimizer", dict(own.kwargs))
     for i, group in enumerate(groups):
         problems += _value_problems(f"optimizer.groups[{i}]", {k: v for k, v in group.items() if k != "params"})
-    return problems or _trial_step(own, groups, dense_model)
+    return problems or (_trial_step(own, groups, dense_model) if trial else [])
 
 
 def _value_problems(key: str, kwargs: dict[str, Any]) -> list[str]:
