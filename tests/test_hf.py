@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -178,23 +179,31 @@ def test_a_causal_lm_trains_on_one_process_and_exports_what_from_pretrained_load
     assert len(list(shards.glob("model-*.safetensors"))) == len(set(index["weight_map"].values()))
 
 
-def test_a_pretrained_local_model_is_trained_from_its_weights(data: Path, tmp_path: Path):
-    from safetensors.torch import load_file
+def save_llama(out: Path, vocab_size: int, tied: bool, seed: int) -> Any:
+    """A tiny Llama as `LLAMA` describes it, initialised from `seed` and saved as a pretrained directory; its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
         "llama",
-        vocab_size=400,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
-    torch.manual_seed(9)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return config
+
+
+def test_a_pretrained_local_model_is_trained_from_its_weights(data: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = save_llama(tmp_path / "pretrained", 400, tied=False, seed=9)
     # A learning rate of 1e-30 leaves the weights as loaded: the export must be the pretrained model's.
     args = ["~model.config", f"model.pretrained={tmp_path / 'pretrained'}", "optimizer.lr=1e-30", "train.max_steps=1"]
     proc = run_cli(

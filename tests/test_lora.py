@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import finish, read_metrics, refused_alike, run_cli, start_ranks
 from test_distributed import TIMEOUT
-from test_hf import STRATEGIES, data, kill_after_a_checkpoint, losses, recipe  # noqa: F401 (data: a fixture)
+from test_hf import STRATEGIES, data, kill_after_a_checkpoint, losses, recipe, save_llama  # noqa: F401 (data: a fixture)
 
 from launcher import checkpoint
 
@@ -30,21 +30,7 @@ def lora_recipe(data: Path, tmp_path: Path) -> Path:  # noqa: F811
 
 def pretrained_base(data: Path, tmp_path: Path) -> Path:  # noqa: F811
     """The recipe's Llama with the tokenizer's vocabulary, saved as a pretrained directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    save_llama(tmp_path / "base", 320, tied=True, seed=3)
     return tmp_path / "base"
 
 
