@@ -57,7 +57,7 @@ eval: {every_steps: 1, every_epoch: false}
 checkpoint: {keep_last: 1}
 logging: {every_steps: 1, trackers: [jsonl], progress_bar: false}
 """
-EXAMPLES = int(os.environ.get("LAUNCHER_PROPERTY_EXAMPLES", "400"))  # more, once in a while: =1500
+EXAMPLES = int(os.environ.get("LAUNCHER_PROPERTY_EXAMPLES", "200"))  # more, once in a while: =1500
 CALL_TIMEOUT_S = 60  # one in-process call; they take hundredths of a second
 
 

@@ -49,8 +49,8 @@ VARIANTS = {
     "ddp": [],
     "ddp-async": ["checkpoint.async_save=true"],
     "fsdp": ["strategy.name=fsdp"],
+    # DeepSpeed's format; ZeRO-3's killed two-process resume is tests/test_hf.py's, with a Hugging Face model.
     "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"],
-    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
 }
 
 
@@ -204,7 +204,8 @@ ELASTIC = {
 
 @pytest.mark.parametrize(
     "strategy, resume_on",
-    [("ddp", 1), ("ddp", 3), ("fsdp", 1), ("fsdp", 3), ("zero3", 3)],  # (ZeRO-3 2 -> 1 takes the same path as 2 -> 3)
+    # More processes and fewer: each strategy's resharding path once (2 -> 1 and 2 -> 3 take the same one).
+    [("ddp", 3), ("fsdp", 1), ("zero3", 1)],
 )
 def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
     tiny_recipe: Path, tmp_path: Path, resume_on: int, strategy: str

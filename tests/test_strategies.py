@@ -260,15 +260,16 @@ def test_the_deepspeed_config_has_the_documented_zero_defaults_sized_to_the_mode
     assert model_width(hf) == 512 and model_width(Component("mlp", {"hidden_sizes": [32]})) is None
 
 
-def test_zero3_on_one_process_says_it_shards_nothing(tiny_recipe: Path, tmp_path: Path):
+ALONE_NOTE = (
+    "note: ZeRO-3 on one process shards nothing but still gathers and releases every module's parameters at each "
+    "use: DDP or FSDP2 trains faster here (strategy.name=ddp)"
+)
+
+
+def test_zero3_says_it_shards_nothing_only_on_one_process_without_offloading(tiny_recipe: Path):
+    """(A one-process ZeRO-3 run says it: test_a_deepspeed_run_on_the_cpu_builds_no_extension.)"""
     zero3 = ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"]
-    proc = run_cli("train", str(tiny_recipe), f"run_dir={tmp_path / 'run'}", *zero3, "train.max_steps=2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    notes = [line for line in proc.stderr.splitlines() if "shards nothing" in line]
-    assert notes == [
-        "note: ZeRO-3 on one process shards nothing but still gathers and releases every module's parameters at "
-        "each use: DDP or FSDP2 trains faster here (strategy.name=ddp)"
-    ], proc.stderr
+    assert DeepSpeed(load_recipe(tiny_recipe, zero3), 1).alone_note(1) == ALONE_NOTE.removeprefix("note: ")
     # Not where there is something to shard, nor where offloading is the point.
     recipe = load_recipe(tiny_recipe, zero3)
     assert DeepSpeed(recipe, 2).alone_note(2) is None
@@ -465,9 +466,11 @@ def test_a_deepspeed_run_on_the_cpu_builds_no_extension(
     extensions = tmp_path / "extensions"
     extensions.mkdir()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
-    run = ["strategy.name=deepspeed", "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2"]
+    run = ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3", "train.max_steps=4"]
+    run += ["checkpoint.every_steps=2", "eval.every_steps=2"]
     done = run_cli("train", str(tiny_recipe), f"run_dir={tmp_path / 'run'}", *run, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "shards nothing" in line] == [ALONE_NOTE], done.stderr
     resumed = run_cli(
         "train",
         str(tiny_recipe),
