@@ -149,18 +149,24 @@ REFUSALS = {  # (the file's rows, overrides, the line)
 }
 
 
+def chat_recipe(folder: Path, chats: Path, chat: Path, cache: Path) -> Path:
+    """`CHAT` on the file `chats`, with the tokenizer the `chat` fixture made, written in `folder`."""
+    path = folder / "chat.yaml"
+    path.write_text(
+        CHAT.replace("LLAMA", LONG)
+        .replace("CHATS", str(chats))
+        .replace("TOKENIZER", str(chat / "tokenizer"))
+        .replace("CACHE", str(cache))
+    )
+    return path
+
+
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_bad_conversations_are_refused_in_one_line_by_validate_and_train(chat: Path, tmp_path: Path, case: str):
     rows, overrides, expected = REFUSALS[case]
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = tmp_path / "chat.yaml"
-    path.write_text(
-        CHAT.replace("LLAMA", LONG)
-        .replace("CHATS", str(chats))
-        .replace("TOKENIZER", str(chat / "tokenizer"))
-        .replace("CACHE", str(tmp_path / "cache"))
-    )
+    path = chat_recipe(tmp_path, chats, chat, tmp_path / "cache")
     fill = {"CHATS": str(chats), "PLAIN": str(chat / "plain")}
     for name, value in fill.items():
         expected = expected.replace(name, value)
@@ -175,13 +181,7 @@ def test_bad_conversations_are_refused_in_one_line_by_validate_and_train(chat: P
 def test_instruction_tuning_logs_val_perplexity_which_early_stopping_and_the_best_checkpoint_watch(
     chat: Path, tmp_path: Path
 ):
-    path = tmp_path / "chat.yaml"
-    path.write_text(
-        CHAT.replace("LLAMA", LONG)
-        .replace("CHATS", str(SAMPLE))
-        .replace("TOKENIZER", str(chat / "tokenizer"))
-        .replace("CACHE", str(chat / "cache"))
-    )
+    path = chat_recipe(tmp_path, SAMPLE, chat, chat / "cache")
     run_dir = tmp_path / "run"
     proc = run_cli("train", str(path), f"run_dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -86,10 +86,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def kill_after_a_checkpoint(procs: list, checkpoints: Path) -> int:
-    """SIGKILL every rank once a checkpoint past the first is complete, as when a node is lost; its step."""
+def kill_after_a_checkpoint(procs: list, checkpoints: Path, past: int = 3) -> int:
+    """SIGKILL every rank once a checkpoint after step `past` is complete (by default one past the first), as when
+    a node is lost; its step."""
     deadline = time.monotonic() + TIMEOUT
-    while not [s for s in checkpoint.complete_steps(checkpoints) if s >= 4]:
+    while not [s for s in checkpoint.complete_steps(checkpoints) if s > past]:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 1)
         time.sleep(0.05)
     for p in procs:
@@ -99,12 +100,27 @@ def kill_after_a_checkpoint(procs: list, checkpoints: Path) -> int:
     return max(checkpoint.complete_steps(checkpoints))
 
 
+def logged_val_loss(run_dir: Path) -> float:
+    return [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+
+
+def val_loss(model: torch.nn.Module, data: Path) -> tuple[float, torch.Tensor]:
+    """The model's mean loss on the val blocks, as the launcher logs val/loss, and its logits."""
+    from launcher.data.hf import HFText
+
+    val = HFText(str(data / "text.jsonl"), str(data / "tokenizer"), "val", 32, cache_dir=str(data / "cache"))
+    ids = torch.stack([val[i]["input_ids"] for i in range(len(val))])
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    per_sample = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    return per_sample.mean().item(), logits
+
+
 def exported_logits_match(run_dir: Path, data: Path, out: Path) -> None:
     """`from_pretrained` loads the export with no missing, unexpected or mismatched key and ties the head; its
     logits on the val blocks give the val/loss the launcher logged for the trained model at the same step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from launcher.data.hf import HFText
 
     proc = run_cli("ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--format", "hf", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -112,14 +128,7 @@ def exported_logits_match(run_dir: Path, data: Path, out: Path) -> None:
     assert {k: v for k, v in info.items() if v} == {}
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as trained
     assert AutoTokenizer.from_pretrained(out)("To be")["input_ids"]
-    val = HFText(str(data / "text.jsonl"), str(data / "tokenizer"), "val", 32, cache_dir=str(data / "cache"))
-    ids = torch.stack([val[i]["input_ids"] for i in range(len(val))])
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1]
-    per_sample = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
-    logged = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
-    assert abs(per_sample.mean().item() - logged) < 1e-5
+    assert abs(val_loss(model, data)[0] - logged_val_loss(run_dir)) < 1e-5
 
 
 def exported_generation_stops_at_end_of_text(out: Path) -> None:

@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finish, read_metrics, refused_alike, run_cli, start_ranks
+from conftest import finish, refused_alike, run_cli, start_ranks
 from test_distributed import TIMEOUT
-from test_hf import STRATEGIES, data, kill_after_a_checkpoint, losses, recipe, save_llama  # noqa: F401 (data: a fixture)
+from test_hf import (  # noqa: F401 (data: a fixture)
+    STRATEGIES,
+    data,
+    kill_after_a_checkpoint,
+    logged_val_loss,
+    losses,
+    recipe,
+    save_llama,
+    val_loss,
+)
 
 from launcher import checkpoint
 
@@ -45,29 +54,12 @@ def adapters_all_changed(before: dict[str, torch.Tensor], after: dict[str, torch
     assert all(not torch.equal(before[k], after[k]) for k in adapters)
 
 
-def val_loss(model: torch.nn.Module, data: Path) -> tuple[float, torch.Tensor]:  # noqa: F811
-    """The model's mean loss on the val blocks, as the launcher logs val/loss, and its logits."""
-    from launcher.data.hf import HFText
-
-    val = HFText(str(data / "text.jsonl"), str(data / "tokenizer"), "val", 32, cache_dir=str(data / "cache"))
-    ids = torch.stack([val[i]["input_ids"] for i in range(len(val))])
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1]
-    per_sample = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
-    return per_sample.mean().item(), logits
-
-
 def export(run_dir: Path, out: Path, *extra: str) -> Path:
     proc = run_cli(
         "ckpt", "export", str(run_dir / "checkpoints" / "latest"), "--format", "hf", "--out", str(out), *extra
     )
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def logged_val_loss(run_dir: Path) -> float:
-    return [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
 
 
 @pytest.mark.slow

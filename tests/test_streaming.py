@@ -6,16 +6,12 @@ line, exit 2. Nothing is downloaded (the data and tokenizer are test_hf's)."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
 from conftest import finish, run_cli, start_ranks
 from test_distributed import TIMEOUT
-from test_hf import LLAMA, data, losses  # noqa: F401 (data: the fixture)
-
-from launcher import checkpoint
+from test_hf import LLAMA, data, kill_after_a_checkpoint, losses  # noqa: F401 (data: the fixture)
 
 STREAM = """\
 model: {_component_: hf_causal_lm, config: LLAMA}
@@ -50,19 +46,6 @@ def stream_recipe(data: Path, tmp_path: Path) -> Path:  # noqa: F811
     path = tmp_path / "stream.yaml"
     path.write_text(STREAM.replace("LLAMA", LLAMA).replace("DATA", str(data)))
     return path
-
-
-def kill_after(procs: list, checkpoints: Path, past: int = 0) -> int:
-    """SIGKILL every rank once a checkpoint after step `past` is complete; its step."""
-    deadline = time.monotonic() + TIMEOUT
-    while not [s for s in checkpoint.complete_steps(checkpoints) if s > past]:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 1)
-        time.sleep(0.02)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    for p in procs:
-        p.wait()
-    return max(checkpoint.complete_steps(checkpoints))
 
 
 def test_the_ranks_shares_are_disjoint_and_together_make_one_pass(tmp_path: Path):
@@ -102,9 +85,11 @@ def test_a_streaming_run_killed_twice_resumes_bitwise_and_warns_on_another_world
     results = finish(start_ranks(2, "train", str(path), f"run_dir={full}", cwd=tmp_path), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results
 
-    first = kill_after(start_ranks(2, "train", str(path), f"run_dir={crashed}", cwd=tmp_path), crashed / "checkpoints")
+    first = kill_after_a_checkpoint(
+        start_ranks(2, "train", str(path), f"run_dir={crashed}", cwd=tmp_path), crashed / "checkpoints", past=0
+    )
     resumed = start_ranks(2, "train", str(path), f"run_dir={crashed}", "resume=auto", cwd=tmp_path)
-    second = kill_after(resumed, crashed / "checkpoints", first)
+    second = kill_after_a_checkpoint(resumed, crashed / "checkpoints", first)
     assert first < second < 16
     results = finish(start_ranks(2, "train", str(path), f"run_dir={crashed}", "resume=auto", cwd=tmp_path), TIMEOUT)
     assert [rc for rc, _, _ in results] == [0, 0], results

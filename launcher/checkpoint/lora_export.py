@@ -9,16 +9,15 @@ only in the checkpoint: the adapter export then writes it into `DIR/base/` and n
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from launcher.checkpoint.formats import FORMATS, checkpoint_format
-from launcher.checkpoint.hf_export import NotHuggingFace
+from launcher.checkpoint.hf_export import copy_files, fresh_tmp, inference_config, load_strictly, replace
 from launcher.components import optional
-from launcher.layout import ADAPTER_CONFIG_FILE, HF_DIR, LORA_BASE_FILE, TMP_PREFIX
+from launcher.layout import ADAPTER_CONFIG_FILE, HF_DIR, LORA_BASE_FILE
 
 BASE_DIR = "base"  # in an adapter export of a base built from a config
 NOT_COPIED = {"config.json", ADAPTER_CONFIG_FILE, LORA_BASE_FILE}
@@ -33,32 +32,23 @@ def export_lora(path: Path, out: Path, merge: bool, max_shard_size: str = "5GB")
     folder = path / HF_DIR
     base_info = json.loads((folder / LORA_BASE_FILE).read_text())
     model = adapted(path, folder, base_info)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp(out)
     if merge:
         merged = model.merge_and_unload()
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         count = len(merged.state_dict())
     else:
         count = save_adapter(model, tmp, out, base_info["pretrained"] is None)
-    for file in folder.iterdir():
-        if file.name not in NOT_COPIED and not (tmp / file.name).exists():
-            shutil.copyfile(file, tmp / file.name)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.replace(out)
+    copy_files(folder, tmp, NOT_COPIED, overwrite=False)
+    replace(out, tmp)
     return count
 
 
 def adapted(path: Path, folder: Path, base_info: dict[str, Any]) -> Any:
     """peft's model of the checkpoint: its base (loaded from `pretrained`, or the checkpoint's own) with the
     checkpoint's adapters."""
-    transformers, peft = optional("transformers", "hf"), optional("peft", "hf")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    config.use_cache = True  # as in export_hf: the export is for inference
-    model_class = getattr(transformers, (config.architectures or [""])[0], None)
-    if model_class is None:
-        raise NotHuggingFace(f"its config names no architecture transformers has ({config.architectures!r})")
+    peft = optional("peft", "hf")
+    config, model_class = inference_config(folder)
     adapter = peft.LoraConfig.from_pretrained(folder)
     weights = FORMATS[checkpoint_format(path)].weights(path)
     if base_info["pretrained"] is not None:
@@ -68,14 +58,7 @@ def adapted(path: Path, folder: Path, base_info: dict[str, Any]) -> Any:
         with torch.device("meta"):
             model = peft.get_peft_model(model_class(config), adapter)
     inner = model.get_base_model()
-    missing, unexpected = inner.load_state_dict(weights, strict=False, assign=True)
-    inner.tie_weights()
-    still_missing = [name for name in missing if is_meta(inner, name)]
-    if still_missing or unexpected:
-        raise NotHuggingFace(
-            f"its weights do not fit {type(inner).__name__} with its adapters: missing {still_missing[:3]}, "
-            f"unexpected {list(unexpected)[:3]}"
-        )
+    load_strictly(inner, weights, f"{type(inner).__name__} with its adapters")
     model.eval()
     return model
 
@@ -92,8 +75,3 @@ def save_adapter(model: Any, tmp: Path, out: Path, with_base: bool) -> int:
         base = model.unload()
         base.save_pretrained(tmp / BASE_DIR)
     return count
-
-
-def is_meta(model: torch.nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, leaf).is_meta
