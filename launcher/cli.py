@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from launcher import processes
 from launcher.errors import RecipeError, RunFailed, say
 from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR, DCP_DIR, DEEPSPEED_DIR, STATE_FILE, WEIGHTS_FILE
 
@@ -28,21 +29,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_verb(args)
     except RecipeError as e:
-        for line in e.problems:
-            say(f"error: {line}")
-        return EXIT_BAD_INPUT
+        return _ended([f"error: {line}" for line in e.problems], EXIT_BAD_INPUT)
     except RunFailed as e:
-        if e.message:
-            say(e.message)
-        return e.exit_code
+        return _ended([e.message] if e.message else [], e.exit_code)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if processes.under_agent():  # the traceback is printed as usual; the agent learns it need not say more
+            processes.report_failure([], 1, said=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+
+
+def _ended(lines: list[str], exit_code: int) -> int:
+    """Say why the command failed; under `launcher train --processes`, tell the agent instead, which says the
+    first failure of all its processes once."""
+    if processes.under_agent():
+        processes.report_failure(lines, exit_code)
+    else:
+        for line in lines:
+            say(line)
+    return exit_code
 
 
 def run_verb(args: argparse.Namespace) -> int:
     verb = " ".join(v for v in (args.verb, getattr(args, "slurm_verb", None), getattr(args, "ckpt_verb", None)) if v)
     commands = {
-        "train": lambda: train_command(args.recipe, args.overrides, args.print_recipe),
+        "train": lambda: train_command(args.recipe, args.overrides, args.print_recipe, _launch(args)),
         "validate": lambda: validate_command(args.recipe, args.overrides),
         "plan": lambda: plan_command(args.recipe, args.overrides, args.processes),
         "slurm submit": lambda: slurm_submit_command(args),
@@ -61,9 +73,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launcher", description="Train PyTorch models from YAML recipes.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    train = verbs.add_parser("train", help="train a recipe (under `accelerate launch` for several processes)")
+    train = verbs.add_parser("train", help="train a recipe; --processes N starts N processes")
     _recipe_args(train)
     train.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    _start_args(train)
 
     validate = verbs.add_parser("validate", help="check a recipe without training")
     _recipe_args(validate)
@@ -113,6 +126,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_args(train: argparse.ArgumentParser) -> None:
+    start = train.add_argument_group("starting the processes (instead of accelerate launch or torchrun)")
+    start.add_argument("--processes", type=int, help="processes on this machine (one per GPU; CPU: over gloo)")
+    start.add_argument("--nodes", type=int, default=1, help="machines, each running this command")
+    start.add_argument("--node-rank", type=int, default=0, help="this machine's rank; 0 hosts the rendezvous")
+    start.add_argument("--master-addr", default="127.0.0.1", help="the address of the machine of rank 0")
+    start.add_argument("--master-port", type=int, default=29500, help="its port for the rendezvous")
+    start.add_argument("--max-restarts", type=int, default=0, help="restarts of all processes after a failure")
+
+
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to a recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as optimizer.lr=1e-3")
@@ -126,15 +149,39 @@ def validate_command(path: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-def train_command(path: str, overrides: Sequence[str], print_recipe: bool) -> int:
+def _launch(args: argparse.Namespace) -> processes.Launch | None:
+    """The processes `launcher train` starts itself; None where it is one of them (or the only one)."""
+    flags = ("nodes", "node_rank", "master_addr", "master_port", "max_restarts")
+    if args.processes is None and all(getattr(args, f) == TRAIN_DEFAULTS[f] for f in flags):
+        return None
+    return processes.Launch(
+        processes=1 if args.processes is None else args.processes, **{f: getattr(args, f) for f in flags}
+    )
+
+
+TRAIN_DEFAULTS = {"nodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29500, "max_restarts": 0}
+
+
+def train_command(
+    path: str, overrides: Sequence[str], print_recipe: bool, launch: processes.Launch | None = None
+) -> int:
     from launcher.recipe import dump, load_recipe
 
+    if launch is not None:
+        problems = processes.launch_problems(launch, os.environ)
+        if problems:
+            raise RecipeError(problems)
     # A checkpoint named by `resume` is read (its checksums) once, by the start (loop.preflight), not here as well.
     # A tokenized dataset is built here, into its cache, so that what only its tokens tell is refused before the run.
     recipe = load_recipe(path, overrides, read_resume=False, build_data=not print_recipe)
     if print_recipe:
         print(dump(recipe), end="")
         return 0
+    if launch is not None:  # the recipe is good: start the processes, each of which runs this command alone
+        launch = dataclasses.replace(launch, timeout_s=recipe.strategy.timeout_s)
+        from launcher import agent
+
+        return agent.start(launch, [path, *overrides])
 
     _quiet_deepspeed()  # torch and accelerate load only once the recipe is known to be good
     from launcher import loop
@@ -250,69 +297,10 @@ def _quiet_deepspeed() -> None:
 
 
 def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
-    from launcher import activations, components, guards, plan
-    from launcher.recipe import load_recipe
+    from launcher import planning
 
-    recipe = load_recipe(path, overrides, check_files=False, this_machine=False)  # a plan for any machine
-    processes = processes or guards.launched_world(os.environ)
-    if processes < 1:
-        raise RecipeError(f"--processes: must be >= 1, got {processes}")
-    try:
-        train_set = components.instantiate("data", recipe.data.train, key="data.train")
-    except (RecipeError, OSError) as e:  # the data is not there yet: plan from max_steps and the recipe
-        text = str(e.problems[0] if isinstance(e, RecipeError) else e)
-        train_set, missing = None, text.split(" (LAUNCHER_FULL_ERROR")[0].split("failed: ")[-1]
-    else:
-        missing = ""
-    model_kwargs = getattr(train_set, "model_kwargs", None)
-    if train_set is not None and not hasattr(train_set, "__len__"):  # a stream: no length, no sample to look at
-        train_set, missing = None, "a stream, read as it goes: no length"
-    samples = None if train_set is None else len(train_set)
-    made = plan.make_plan(recipe, samples, processes)
-    # Without the data, the sizes the dataset would tell the model (block_size, vocab_size) come from the recipe.
-    if model_kwargs is None:
-        model_kwargs = {k: v for k, v in recipe.data.train.kwargs.items() if k in ("block_size", "vocab_size")}
-    tokens = _tokens_per_sample(train_set) if train_set is not None else int(model_kwargs.get("block_size", 0))
-    model = _meta_model(recipe, model_kwargs)
-    parameters = None if model is None else sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    groups = plan.describe_groups(recipe, model)
-    print(plan.describe_plan(recipe, made, samples, tokens, parameters, missing, groups))
-    print("\n".join(activations.describe(recipe, _sample(train_set, model_kwargs), model_kwargs)))
+    print(planning.describe(path, overrides, processes))
     return 0
-
-
-def _sample(dataset: Any, model_kwargs: dict[str, Any]) -> Any:
-    """One (input, target) of the train set; without it, token ids of the recipe's block_size where it gives one."""
-    import torch
-
-    if dataset is not None:
-        return dataset[0]
-    block = int(model_kwargs.get("block_size") or 0)
-    return (torch.zeros(block, dtype=torch.long),) * 2 if block else None
-
-
-def _tokens_per_sample(dataset: Any) -> int:
-    """Tokens in one sample of a sequence dataset (integer targets of one or more dimensions); 0 otherwise."""
-    import torch
-
-    from launcher.batches import sequence_tokens, split
-
-    target = split(dataset[0])[1]
-    return sequence_tokens(target[None]) if isinstance(target, torch.Tensor) else 0
-
-
-def _meta_model(recipe: Any, model_kwargs: dict[str, Any]) -> Any:
-    """The model built on the meta device, so no memory is allocated (None: it does not build there). Its
-    parameters are counted tied ones once."""
-    import torch
-
-    from launcher import components
-
-    try:
-        with torch.device("meta"):
-            return components.instantiate("model", recipe.model, **model_kwargs)
-    except Exception:  # a model that cannot be built on the meta device: no estimate
-        return None
 
 
 def ckpt_info_command(path_text: str) -> int:

@@ -89,7 +89,7 @@ class Training:
         begin = build.begin(accelerator, recipe, strategy, p, start.resume_from, start.saved)
         self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
-        self.resume_from = start.resume_from
+        self.resume_from, self.restart = start.resume_from, start.restart
         self.progress = tqdm(
             total=self.budget.total_steps,
             initial=self.state.step,
@@ -122,7 +122,7 @@ class Training:
     def run(self) -> RunResult:
         """Open the run dir (nothing is written before: a run refused while it was built leaves it as it was),
         train, finish."""
-        self.files.open(self.strategy, self.state.step, self.resume_from)
+        self.files.open(self.strategy, self.state.step, self.resume_from, self.restart)
         try:
             with self.peers.watch(lambda: self.state.step):
                 stop_reason = self.train()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from launcher import checkpoint, consensus, guards, runlock
+from launcher import checkpoint, consensus, guards, processes, runlock
 from launcher.checkpoint import integrity
 from launcher.errors import RecipeError, say
 from launcher.layout import METRICS_FILE
@@ -27,6 +27,7 @@ class Start:
     saved: dict[str, Any] | None = None  # its trainer state, read once for everything the run sets up from it
     lock: FileLock | None = None
     refusal: list[str] = field(default_factory=list)
+    restart: int = 0  # how often the elastic agent restarted the processes (a restarted run continues by itself)
 
 
 def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
@@ -57,7 +58,8 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
             # A kill during the last attempt's retention left a checkpoint half deleted, hidden: finish it.
             checkpoint.finish_pruning(recipe.checkpoint_dir)
         resume_from = _resume_point(recipe, env)
-        return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock)
+        restart = processes.restart_count(env)
+        return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock, restart=restart)
     except RecipeError as e:
         runlock.release(lock, undo=True)
         return _refused(e.problems, alone)
@@ -83,9 +85,12 @@ def _refused(problems: list[str], alone: bool) -> Start:
 
 
 def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
-    """The checkpoint to resume from, if any; refuses to start a new run over an old one."""
+    """The checkpoint to resume from, if any; refuses to start a new run over an old one. Processes the elastic
+    agent restarted after a failure continue from the newest complete checkpoint (from the start where none was
+    written yet), whatever `resume` says: it told the first attempt where to begin."""
     run_dir = Path(recipe.run_dir)
-    if recipe.resume == "auto":
+    restarted = processes.restart_count(env) > 0
+    if recipe.resume == "auto" or (restarted and checkpoint.complete_steps(recipe.checkpoint_dir)):
         main = env.get("RANK", "0") == "0"
         if main:
             for path in checkpoint.incomplete(recipe.checkpoint_dir):
@@ -106,7 +111,7 @@ def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
         if problem:
             raise RecipeError(f"resume: {problem}")
         return path
-    if (run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir):
+    if not restarted and ((run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir)):
         raise RecipeError(
             f"run_dir: {run_dir} already holds a run; continue it with resume=auto, "
             f"or start a new one with run_dir=<another folder>"

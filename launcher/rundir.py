@@ -29,9 +29,12 @@ class RunDir:
         self.opened = False
         self.noted: dict[str, Any] = {}  # what `note` was told before `open`: written with the environment
 
-    def open(self, strategy: DDP, step: int, resume_from: Path | None) -> None:
+    def open(self, strategy: DDP, step: int, resume_from: Path | None, restart: int = 0) -> None:
         """Write the run's recipe and environment and the attempt's start, and start logging at `step`. Every
-        rank calls this after all passed their checks (the barrier), so nothing is written for a refused run."""
+        rank calls this after all passed their checks (the barrier), so nothing is written for a refused run.
+        `restart`: the elastic agent's count; a restarted attempt continues the run, from its start where it
+        found no checkpoint."""
+        continued = resume_from is not None or restart > 0
         accelerator, recipe, t = self.accelerator, self.recipe, self.recipe.train
         accelerator.wait_for_everyone()
         self.opened = True
@@ -45,13 +48,15 @@ class RunDir:
             env.update(self.noted)
             (self.path / ENV_FILE).write_text(json.dumps(env, indent=2))
             resumed_from = str(resume_from) if resume_from else None
-            record(self.path, "start", step=step, resumed_from=resumed_from, world_size=accelerator.num_processes)
+            restarted = {"restart": restart} if restart else {}
+            record(self.path, "start", step=step, resumed_from=resumed_from, world_size=accelerator.num_processes,
+                   **restarted)  # fmt: skip
             if "jsonl" in recipe.logging.trackers:
-                if resume_from is not None:
+                if continued:
                     roll_back_metrics(self.path, step)
                 self.jsonl = JsonlWriter(self.path / METRICS_FILE)
         # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
-        chosen = trackers(recipe.logging.trackers, str(self.path), step if resume_from is not None else None)
+        chosen = trackers(recipe.logging.trackers, str(self.path), step if continued else None)
         accelerator.log_with = filter_trackers(chosen, str(self.path))
         # The recipe's name is the wandb project and MLflow experiment; the run dir's name, the run's.
         accelerator.init_trackers(

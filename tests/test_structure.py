@@ -109,7 +109,7 @@ LAYERS = [
     ["launcher.recipe.dialect", "launcher.recipe.build"],
     ["launcher.consensus"],
     ["launcher.strategies"],
-    ["launcher.guards"],
+    ["launcher.guards", "launcher.processes"],
     ["launcher.checkpoint"],
     ["launcher.recipe"],
     ["launcher.plan"],
@@ -122,6 +122,8 @@ LAYERS = [
     [
         "launcher.cli",
         "launcher.__main__",
+        "launcher.agent",
+        "launcher.planning",
         "launcher.report",
         "launcher.diagnosis",
         "launcher.plots",

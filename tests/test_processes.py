@@ -1,0 +1,193 @@
+"""`launcher train --processes N`: the processes started through torch's elastic agent, each failure said once with
+its own exit code, restarts that continue from the newest checkpoint, stop requests passed on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import processes
+from launcher.processes import Failure, Launch
+from tests.conftest import TINY_RECIPE, read_metrics, run_cli
+
+TIMEOUT = 180
+
+# An MLP that fails at its FAULT_AT-th training forward on rank FAULT_RANK (every attempt, or with ONCE=1 only the
+# first): SIGKILL, an exception, or a refusal. It counts its forwards in a buffer, which a resumed run restores.
+FAULTY = """
+import os, signal
+import torch
+from launcher.errors import RecipeError
+
+
+class Faulty(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            fault, at = os.environ.get("FAULT", ""), int(os.environ.get("FAULT_AT", "0"))
+            again = os.environ.get("ONCE") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            here = os.environ["RANK"] == os.environ.get("FAULT_RANK", "1")
+            if fault and not again and here and int(self.calls) == at:
+                if fault == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault == "raise":
+                    raise RuntimeError(f"boom at call {at}")
+                raise RecipeError("model: refused on this rank")
+        return self.net(x)
+"""
+
+
+@pytest.fixture
+def faulty(tmp_path: Path) -> Path:
+    (tmp_path / "faulty.py").write_text(FAULTY)
+    recipe = tmp_path / "faulty.yaml"
+    recipe.write_text(TINY_RECIPE.replace("{_component_: mlp, hidden_sizes: [32]}", "{_component_: faulty.Faulty}"))
+    return recipe
+
+
+def train(recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: list[str] | None = None):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [*(launcher or [sys.executable, "-m", "launcher"]), "train", str(recipe), *args]
+    return subprocess.run(
+        cmd, cwd=recipe.parent, env=full_env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# ------------------------------------------------------------------------------------------- pure decisions
+
+
+def test_the_first_failure_that_has_something_to_say_is_said_once():
+    refusal = Failure(1, 2, ("error: model: refused",), time=2.0)
+    quiet = Failure(0, 1, time=1.0)  # a rank whose main process speaks for it
+    assert processes.outcome([quiet, refusal]) == (["error: model: refused"], 2)
+    killed = Failure(1, -9, time=float("-inf"))
+    lost_peer = Failure(0, 1, ("error: rank 0: ... another process died",), time=3.0)
+    assert processes.outcome([killed, lost_peer]) == (["error: rank 1 was killed by SIGKILL"], 1)
+    raised = Failure(1, 1, said="RuntimeError: boom", time=1.0)
+    assert processes.outcome([raised, lost_peer]) == ([], 1)  # its traceback is printed; the exit code is its own
+    assert processes.summary([raised, lost_peer]) == "rank 1 failed: RuntimeError: boom"
+    assert processes.outcome([]) == ([], 0)
+
+
+def test_failures_are_read_back_those_that_failed_first_first(tmp_path: Path):
+    env = {processes.REPORTS_ENV: str(tmp_path), "RANK": "0", processes.RESTART_ENV: "1"}
+    processes.report_failure(["error: rank 0: another process died"], 1, env=env)
+    failures = processes.read_failures(tmp_path / "attempt1", {0: 1, 1: -9, 2: 0}, first={1})
+    assert [(f.rank, f.exit_code) for f in failures] == [(1, -9), (0, 1)]
+    assert failures[1].lines == ("error: rank 0: another process died",)
+
+
+@pytest.mark.parametrize(
+    ("launch", "env", "problem"),
+    [
+        (Launch(processes=0), {}, "--processes: must be >= 1, got 0"),
+        (Launch(processes=2, nodes=2, node_rank=2), {}, "--node-rank: must be between 0 and --nodes - 1 (1), got 2"),
+        (Launch(processes=2, max_restarts=-1), {}, "--max-restarts: must be >= 0, got -1"),
+        (Launch(processes=2, master_port=70000), {}, "--master-port: must be a port between 1 and 65535, got 70000"),
+        (Launch(processes=2), {"LOCAL_RANK": "0"}, "--processes: this process was itself started as one of several"),
+    ],
+)
+def test_bad_start_flags_are_one_line(launch: Launch, env: dict[str, str], problem: str):
+    assert [p for p in processes.launch_problems(launch, env) if p.startswith(problem)]
+
+
+# ---------------------------------------------------------------------------------------------- real processes
+
+
+def test_a_bad_recipe_is_one_line_and_exit_2_before_any_process_starts(tiny_recipe: Path, tmp_path: Path):
+    proc = run_cli("train", str(tiny_recipe), "--processes", "2", f"run_dir={tmp_path / 'run'}", "optimizer.lr=-1")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refusal_on_one_rank_is_its_one_line_and_exit_2(faulty: Path):
+    proc = train(
+        faulty, "--processes", "2", "--max-restarts", "2", "run_dir=run", env={"FAULT": "refuse", "FAULT_AT": "5"}
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert errors(proc.stderr) == [f"error: {faulty}: model: refused on this rank"], proc.stderr
+    assert "restarting" not in proc.stderr  # a refusal is not bad luck: it is not restarted
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_rank_that_raises_exits_1_with_its_own_error_and_no_agent_traceback(faulty: Path):
+    proc = train(faulty, "--processes", "2", "run_dir=run", env={"FAULT": "raise", "FAULT_AT": "5"})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("RuntimeError: boom at call 5") == 1, proc.stderr
+    for agents_own in ("ChildFailedError", "torch.distributed.elastic", "Root Cause"):
+        assert agents_own not in proc.stderr
+
+
+def test_a_failure_at_the_same_step_stops_after_the_restarts_with_its_error(faulty: Path):
+    proc = train(
+        faulty, "--processes", "2", "--max-restarts", "1", "run_dir=run", env={"FAULT": "raise", "FAULT_AT": "25"}
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("RuntimeError: boom at call 25") == 4, proc.stderr  # two tracebacks' last lines, two lines
+    assert proc.stderr.count("restarting the processes (restart 1 of 1)") == 1
+    assert (
+        errors(proc.stderr)[-1]
+        == "error: rank 1 failed: RuntimeError: boom at call 25; no restart left (--max-restarts 1)"
+    )
+
+
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_under_accelerate_launch(faulty: Path):
+    """The uninterrupted run under `accelerate launch`; the same run under `launcher train --processes 2
+    --max-restarts 1` with rank 1 SIGKILLed at step 25 (after the checkpoint at step 20) finishes by itself, with
+    the same losses at every step."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--main_process_port", "0", "-m", "launcher"]  # fmt: skip
+    full = train(faulty, "run_dir=full", launcher=accelerate)
+    assert full.returncode == 0, full.stderr
+    proc = train(faulty, "--processes", "2", "--max-restarts", "1", "run_dir=restarted",
+                 env={"FAULT": "kill", "FAULT_AT": "25", "ONCE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: rank 1 was killed by SIGKILL; restarting the processes (restart 1 of 1)" in proc.stderr
+    assert f"resumed from {Path('restarted') / 'checkpoints' / 'step_00000020'} at step 20" in proc.stdout + proc.stderr
+    root = faulty.parent
+    assert json.loads((root / "restarted" / "env.json").read_text())["world_size"] == 2
+    losses = [
+        {r["step"]: r.get("train/loss", r.get("val/loss")) for r in read_metrics(root / run)}
+        for run in ("full", "restarted")
+    ]
+    assert losses[0] == losses[1] and max(losses[0]) == 40
+    starts = [json.loads(line) for line in (root / "restarted" / "history.jsonl").read_text().splitlines()][:2]
+    assert [(s["event"], s["step"], s.get("restart")) for s in starts] == [("start", 0, None), ("start", 20, 1)]
+
+
+def test_a_stop_request_sent_to_the_agent_reaches_every_process_which_save_and_exit_0(
+    tiny_recipe: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "train", str(tiny_recipe), "--processes", "2", f"run_dir={run_dir}",
+         "train.max_steps=100000", "checkpoint.every_steps=100000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
+        assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()
+        time.sleep(0.1)
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=TIMEOUT)
+    assert agent.returncode == 0, err
+    last = json.loads((run_dir / "last_run.json").read_text())
+    assert last["stop_reason"] == "SIGTERM" and (run_dir / "checkpoints" / f"step_{last['step']:08d}").is_dir()
