@@ -30,9 +30,12 @@ from launcher.processes import FORWARDED, GRACE_S, REPORTS_ENV, Failure, Launch,
 
 
 class Agent(LocalElasticAgent):
-    def __init__(self, spec: WorkerSpec, logs_specs: LogsSpecs, reports: Path, exit_barrier_timeout: float):
+    def __init__(
+        self, spec: WorkerSpec, logs_specs: LogsSpecs, reports: Path, exit_barrier_timeout: float, quieted: str | None
+    ):
         super().__init__(spec, logs_specs, start_method="spawn", exit_barrier_timeout=exit_barrier_timeout)
         self.reports = reports
+        self.quieted = quieted
         self.attempt = 0
         self.failures: list[Failure] = []  # of the last attempt that failed, the earliest first
         self.stop_signal: int | None = None
@@ -44,7 +47,12 @@ class Agent(LocalElasticAgent):
                 f"warning: {summary(self.failures)}; restarting the processes (restart {self.attempt} of "
                 f"{worker_group.spec.max_restarts}): they continue from the newest complete checkpoint"
             )
-        return super()._start_workers(worker_group)
+        value = os.environ.pop(self.quieted, None) if self.quieted else None
+        try:
+            return super()._start_workers(worker_group)  # the processes take this environment as they start
+        finally:
+            if value is not None:
+                os.environ[self.quieted] = value
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         self._settle(worker_group)
@@ -106,8 +114,9 @@ def local_address(master_addr: str, master_port: int) -> str:
         return socket.getfqdn()
 
 
-def start(launch: Launch, train_args: list[str]) -> int:
-    """Run `python -m launcher train TRAIN_ARGS` as the group's processes on this machine; the exit code."""
+def start(launch: Launch, train_args: list[str], quieted: str | None = None) -> int:
+    """Run `python -m launcher train TRAIN_ARGS` as the group's processes on this machine; the exit code.
+    `quieted`: a variable set for the agent alone, which the processes are started without."""
     # The agent's own log lines (its configuration, "Sending process ... closing signal") are not for users.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     reports = Path(tempfile.mkdtemp(prefix="launcher-reports-"))
@@ -120,29 +129,32 @@ def start(launch: Launch, train_args: list[str]) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores shared out, not each process taking them all
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // launch.processes))
     parameters = rendezvous(launch)
-    endpoint = parameters.endpoint
-    spec = WorkerSpec(
-        role="train",
-        local_world_size=launch.processes,
-        entrypoint=sys.executable,
-        args=("-m", "launcher", "train", *train_args),
-        rdzv_handler=get_rendezvous_handler(parameters),
-        max_restarts=launch.max_restarts,
-        monitor_interval=0.1,
-        local_addr=parameters.local_addr,
-    )
-    agent = Agent(spec, DefaultLogsSpecs(log_dir=str(reports / "logs")), reports, exit_barrier_timeout=launch.timeout_s)
     try:
+        handler = get_rendezvous_handler(parameters)  # the machine of --node-rank 0 opens it; the others connect
+        spec = WorkerSpec(
+            role="train",
+            local_world_size=launch.processes,
+            entrypoint=sys.executable,
+            args=("-m", "launcher", "train", *train_args),
+            rdzv_handler=handler,
+            max_restarts=launch.max_restarts,
+            monitor_interval=0.1,
+            local_addr=parameters.local_addr,
+        )
+        logs = DefaultLogsSpecs(log_dir=str(reports / "logs"))
+        agent = Agent(spec, logs, reports, exit_barrier_timeout=launch.timeout_s, quieted=quieted)
         with agent.forwarding(FORWARDED):
-            result = agent.run()
+            try:
+                result = agent.run()
+            finally:
+                handler.shutdown()
     except RendezvousError as e:
         say(
-            f"error: the rendezvous at {endpoint} did not complete within strategy.timeout_s={launch.timeout_s:g} "
-            f"({launch.nodes} machine(s) expected): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"error: the rendezvous at {parameters.endpoint} did not complete within strategy.timeout_s="
+            f"{launch.timeout_s:g} ({type(e).__name__}): {launch.nodes} machines were expected, each running this "
+            "command with the same --nodes, --master-addr and --master-port, the first with --node-rank 0"
         )
         return 1
-    finally:
-        spec.rdzv_handler.shutdown()
     if not result.is_failed():
         return 0
     lines, code = outcome(agent.failures)

@@ -15,6 +15,7 @@ from launcher.errors import RecipeError, RunFailed, say
 from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR, DCP_DIR, DEEPSPEED_DIR, STATE_FILE, WEIGHTS_FILE
 
 EXIT_BAD_INPUT = 2
+AGENT_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,12 +166,17 @@ TRAIN_DEFAULTS = {"nodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "maste
 def train_command(
     path: str, overrides: Sequence[str], print_recipe: bool, launch: processes.Launch | None = None
 ) -> int:
-    from launcher.recipe import dump, load_recipe
-
+    quiet = launch is not None and AGENT_LOG_LEVEL not in os.environ
     if launch is not None:
         problems = processes.launch_problems(launch, os.environ)
         if problems:
             raise RecipeError(problems)
+        # The agent's rendezvous retries, logged by torch's C++ with stack frames, are not the user's business (a
+        # rendezvous that fails is said in one line); set before torch loads, which reads it then. The processes
+        # are started without it.
+        os.environ.setdefault(AGENT_LOG_LEVEL, "FATAL")
+    from launcher.recipe import dump, load_recipe
+
     # A checkpoint named by `resume` is read (its checksums) once, by the start (loop.preflight), not here as well.
     # A tokenized dataset is built here, into its cache, so that what only its tokens tell is refused before the run.
     recipe = load_recipe(path, overrides, read_resume=False, build_data=not print_recipe)
@@ -181,7 +187,7 @@ def train_command(
         launch = dataclasses.replace(launch, timeout_s=recipe.strategy.timeout_s)
         from launcher import agent
 
-        return agent.start(launch, [path, *overrides])
+        return agent.start(launch, [path, *overrides], quieted=AGENT_LOG_LEVEL if quiet else None)
 
     _quiet_deepspeed()  # torch and accelerate load only once the recipe is known to be good
     from launcher import loop

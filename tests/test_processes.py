@@ -15,7 +15,7 @@ import pytest
 
 from launcher import processes
 from launcher.processes import Failure, Launch
-from tests.conftest import TINY_RECIPE, read_metrics, run_cli
+from tests.conftest import TINY_RECIPE, free_port, read_metrics, run_cli
 
 TIMEOUT = 180
 
@@ -191,3 +191,34 @@ def test_a_stop_request_sent_to_the_agent_reaches_every_process_which_save_and_e
     assert agent.returncode == 0, err
     last = json.loads((run_dir / "last_run.json").read_text())
     assert last["stop_reason"] == "SIGTERM" and (run_dir / "checkpoints" / f"step_{last['step']:08d}").is_dir()
+
+
+def test_two_machines_meet_though_one_starts_seconds_later_and_a_lone_one_gives_up_in_one_line(
+    tiny_recipe: Path, tmp_path: Path
+):
+    """Two machine ranks on 127.0.0.1, the second started two seconds after the first, train as one run; a machine
+    whose rendezvous nobody holds gives up within strategy.timeout_s, naming the address and port."""
+    port = str(free_port())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def machine(rank: int, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "launcher", "train", str(tiny_recipe), "--processes", "1", "--nodes", "2",
+             "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port, *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    first = machine(0, f"run_dir={tmp_path / 'run'}")
+    time.sleep(2)
+    second = machine(1, f"run_dir={tmp_path / 'run'}")
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2
+
+    started = time.monotonic()
+    lone = machine(1, f"run_dir={tmp_path / 'lone'}", "strategy.timeout_s=3")
+    _, err = lone.communicate(timeout=TIMEOUT)
+    assert lone.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: the rendezvous at 127.0.0.1:{port} did not complete within strategy.timeout_s=3")
+    assert time.monotonic() - started < 60 and not (tmp_path / "lone").exists()
