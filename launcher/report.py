@@ -1,10 +1,7 @@
-"""`launcher report`: what a run did and what its curves say, read from its run dir alone.
-
-A run dir holds everything needed: `metrics.jsonl` (every logged value, one line per step, rolled back to the
-checkpoint a resumed attempt continued from), `recipe.yaml`, `env.json`, `history.jsonl` (each attempt's start
-and end), `last_run.json`, the checkpoints, under SLURM `slurm/attempts.jsonl`, and the profiler's files in
-`profile/`.
-"""
+"""`launcher report`: what a run did and what its curves say, read from its run dir alone: `metrics.jsonl` (every
+logged value, one line per step, rolled back to the checkpoint a resumed attempt continued from), `recipe.yaml`,
+`env.json`, `history.jsonl` (each attempt's start and end, restarts too), `last_run.json`, the checkpoints, under SLURM
+`slurm/attempts.jsonl`, and the profiler's files in `profile/`."""
 
 from __future__ import annotations
 
@@ -239,6 +236,7 @@ def summary(run: Run) -> dict[str, Any]:
         "train_seconds": sum(seconds) if seconds else (times[-1] - times[0] if len(times) > 1 else None),
         "attempts": len(tries) or None,
         "resumes": max(len(tries) - 1, 0),
+        "restarts": sum(bool(e.get("restart")) for e in run.history if e.get("event") == "start"),  # by the agent
         "requeues": sum(e.get("event") == "requeue" for e in run.slurm_events),
         "checkpoints": run.checkpoints,
         "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],
@@ -316,7 +314,8 @@ def _figures(s: dict[str, Any]) -> list[str]:
     if s["train_seconds"] is not None:
         lines.append(f"  time          {_duration(s['train_seconds'])} of training")
     if s["attempts"]:
-        lines.append(f"  attempts      {s['attempts']} ({s['resumes']} resume(s), {s['requeues']} SLURM requeue(s))")
+        restarts, requeues = f"{s['restarts']} restart(s) after a failure", f"{s['requeues']} SLURM requeue(s)"
+        lines.append(f"  attempts      {s['attempts']} ({s['resumes']} resume(s): {restarts}, {requeues})")
     ckpts = s["checkpoints"]
     if ckpts:
         best = f"; best: {', '.join(map(str, s['best_checkpoints']))}" if s["best_checkpoints"] else ""

@@ -170,6 +170,8 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_under_accelerate_launch(
     assert losses[0] == losses[1] and max(losses[0]) == 40
     starts = [json.loads(line) for line in (root / "restarted" / "history.jsonl").read_text().splitlines()][:2]
     assert [(s["event"], s["step"], s.get("restart")) for s in starts] == [("start", 0, None), ("start", 20, 1)]
+    report = json.loads(run_cli("report", str(root / "restarted"), "--json").stdout)[0]
+    assert (report["attempts"], report["resumes"], report["restarts"]) == (2, 1, 1)
 
 
 def test_a_stop_request_sent_to_the_agent_reaches_every_process_which_save_and_exit_0(
