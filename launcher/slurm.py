@@ -4,7 +4,8 @@ The script asks for one task per node; each runs `accelerate launch` with its no
 and a port derived from the job id. SLURM's warning before the end (`--signal=B:USR1@...`) and SIGTERM reach the
 batch script, which only creates the run's stop file: every process then stops at the same step and saves (the
 loop's consensus), and the script requeues the job (`scontrol requeue`) up to `slurm.max_requeues` times; the
-requeued job continues with `resume=auto`. Rendering is a pure function of the recipe and the options.
+requeued job continues with `resume=auto`. A SIGTERM from `scancel` (the job COMPLETING with reason None) ends the
+job instead. Rendering is a pure function of the recipe and the options.
 """
 
 from __future__ import annotations
