@@ -220,9 +220,10 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
     if problems:
         raise RecipeError(problems)
     run_dir = Path(recipe.run_dir).resolve()
-    # The job runs where this command runs; the recipe is passed as given, relative to it.
+    # The job runs where this command runs; the recipe is passed as given, relative to it, the run dir resolved.
+    overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "run_dir"]
     script = slurm.render(
-        [args.recipe, *args.overrides, f"run_dir={run_dir}"],
+        [args.recipe, *overrides, f"run_dir={run_dir}"],
         str(run_dir),
         options,
         name=recipe.name,
@@ -233,10 +234,12 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
         print(script, end="")
         return 0
     sbatch = slurm.find_sbatch()  # before anything is written
+    slurm.check_nodes(options)
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     path = run_dir / "slurm" / "job.sbatch"
     path.write_text(script)
     job = slurm.submit(sbatch, path)
+    slurm.record_submit(run_dir, job)
     print(f"submitted job {job}: {recipe.name} on {options.nodes} node(s); log {run_dir}/slurm/{job}.out")
     print(f"  launcher slurm status {run_dir}")
     return 0
@@ -245,13 +248,7 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
 def slurm_status_command(run_dir: str) -> int:
     from launcher import slurm
 
-    info = slurm.status(Path(run_dir))
-    last = info["last_run"] or {}
-    ended = f"{last.get('stop_reason')} at step {last.get('step')}/{last.get('total_steps')}" if last else "-"
-    print(
-        f"job {info['job']} ({info['state']}): {info['attempts']} attempt(s), {info['requeues']} requeue(s); "
-        f"last attempt ended: {ended}; last checkpoint: {info['last_checkpoint'] or 'none'}"
-    )
+    print(slurm.describe(slurm.status(Path(run_dir))))
     return 0
 
 

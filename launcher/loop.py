@@ -16,9 +16,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from filelock import FileLock
-from tqdm.auto import tqdm
 
-from launcher import build, checkpoint, consensus, guards, profiling, runlock, strategies
+from launcher import build, checkpoint, consensus, guards, profiling, progress, runlock, strategies
 from launcher.batches import split
 from launcher.compiling import FirstUpdates
 from launcher.consensus import LostPeers, StepAgreement, StopRequests
@@ -90,13 +89,8 @@ class Training:
         self.state, self.budget = begin.state, begin.budget
         self.files = RunDir(accelerator, recipe)
         self.resume_from, self.restart = start.resume_from, start.restart
-        self.progress = tqdm(
-            total=self.budget.total_steps,
-            initial=self.state.step,
-            desc=recipe.name,
-            disable=not (self.main and recipe.logging.progress_bar),
-            dynamic_ncols=True,
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not a flood
+        self.progress = progress.make(
+            self.budget.total_steps, self.state.step, recipe.name, self.main and recipe.logging.progress_bar
         )
         throughput = Throughput(device_peak(t.peak_flops, accelerator.device, t.mixed_precision), self.files.note)
         writer = checkpoint.Writer(

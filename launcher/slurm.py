@@ -4,16 +4,19 @@ The script asks for one task per node; each runs `accelerate launch` with its no
 and a port derived from the job id. SLURM's warning before the end (`--signal=B:USR1@...`) and SIGTERM reach the
 batch script, which only creates the run's stop file: every process then stops at the same step and saves (the
 loop's consensus), and the script requeues the job (`scontrol requeue`) up to `slurm.max_requeues` times; the
-requeued job continues with `resume=auto`. Rendering is a pure function of the recipe and the options.
+requeued job continues with `resume=auto`. A SIGTERM from `scancel` (the job COMPLETING with reason None) ends the
+job instead. Rendering is a pure function of the recipe and the options.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,34 @@ def find_sbatch() -> str:
     return sbatch
 
 
+def partition_nodes(partition: str | None) -> int | None:
+    """How many nodes `partition` (None: the default one, marked `*` by sinfo) has; None when sinfo is missing,
+    fails or does not know the partition (sbatch then says what is wrong)."""
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        return None
+    try:
+        proc = subprocess.run([sinfo, "-h", "-N", "-o", "%N %P"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    nodes = set()
+    for line in proc.stdout.splitlines():  # a node per line and partition: "node1 debug*"
+        node, _, part = line.strip().partition(" ")
+        if part == partition or (partition is None and part.endswith("*")) or part == f"{partition}*":
+            nodes.add(node)
+    return len(nodes) or None
+
+
+def check_nodes(options: JobOptions) -> None:
+    """RecipeError for more nodes than the partition has: sbatch accepts such a job, which then pends forever."""
+    have = partition_nodes(options.partition)
+    if have is not None and options.nodes > have:
+        which = f"partition {options.partition}" if options.partition else "the default partition"
+        raise RecipeError(f"--nodes: {which} has {have} node(s), got {options.nodes}")
+
+
 def submit(sbatch: str, script: Path) -> str:
     """Submit with sbatch; the job id. RecipeError when sbatch refuses."""
     proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False)
@@ -136,23 +167,55 @@ def submit(sbatch: str, script: Path) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+def record_submit(run_dir: Path, job: str) -> None:
+    """A line in the attempts file, so that `status` knows the job before it starts (the job writes the rest)."""
+    line = json.dumps({"event": "submit", "job": int(job) if job.isdigit() else job, "time": _now()})
+    with open(run_dir / "slurm" / SLURM_ATTEMPTS_FILE, "a") as f:
+        f.write(line + "\n")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")  # as the job's `date -Is`
+
+
+def queued(job: str | None) -> dict[str, str | None]:
+    """The job's state, why it waits and when it is expected to start, from squeue; Nones when it is not there."""
+    found: dict[str, str | None] = {"state": None, "reason": None, "expected_start": None}
+    if job is None or not shutil.which("squeue"):
+        return found
+    # --states=all: an ended job too (COMPLETED, CANCELLED...), for as long as SLURM keeps it (MinJobAge).
+    cmd = ["squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r|%S"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return found
+    fields = proc.stdout.strip().split("|")
+    if proc.returncode != 0 or len(fields) != 3:
+        return found
+    state, reason, start = fields
+    unknown = ("", "None", "N/A", "(null)")
+    return {
+        "state": state,
+        "reason": None if reason in unknown else reason,
+        "expected_start": None if start in unknown or state != "PENDING" else start,
+    }
+
+
 def status(run_dir: Path) -> dict[str, Any]:
-    """Which job runs the run, how often it was requeued, its last checkpoint and how its last attempt ended."""
+    """Which job runs the run and how it stands in the queue, how often it was requeued, its last checkpoint and how
+    its last attempt ended."""
     from launcher import checkpoint
     from launcher.recipe import load_recipe
 
     attempts_file = run_dir / "slurm" / SLURM_ATTEMPTS_FILE
     if not attempts_file.is_file():
-        raise RecipeError(f"{run_dir}: no SLURM job has run here (no slurm/{SLURM_ATTEMPTS_FILE})")
+        raise RecipeError(f"{run_dir}: no SLURM job was submitted here (no slurm/{SLURM_ATTEMPTS_FILE})")
     events = read_jsonl(attempts_file)  # a line cut short by a node dying mid-append is skipped
-    starts = [e for e in events if e.get("event") == "start"]
-    requeues = [e for e in events if e.get("event") == "requeue"]
     job = events[-1].get("job") if events else None
     job = None if job is None else str(job)
-    state = None
-    if job and shutil.which("squeue"):
-        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, check=False)
-        state = proc.stdout.strip() or None
+    # This job's lines: a run dir submitted again keeps the earlier jobs' lines.
+    mine = [e for e in events if str(e.get("job")) == job]
+    queue = queued(job)
     recipe_file = run_dir / RECIPE_FILE
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     if recipe_file.is_file():
@@ -160,12 +223,27 @@ def status(run_dir: Path) -> dict[str, Any]:
     last_checkpoint = checkpoint.latest(ckpt_dir)
     return {
         "job": job,
-        "state": state or "not in the queue",
-        "attempts": len(starts),
-        "requeues": len(requeues),
+        **queue,
+        "state": queue["state"] or "not in the queue",
+        "attempts": sum(e.get("event") == "start" for e in events),
+        "requeues": sum(e.get("event") == "requeue" for e in events),
+        "cancelled": any(e.get("event") == "cancel" for e in mine),
         "last_checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "last_run": read_json(run_dir / LAST_RUN_FILE) or None,
     }
+
+
+def describe(info: dict[str, Any]) -> str:
+    """`status` in one line: `job 41 (PENDING, reason BeginTime, expected start ...): 1 attempt(s), ...`."""
+    last = info["last_run"] or {}
+    ended = f"{last.get('stop_reason')} at step {last.get('step')}/{last.get('total_steps')}" if last else "-"
+    labels = (("reason", "reason"), ("expected_start", "expected start"))
+    queue = "".join(f", {label} {info[key]}" for key, label in labels if info[key])
+    cancelled = "; cancelled (not requeued)" if info["cancelled"] else ""
+    return (
+        f"job {info['job']} ({info['state']}{queue}): {info['attempts']} attempt(s), {info['requeues']} requeue(s); "
+        f"last attempt ended: {ended}{cancelled}; last checkpoint: {info['last_checkpoint'] or 'none'}"
+    )
 
 
 def python_executable() -> str:
@@ -202,15 +280,23 @@ fi
 mkdir -p "$RUN_DIR/slurm"
 rm -f "$RUN_DIR/last_run.json"
 RESTART=${{SLURM_RESTART_COUNT:-0}}
-log_event() {{  # a JSON line per start and requeue
+log_event() {{  # a JSON line per start, requeue and cancel
     printf '{{"event": "%s", "job": %s, "restart": %s, %s"time": "%s"}}\\n' \\
         "$1" "$SLURM_JOB_ID" "$RESTART" "$2" "$(date -Is)" >> "$RUN_DIR/slurm/{attempts_file}"
 }}
 log_event start "\\"nodes\\": \\"$SLURM_JOB_NODELIST\\", "
 
-# SLURM's warning before the end (and SIGTERM) reach this script: it asks the run to stop through its stop file,
-# and every process stops after the same step and saves. (A signal handler that saved could fail intermittently.)
-trap 'touch "$RUN_DIR/STOP"' USR1 TERM
+# SLURM's warning before the end (USR1) reaches this script; SIGTERM comes at the job's end (time limit, preemption,
+# scancel) to this script and the tasks alike. Both only create the stop file: every process stops after the same
+# step and saves. (A signal handler that saved could fail intermittently.) How the job is ending is read when the
+# TERM arrives: `scancel` leaves it COMPLETING with Reason=None, the time limit with Reason=TimeLimit.
+ENDING=""
+on_term() {{
+    touch "$RUN_DIR/STOP"
+    ENDING=$(squeue -h -j "$SLURM_JOB_ID" -o "%T %r" 2>/dev/null)
+}}
+trap 'touch "$RUN_DIR/STOP"' USR1
+trap on_term TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\
     '[ "$NUM_PROCESSES" -eq 1 ] && exec "$0" -m launcher train "$@" resume=auto
@@ -219,17 +305,27 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\
         --mixed_precision no --dynamo_backend no -m launcher train "$@" resume=auto' \\
     "$PYTHON" "${{TRAIN_ARGS[@]}}" &
 SRUN=$!
-while true; do  # `wait` returns early when a trapped signal arrives; wait again until srun has ended
+while kill -0 "$SRUN" 2>/dev/null; do  # a trapped signal ends `wait` early; wait again until srun has ended
     wait "$SRUN"
-    STATUS=$?
-    kill -0 "$SRUN" 2>/dev/null || break
 done
+wait "$SRUN"  # srun's own status: an interrupted `wait` gives 128 + the signal's number instead
+STATUS=$?
+rm -f "$RUN_DIR/STOP"  # the run has stopped; left behind, it would stop the next run here at its first step
 
 REASON=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["stop_reason"])' "$RUN_DIR/last_run.json" \\
     2>/dev/null || echo "crashed")
-if [ "$STATUS" -eq 0 ] && [ "$REASON" != "done" ] && [ "$REASON" != "early stopping" ]; then
+case "$REASON" in  # the run stopped and saved to be continued (the rest: done, early stopping, diverged, crashed)
+    "stop file" | SIGTERM | SIGUSR1 | SIGINT | "max_time_s reached") SAVED=1 ;;
+    *) SAVED=0 ;;
+esac
+# After a TERM the tasks may exit 143 (accelerate's launcher does) although the run saved: its record decides.
+[ "$SAVED" -eq 1 ] && [ -n "$ENDING" ] && STATUS=0
+if [ "$ENDING" = "COMPLETING None" ] || [ "$ENDING" = "CANCELLED None" ]; then  # scancel: the user's decision
+    log_event cancel "\\"reason\\": \\"$REASON\\", "
+    echo "launcher: job cancelled, run stopped ($REASON): not requeued" >&2
+elif [ "$STATUS" -eq 0 ] && [ "$SAVED" -eq 1 ]; then
     if [ "$RESTART" -lt "$MAX_REQUEUES" ]; then
-        log_event requeue "\\"reason\\": \\"$REASON\\", "
+        log_event requeue "\\"reason\\": \\"$REASON\\", \\"ending\\": \\"$ENDING\\", "
         scontrol requeue "$SLURM_JOB_ID"
     else
         echo "launcher: stopped ($REASON) after $RESTART requeues (slurm.max_requeues=$MAX_REQUEUES): not requeued" >&2

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from launcher import batches, param_groups
 from launcher.build import Parts
@@ -25,6 +24,7 @@ from launcher.consensus import StepAgreement, Verdict
 from launcher.errors import Throttled
 from launcher.flops import FlopMeter, compiled
 from launcher.metrics import Throughput, peak_memory
+from launcher.progress import Progress
 from launcher.strategies import unwrap
 from launcher.trainstate import LogWindow, TrainState
 
@@ -53,7 +53,7 @@ class Updates:
         agreement: StepAgreement,
         state: TrainState,
         window: LogWindow,
-        progress: tqdm,
+        progress: Progress,
         throughput: Throughput,
         max_nonfinite_steps: int,
         clip_grad_norm: float | None,

@@ -132,12 +132,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 RUN = ["logging.progress_bar=false", "logging.every_steps=1", "checkpoint.every_steps=50", "strategy.timeout_s=120"]
 
 
-def submit(cluster: LocalCluster, run_dir: Path, *extra: str) -> str:
-    proc = subprocess.run(
+def submitting(cluster: LocalCluster, run_dir: Path, *extra: str, nodes: int = 2, time: str = "00:10:00"):
+    return subprocess.run(
         [sys.executable, "-m", "launcher", "slurm", "submit", QUICKSTART, f"run_dir={run_dir}", *RUN, *extra,
-         "--nodes", "2", "--gpus-per-node", "0", "--time", "00:10:00"],
+         "--nodes", str(nodes), "--gpus-per-node", "0", "--time", time],
         cwd=run_dir.parent, env=cluster.env(), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def submit(cluster: LocalCluster, run_dir: Path, *extra: str, time: str = "00:10:00") -> str:
+    proc = submitting(cluster, run_dir, *extra, time=time)
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -165,6 +169,21 @@ def job_report(cluster: LocalCluster, job: str, run_dir: Path):
         return f"(job {job}: {job_state(cluster, job)})\n{tail}"
 
     return report
+
+
+def slurm_status(cluster: LocalCluster, run_dir: Path) -> str:
+    """`launcher slurm status RUN_DIR`'s line, with the cluster's squeue."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "slurm", "status", str(run_dir)],
+        env=cluster.env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def attempt_events(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm" / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +226,7 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
     stopped = re.search(r"stopped \(stop file\) at step (\d+)/768", log)
     assert stopped and 100 <= int(stopped.group(1)) < 768, log[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in log
-    events = [json.loads(line) for line in (run_dir / "slurm" / "attempts.jsonl").read_text().splitlines()]
+    events = [e for e in attempt_events(run_dir) if e["event"] != "submit"]  # (submit's line may come after start)
     assert [e["event"] for e in events] == ["start", "requeue", "start"]
     assert events[1]["reason"] == "stop file" and events[2]["restart"] == 1
 
@@ -221,10 +240,62 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
     train_resumed = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     assert train_resumed == train_full
 
-    status = run_cli("slurm", "status", str(run_dir))
-    assert status.returncode == 0, status.stderr
-    assert f"job {job} " in status.stdout and "2 attempt(s), 1 requeue(s)" in status.stdout
-    assert "last attempt ended: done at step 768/768" in status.stdout
+    status = slurm_status(cluster, run_dir)
+    assert f"job {job} (COMPLETED): 2 attempt(s), 1 requeue(s)" in status
+    assert "last attempt ended: done at step 768/768" in status
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_saves_ends_and_is_not_requeued(cluster: LocalCluster, tmp_path: Path):
+    run_dir = tmp_path / "cancelled"
+    # More nodes than the partition has (sinfo asked): refused before anything is written, not left pending.
+    refused = submitting(cluster, run_dir, nodes=3)
+    assert refused.returncode == 2 and not run_dir.exists()
+    assert refused.stderr.strip().splitlines() == ["error: --nodes: the default partition has 2 node(s), got 3"]
+
+    job = submit(cluster, run_dir)
+    report = job_report(cluster, job, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000050").is_dir(), 300, "a checkpoint at step 50", report)
+    assert cluster.run("scancel", job).returncode == 0  # SIGTERM to the tasks and the job script alike
+    ended = lambda: any(e["event"] == "cancel" for e in attempt_events(run_dir))  # noqa: E731
+    wait_for(ended, 90, "the job script to record the cancel", report)
+    wait_for(lambda: job_state(cluster, job) == "CANCELLED", 60, "the job to end", report)
+
+    assert [e["event"] for e in attempt_events(run_dir) if e["event"] != "submit"] == ["start", "cancel"]
+    last = json.loads((run_dir / "last_run.json").read_text())
+    assert last["stop_reason"] in ("SIGTERM", "stop file") and last["step"] > 50, last
+    assert (run_dir / "checkpoints" / f"step_{last['step']:08d}").is_dir()  # saved where it stopped
+    assert not (run_dir / "STOP").exists()
+    assert "ExitCode=0:0" in cluster.run("scontrol", "show", "job", job).stdout  # a clean save: the script exits 0
+    status = slurm_status(cluster, run_dir)
+    assert f"job {job} (CANCELLED): 1 attempt(s), 0 requeue(s)" in status and "cancelled (not requeued)" in status
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_saves_and_requeues(cluster: LocalCluster, tmp_path: Path):
+    # No warning before the end: SLURM's SIGTERM at the time limit (to the tasks and the script) is all it gets.
+    run_dir = tmp_path / "timed_out"
+    longer = ("train.max_epochs=5000", "early_stopping.patience=100000")  # still training at the time limit
+    job = submit(cluster, run_dir, *longer, "slurm.signal_before_s=0", time="00:01:00")
+    report = job_report(cluster, job, run_dir)
+    requeued = lambda: any(e["event"] == "requeue" for e in attempt_events(run_dir))  # noqa: E731
+    ended = lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")  # noqa: E731
+    wait_for(lambda: requeued() or ended(), 180, "the job script to requeue the job", report)
+    assert requeued(), report()
+    wait_for(lambda: job_state(cluster, job) == "PENDING", 60, "the job to be pending again", report)
+    status = slurm_status(cluster, run_dir)
+    cluster.run("scancel", job)  # (not its next attempt: the cluster is needed for the other tests)
+
+    requeue = next(e for e in attempt_events(run_dir) if e["event"] == "requeue")
+    assert requeue["ending"] == "COMPLETING TimeLimit", requeue  # how the job stood when the TERM came
+    last = json.loads((run_dir / "last_run.json").read_text())
+    assert last["stop_reason"] in ("SIGTERM", "stop file"), last
+    assert (run_dir / "checkpoints" / f"step_{last['step']:08d}").is_dir()
+    assert not (run_dir / "STOP").exists()
+    # SLURM holds a requeued job back for about two minutes: status says so.
+    assert re.search(
+        rf"job {job} \(PENDING, reason BeginTime, expected start \S+\): 1 attempt\(s\), 1 requeue", status
+    ), status
 
 
 def test_the_shipped_template_is_the_generic_job_script():
@@ -295,3 +366,44 @@ def test_sbatch_options_given_as_a_list_reach_the_job_script(tmp_path: Path):
     code, script, err = cli_in_process([*SUBMIT, QUICKSTART, "slurm.sbatch=[--qos=high, --exclusive]"], tmp_path)
     assert code == 0, err
     assert "#SBATCH --qos=high\n#SBATCH --exclusive\n" in script
+
+
+def test_more_nodes_than_the_partition_has_are_refused_at_submit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "sbatch", "#!/bin/bash\necho 77\n")
+    # A node per line and partition, as `sinfo -h -N -o "%N %P"` lists them; the default partition has a `*`.
+    _executable(bin_dir / "sinfo", "#!/bin/bash\nprintf 'a1 cpu*\\na2 cpu*\\ng1 gpu\\ng1 all\\ng2 gpu\\ng3 gpu\\n'\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for flags, line in [
+        (["--nodes", "3"], "error: --nodes: the default partition has 2 node(s), got 3"),
+        (["--nodes", "4", "--partition", "gpu"], "error: --nodes: partition gpu has 3 node(s), got 4"),
+    ]:
+        code, _, err = cli_in_process(["slurm", "submit", QUICKSTART, *flags], tmp_path)
+        assert (code, err.strip().splitlines()) == (2, [line])
+        assert not (tmp_path / "runs").exists()
+
+
+def test_a_pending_job_has_a_status_and_run_dir_is_given_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "sbatch", "#!/bin/bash\necho 77\n")
+    _executable(bin_dir / "squeue", "#!/bin/bash\necho 'PENDING|BeginTime|2030-01-02T03:04:05'\n")  # no sinfo here
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code, out, err = cli_in_process(["slurm", "submit", QUICKSTART, "run_dir=mine", "--time", "00:10:00"], tmp_path)
+    assert code == 0, err
+    script = (tmp_path / "mine" / "slurm" / "job.sbatch").read_text()
+    assert re.findall(r"run_dir=[^\s)]+", script) == [f"run_dir={tmp_path / 'mine'}"]  # the user's, resolved, once
+    code, out, err = cli_in_process(["slurm", "status", "mine"], tmp_path)
+    assert code == 0, err
+    assert out.startswith(
+        "job 77 (PENDING, reason BeginTime, expected start 2030-01-02T03:04:05): 0 attempt(s), 0 requeue(s); "
+        "last attempt ended: -; last checkpoint: none"
+    ), out
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path: Path):
+    proc = run_cli("train", QUICKSTART, f"run_dir={tmp_path / 'run'}", "train.max_steps=20", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr  # tqdm's bar redraws with carriage returns
+    assert re.search(r"^quickstart: step 20/20 \(100\.0%\), [\d.]+ it/s, eta 0:00:00, loss=", proc.stderr, re.M)

@@ -116,7 +116,7 @@ LAYERS = [
     ["launcher.runlock", "launcher.preflight"],
     ["launcher.trainstate"],
     ["launcher.build"],
-    ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops"],
+    ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops", "launcher.progress"],
     ["launcher.evaluation", "launcher.saving", "launcher.updates", "launcher.profiling"],
     ["launcher.loop"],
     [
