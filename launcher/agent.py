@@ -26,7 +26,17 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from launcher.errors import say
-from launcher.processes import FORWARDED, GRACE_S, REPORTS_ENV, Failure, Launch, outcome, read_failures, summary
+from launcher.processes import (
+    ATTEMPT_ENV,
+    FORWARDED,
+    GRACE_S,
+    REPORTS_ENV,
+    Failure,
+    Launch,
+    outcome,
+    read_failures,
+    summary,
+)
 
 
 class Agent(LocalElasticAgent):
@@ -36,23 +46,41 @@ class Agent(LocalElasticAgent):
         super().__init__(spec, logs_specs, start_method="spawn", exit_barrier_timeout=exit_barrier_timeout)
         self.reports = reports
         self.quieted = quieted
-        self.attempt = 0
+        self.attempt = -1  # the processes' start: 0 the first, then one more at each restart
         self.failures: list[Failure] = []  # of the last attempt that failed, the earliest first
         self.stop_signal: int | None = None
 
+    @property
+    def restarts_spent(self) -> bool:
+        """Whether the run failed for good because no restart was left (not refused, not stopped on request)."""
+        return self._remaining_restarts == 0 and not self.stop_signal and bool(self.failures)
+
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
-        self.attempt = worker_group.spec.max_restarts - self._remaining_restarts
-        if self.attempt > 0:
-            say(
-                f"warning: {summary(self.failures)}; restarting the processes (restart {self.attempt} of "
-                f"{worker_group.spec.max_restarts}): they continue from the newest complete checkpoint"
+        if self.attempt >= 0:
+            counted = worker_group.spec.max_restarts - self._remaining_restarts
+            why = (
+                f"{summary(self.failures)}; restarting the processes (restart {counted} of "
+                f"{worker_group.spec.max_restarts})"
+                if self.failures
+                else "another machine restarted its processes; restarting these too"
             )
+            say(f"warning: {why}: they continue from the newest complete checkpoint")
+        self.attempt += 1
+        self.failures = []
+        # Every start after the first continues the run, whatever made the agent restart (a failure here, or
+        # another machine's): torch counts the first kind only.
+        os.environ[ATTEMPT_ENV] = str(self.attempt)
         value = os.environ.pop(self.quieted, None) if self.quieted else None
         try:
             return super()._start_workers(worker_group)  # the processes take this environment as they start
         finally:
             if value is not None:
                 os.environ[self.quieted] = value
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        """Before a restart, or once restarts are spent: what still runs is killed, not asked to save (with a
+        peer gone, it could not), after `_settle` gave it its chance to end by itself."""
+        self._shutdown(signal.SIGKILL)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         self._settle(worker_group)
@@ -160,7 +188,7 @@ def start(launch: Launch, train_args: list[str], quieted: str | None = None) -> 
     lines, code = outcome(agent.failures)
     for line in lines:
         say(line)
-    if launch.max_restarts and agent.attempt == launch.max_restarts and code != 2:
+    if launch.max_restarts and agent.restarts_spent and code != 2:
         what = "" if lines else f"{summary(agent.failures)}; "
         say(f"error: {what}no restart left (--max-restarts {launch.max_restarts})")
     return code

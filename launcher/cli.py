@@ -213,7 +213,8 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
         partition=args.partition or defaults.partition,
         account=args.account or defaults.account,
         **{
-            f: getattr(defaults, f) for f in ("max_requeues", "signal_before_s", "stop_before_end_s", "sbatch", "setup")
+            f: getattr(defaults, f)
+            for f in ("max_requeues", "max_restarts", "signal_before_s", "stop_before_end_s", "sbatch", "setup")
         },
     )
     problems = slurm.options_problems(options)

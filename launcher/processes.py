@@ -23,6 +23,7 @@ from typing import Any
 
 REPORTS_ENV = "LAUNCHER_FAILURE_REPORTS"  # set by the agent: the folder each process reports its failure into
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torch's elastic agent (ours, torchrun's, accelerate's)
+ATTEMPT_ENV = "LAUNCHER_ATTEMPT"  # set by ours: its starts of the processes before this one, whatever the reason
 GRACE_S = 5.0  # how long the others may take to end by themselves after one process failed
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # a stop request, passed on to every process
 
@@ -77,8 +78,9 @@ def under_agent(env: Mapping[str, str] = os.environ) -> bool:
 
 
 def restart_count(env: Mapping[str, str]) -> int:
-    """How often the elastic agent restarted this process's group (0: the first attempt)."""
-    return int(env.get(RESTART_ENV, "0") or 0)
+    """How often the elastic agent restarted this process's group (0: the first attempt). torch counts restarts
+    after a failure on this machine; the launcher's agent also those after another machine's."""
+    return max(int(env.get(RESTART_ENV, "0") or 0), int(env.get(ATTEMPT_ENV, "0") or 0))
 
 
 def report_failure(lines: list[str], exit_code: int, said: str = "", env: Mapping[str, str] = os.environ) -> None:

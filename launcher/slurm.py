@@ -1,11 +1,12 @@
 """SLURM: the job script a recipe runs under, `launcher slurm submit` and `launcher slurm status`.
 
-The script asks for one task per node; each runs `accelerate launch` with its node's rank, the first node's address
-and a port derived from the job id. SLURM's warning before the end (`--signal=B:USR1@...`) and SIGTERM reach the
-batch script, which only creates the run's stop file: every process then stops at the same step and saves (the
-loop's consensus), and the script requeues the job (`scontrol requeue`) up to `slurm.max_requeues` times; the
-requeued job continues with `resume=auto`. A SIGTERM from `scancel` (the job COMPLETING with reason None) ends the
-job instead. Rendering is a pure function of the recipe and the options.
+The script asks for one task per node; each runs `launcher train --processes` with its node's rank, the first
+node's address and a port derived from the job id, and restarts its processes `slurm.max_restarts` times after a
+failure. SLURM's warning before the end (`--signal=B:USR1@...`) and SIGTERM reach the batch script, which only
+creates the run's stop file: every process then stops at the same step and saves (the loop's consensus), and the
+script requeues the job (`scontrol requeue`) up to `slurm.max_requeues` times; the requeued job continues with
+`resume=auto`. A SIGTERM from `scancel` (the job COMPLETING with reason None) ends the job instead. Rendering is a
+pure function of the recipe and the options.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RecipeError
-from launcher.layout import CHECKPOINTS_DIR, LAST_RUN_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
+from launcher.layout import (
+    CHECKPOINTS_DIR,
+    HISTORY_FILE,
+    LAST_RUN_FILE,
+    RECIPE_FILE,
+    SLURM_ATTEMPTS_FILE,
+    read_json,
+    read_jsonl,
+)
 from launcher.slurm_time import TIME_FORMATS, parse_time
 
 
@@ -33,6 +42,7 @@ class JobOptions:
     partition: str | None = None
     account: str | None = None
     max_requeues: int = 3
+    max_restarts: int = 0  # restarts of the processes after a failure (`launcher train --max-restarts`)
     signal_before_s: int = 120
     stop_before_end_s: int = 0  # stop and save this long before the job's end, even without SLURM's signal
     sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. "--qos=high"
@@ -115,6 +125,7 @@ def render(
         python=python,
         args="\n".join(args_lines),
         max_requeues=o.max_requeues,
+        max_restarts=o.max_restarts,
         stop_before_end_s=o.stop_before_end_s,
         setup="\n".join(o.setup),
         attempts_file=SLURM_ATTEMPTS_FILE,
@@ -221,11 +232,16 @@ def status(run_dir: Path) -> dict[str, Any]:
     if recipe_file.is_file():
         ckpt_dir = load_recipe(recipe_file, check_files=False, this_machine=False).checkpoint_dir
     last_checkpoint = checkpoint.latest(ckpt_dir)
+    history = read_jsonl(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
+    restarts = sum(bool(e.get("restart")) for e in history if e.get("event") == "start")
     return {
         "job": job,
         **queue,
         "state": queue["state"] or "not in the queue",
-        "attempts": sum(e.get("event") == "start" for e in events),
+        # The job's starts and the restarts of its processes after a failure (`slurm.max_restarts`), in the run's
+        # history: each an attempt.
+        "attempts": sum(e.get("event") == "start" for e in events) + restarts,
+        "restarts": restarts,
         "requeues": sum(e.get("event") == "requeue" for e in events),
         "cancelled": any(e.get("event") == "cancel" for e in mine),
         "last_checkpoint": str(last_checkpoint) if last_checkpoint else None,
@@ -241,7 +257,8 @@ def describe(info: dict[str, Any]) -> str:
     queue = "".join(f", {label} {info[key]}" for key, label in labels if info[key])
     cancelled = "; cancelled (not requeued)" if info["cancelled"] else ""
     return (
-        f"job {info['job']} ({info['state']}{queue}): {info['attempts']} attempt(s), {info['requeues']} requeue(s); "
+        f"job {info['job']} ({info['state']}{queue}): {info['attempts']} attempt(s), {info['requeues']} requeue(s), "
+        f"{info['restarts']} restart(s); "
         f"last attempt ended: {ended}{cancelled}; last checkpoint: {info['last_checkpoint'] or 'none'}"
     )
 
@@ -259,13 +276,14 @@ cd {workdir} || exit 2
 PYTHON={python}
 {args}
 MAX_REQUEUES={max_requeues}
+export MAX_RESTARTS={max_restarts}
 STOP_BEFORE_END_S={stop_before_end_s}
 {setup}
 
-# One process per GPU the allocation gives each node; one CPU process (over gloo) where it gives none.
+# One process per GPU the allocation gives each node; one CPU process (over gloo) where it gives none. The first
+# node (node rank 0) holds the rendezvous at its SLURM address, whatever its hostname resolves to elsewhere.
 GPUS_PER_NODE=${{SLURM_GPUS_ON_NODE:-0}}
-PROCS_PER_NODE=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))
-export NUM_PROCESSES=$(( SLURM_NNODES * PROCS_PER_NODE ))
+export PROCS_PER_NODE=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))
 MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MAIN_ADDR=$(scontrol show node "$MAIN_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
 export MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
@@ -298,11 +316,11 @@ on_term() {{
 trap 'touch "$RUN_DIR/STOP"' USR1
 trap on_term TERM
 
+# Each node's task starts its processes (`launcher train --processes`), restarts them after a failure
+# (slurm.max_restarts) and says a failure in one line.
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\
-    '[ "$NUM_PROCESSES" -eq 1 ] && exec "$0" -m launcher train "$@" resume=auto
-    exec "$0" -m accelerate.commands.launch --multi_gpu --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \\
-        --num_processes "$NUM_PROCESSES" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \\
-        --mixed_precision no --dynamo_backend no -m launcher train "$@" resume=auto' \\
+    'exec "$0" -m launcher train "$@" resume=auto --processes "$PROCS_PER_NODE" --max-restarts "$MAX_RESTARTS" \\
+        --nodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --master-addr "$MAIN_ADDR" --master-port "$MAIN_PORT"' \\
     "$PYTHON" "${{TRAIN_ARGS[@]}}" &
 SRUN=$!
 while kill -0 "$SRUN" 2>/dev/null; do  # a trapped signal ends `wait` early; wait again until srun has ended
@@ -318,7 +336,7 @@ case "$REASON" in  # the run stopped and saved to be continued (the rest: done, 
     "stop file" | SIGTERM | SIGUSR1 | SIGINT | "max_time_s reached") SAVED=1 ;;
     *) SAVED=0 ;;
 esac
-# After a TERM the tasks may exit 143 (accelerate's launcher does) although the run saved: its record decides.
+# After a TERM a task may exit 143 (SLURM signals the tasks too) although the run saved: its record decides.
 [ "$SAVED" -eq 1 ] && [ -n "$ENDING" ] && STATUS=0
 if [ "$ENDING" = "COMPLETING None" ] || [ "$ENDING" = "CANCELLED None" ]; then  # scancel: the user's decision
     log_event cancel "\\"reason\\": \\"$REASON\\", "

@@ -195,32 +195,43 @@ def test_a_stop_request_sent_to_the_agent_reaches_every_process_which_save_and_e
     assert last["stop_reason"] == "SIGTERM" and (run_dir / "checkpoints" / f"step_{last['step']:08d}").is_dir()
 
 
-def test_two_machines_meet_though_one_starts_seconds_later_and_a_lone_one_gives_up_in_one_line(
-    tiny_recipe: Path, tmp_path: Path
+def test_two_machines_meet_though_one_starts_later_restart_together_and_a_lone_one_gives_up_in_one_line(
+    faulty: Path,
 ):
-    """Two machine ranks on 127.0.0.1, the second started two seconds after the first, train as one run; a machine
-    whose rendezvous nobody holds gives up within strategy.timeout_s, naming the address and port."""
+    """Two machine ranks on 127.0.0.1, the second started two seconds after the first, train as one run; rank 1
+    SIGKILLed at step 25 restarts both machines' processes, which finish the run from the checkpoint at step 20. A
+    machine whose rendezvous nobody holds gives up within strategy.timeout_s, naming the address and port."""
     port = str(free_port())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "FAULT": "kill",
+        "FAULT_AT": "25",
+        "ONCE": "1",
+    }
 
     def machine(rank: int, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "launcher", "train", str(tiny_recipe), "--processes", "1", "--nodes", "2",
+            [sys.executable, "-m", "launcher", "train", str(faulty), "--processes", "1", "--nodes", "2",
              "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port, *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=faulty.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
-    first = machine(0, f"run_dir={tmp_path / 'run'}")
+    first = machine(0, "run_dir=run", "--max-restarts", "1")
     time.sleep(2)
-    second = machine(1, f"run_dir={tmp_path / 'run'}")
-    for proc in (first, second):
-        _, err = proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == 0, err
-    assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2
+    second = machine(1, "run_dir=run", "--max-restarts", "1")
+    errs = [proc.communicate(timeout=TIMEOUT)[1] for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], errs
+    assert sum("restarting" in err for err in errs) == 2, errs  # one machine for its failure, the other with it
+    run = faulty.parent / "run"
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in history] == [("start", 0), ("start", 20), ("end", 40)]
 
     started = time.monotonic()
-    lone = machine(1, f"run_dir={tmp_path / 'lone'}", "strategy.timeout_s=3")
+    lone = machine(1, "run_dir=lone", "strategy.timeout_s=3")
     _, err = lone.communicate(timeout=TIMEOUT)
     assert lone.returncode == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: the rendezvous at 127.0.0.1:{port} did not complete within strategy.timeout_s=3")
-    assert time.monotonic() - started < 60 and not (tmp_path / "lone").exists()
+    assert time.monotonic() - started < 60 and not (faulty.parent / "lone").exists()

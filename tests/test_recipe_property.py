@@ -377,8 +377,8 @@ LEAF_KEYS = [
     "logging.trackers", "logging.progress_bar", "strategy.name", "strategy.find_unused_parameters",
     "strategy.timeout_s", "strategy.fsdp.wrap", "strategy.fsdp.reshard_after_forward", "strategy.deepspeed.zero_stage",
     "strategy.deepspeed.config", "slurm.nodes", "slurm.gpus_per_node", "slurm.time", "slurm.partition",
-    "slurm.account", "slurm.max_requeues", "slurm.signal_before_s", "slurm.stop_before_end_s", "slurm.sbatch",
-    "slurm.setup", "profile",
+    "slurm.account", "slurm.max_requeues", "slurm.max_restarts", "slurm.signal_before_s", "slurm.stop_before_end_s",
+    "slurm.sbatch", "slurm.setup", "profile",
 ]  # fmt: skip
 SECTIONS = (
     "data.dataset", "data.val", "data", "train", "train.compile", "eval", "checkpoint", "logging", "strategy",

@@ -44,7 +44,8 @@ def _executable(path: Path, text: str) -> None:
 
 def test_dry_run_wires_4_nodes_of_8_gpus(tmp_path: Path):
     proc = run_cli(
-        "slurm", "submit", QUICKSTART, "optimizer.lr=0.001", "slurm.stop_before_end_s=600", "--nodes", "4",
+        "slurm", "submit", QUICKSTART, "optimizer.lr=0.001", "slurm.stop_before_end_s=600", "slurm.max_restarts=2",
+        "--nodes", "4",
         "--gpus-per-node", "8",
         "--time", "24:00:00", "--partition", "gpu", "--dry-run", cwd=tmp_path,
     )  # fmt: skip
@@ -54,7 +55,7 @@ def test_dry_run_wires_4_nodes_of_8_gpus(tmp_path: Path):
         assert f"#SBATCH {line}\n" in script
     assert "#SBATCH --signal=B:USR1@120\n" in script and "#SBATCH --requeue\n" in script
 
-    # Run it with stand-ins: each of the 4 "nodes" gets its machine rank, 32 processes, the first node's address.
+    # Run it with stand-ins: each of the 4 "nodes" starts 8 processes with its rank and the first node's address.
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     _executable(bin_dir / "scontrol", FAKE_SCONTROL)
@@ -78,14 +79,13 @@ def test_dry_run_wires_4_nodes_of_8_gpus(tmp_path: Path):
     launches = [c for c in calls if c.startswith("node ")]
     assert len(launches) == 4, (calls, ran.stderr)
     for node, call in enumerate(launches):
-        assert call.startswith(f"node {node}: -m accelerate.commands.launch --multi_gpu ")
-        assert f"--num_machines 4 --machine_rank {node} --num_processes 32 " in call
-        assert f"--main_process_ip 10.1.0.17 --main_process_port {20000 + 123456 % 20000} " in call
         run_dir = tmp_path / "runs" / "quickstart"
         budget = 93784 - 600  # stop and save 600 s before the end the job has left (1-02:03:04)
-        assert call.endswith(
-            f"-m launcher train {QUICKSTART} optimizer.lr=0.001 slurm.stop_before_end_s=600 run_dir={run_dir} "
-            f"train.max_time_s={budget} resume=auto"
+        assert call == (
+            f"node {node}: -m launcher train {QUICKSTART} optimizer.lr=0.001 slurm.stop_before_end_s=600 "
+            f"slurm.max_restarts=2 run_dir={run_dir} train.max_time_s={budget} resume=auto --processes 8 "
+            f"--max-restarts 2 --nodes 4 "
+            f"--node-rank {node} --master-addr 10.1.0.17 --master-port {20000 + 123456 % 20000}"
         ), call
     start = json.loads((tmp_path / "runs" / "quickstart" / "slurm" / "attempts.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["job"] == 123456 and start["restart"] == 0
@@ -397,7 +397,8 @@ def test_a_pending_job_has_a_status_and_run_dir_is_given_once(tmp_path: Path, mo
     code, out, err = cli_in_process(["slurm", "status", "mine"], tmp_path)
     assert code == 0, err
     assert out.startswith(
-        "job 77 (PENDING, reason BeginTime, expected start 2030-01-02T03:04:05): 0 attempt(s), 0 requeue(s); "
+        "job 77 (PENDING, reason BeginTime, expected start 2030-01-02T03:04:05): 0 attempt(s), 0 requeue(s), "
+        "0 restart(s); "
         "last attempt ended: -; last checkpoint: none"
     ), out
 

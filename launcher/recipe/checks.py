@@ -355,6 +355,7 @@ def _check_slurm(sl: SlurmConfig) -> list[str]:
         ("slurm.nodes", sl.nodes, 1),
         ("slurm.gpus_per_node", sl.gpus_per_node, 0),
         ("slurm.max_requeues", sl.max_requeues, 0),
+        ("slurm.max_restarts", sl.max_restarts, 0),
         ("slurm.signal_before_s", sl.signal_before_s, 0),
         ("slurm.stop_before_end_s", sl.stop_before_end_s, 0),
     )

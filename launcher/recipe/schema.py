@@ -158,6 +158,7 @@ class SlurmConfig:
     partition: str | None = None
     account: str | None = None
     max_requeues: int = 3  # times a job stopped by SLURM's warning or the stop file requeues itself
+    max_restarts: int = 0  # times the job's processes are restarted after a failure, within one attempt
     signal_before_s: int = 120  # SLURM warns the job (SIGUSR1) this long before its end
     stop_before_end_s: int = 0  # stop and save this long before the job's end even without a signal (0: off)
     sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["--qos=high", "--constraint=h100"]
