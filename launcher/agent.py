@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -147,8 +148,15 @@ def start(launch: Launch, train_args: list[str], quieted: str | None = None) -> 
     `quieted`: a variable set for the agent alone, which the processes are started without."""
     # The agent's own log lines (its configuration, "Sending process ... closing signal") are not for users.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    reports = Path(tempfile.mkdtemp(prefix="launcher-reports-"))
+    reports = Path(tempfile.mkdtemp(prefix="launcher-reports-"))  # what each process ended with; gone at the end
     os.environ[REPORTS_ENV] = str(reports)
+    try:
+        return _run(launch, train_args, quieted, reports)
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+def _run(launch: Launch, train_args: list[str], quieted: str | None, reports: Path) -> int:
     # Stop requests are passed on by the agent (`Agent.forward`), not turned into an abrupt shutdown by torch.
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     # The processes of each attempt meet on a store of their own: on the rendezvous's shared one, a restarted group
