@@ -107,6 +107,28 @@ def test_bad_start_flags_are_one_line(launch: Launch, env: dict[str, str], probl
     assert [p for p in processes.launch_problems(launch, env) if p.startswith(problem)]
 
 
+@pytest.mark.parametrize("variable", [processes.RESTART_ENV, processes.ATTEMPT_ENV])
+def test_a_restarted_process_goes_on_over_what_the_first_attempt_wrote(
+    tiny_recipe: Path, tmp_path: Path, variable: str
+):
+    """A first attempt that failed before its first checkpoint left metrics behind: a new run there is refused, a
+    restarted one (torch's count, or the launcher agent's) starts over them."""
+    from launcher import runlock
+    from launcher.errors import RecipeError
+    from launcher.preflight import preflight
+    from launcher.recipe import load_recipe
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 3, "train/loss": 1.0}\n')
+    recipe = load_recipe(tiny_recipe, [f"run_dir={run_dir}"])
+    with pytest.raises(RecipeError, match="already holds a run"):
+        preflight(recipe, {})
+    start = preflight(recipe, {variable: "1"})
+    runlock.release(start.lock)
+    assert (start.resume_from, start.restart, start.refusal) == (None, 1, [])
+
+
 # ---------------------------------------------------------------------------------------------- real processes
 
 
