@@ -153,6 +153,7 @@ def start(launch: Launch, train_args: list[str], quieted: str | None = None) -> 
     try:
         return _run(launch, train_args, quieted, reports)
     finally:
+        del os.environ[REPORTS_ENV]  # what goes wrong here after, the agent says itself
         shutil.rmtree(reports, ignore_errors=True)
 
 

@@ -130,11 +130,11 @@ def make_parser() -> argparse.ArgumentParser:
 def _start_args(train: argparse.ArgumentParser) -> None:
     start = train.add_argument_group("starting the processes (instead of accelerate launch or torchrun)")
     start.add_argument("--processes", type=int, help="processes on this machine (one per GPU; CPU: over gloo)")
-    start.add_argument("--nodes", type=int, default=1, help="machines, each running this command")
-    start.add_argument("--node-rank", type=int, default=0, help="this machine's rank; 0 hosts the rendezvous")
-    start.add_argument("--master-addr", default="127.0.0.1", help="the address of the machine of rank 0")
-    start.add_argument("--master-port", type=int, default=29500, help="its port for the rendezvous")
-    start.add_argument("--max-restarts", type=int, default=0, help="restarts of all processes after a failure")
+    start.add_argument("--nodes", type=int, help="machines, each running this command (default 1)")
+    start.add_argument("--node-rank", type=int, help="this machine's rank (default 0); 0 holds the rendezvous")
+    start.add_argument("--master-addr", help="the address of the machine of rank 0 (default 127.0.0.1)")
+    start.add_argument("--master-port", type=int, help="its port for the rendezvous (default 29500)")
+    start.add_argument("--max-restarts", type=int, help="restarts of all processes after a failure (default 0)")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -153,14 +153,10 @@ def validate_command(path: str, overrides: Sequence[str]) -> int:
 def _launch(args: argparse.Namespace) -> processes.Launch | None:
     """The processes `launcher train` starts itself; None where it is one of them (or the only one)."""
     flags = ("nodes", "node_rank", "master_addr", "master_port", "max_restarts")
-    if args.processes is None and all(getattr(args, f) == TRAIN_DEFAULTS[f] for f in flags):
+    given = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    if args.processes is None and not given:
         return None
-    return processes.Launch(
-        processes=1 if args.processes is None else args.processes, **{f: getattr(args, f) for f in flags}
-    )
-
-
-TRAIN_DEFAULTS = {"nodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29500, "max_restarts": 0}
+    return processes.Launch(processes=1 if args.processes is None else args.processes, **given)
 
 
 def train_command(
