@@ -129,7 +129,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     started.stop()
 
 
-RUN = ["logging.progress_bar=false", "logging.every_steps=1", "checkpoint.every_steps=50", "strategy.timeout_s=120"]
+RUN = ["logging.progress_bar=false", "logging.every_steps=1", "checkpoint.every_steps=50", "strategy.timeout_s=120",
+       "train.max_steps=384"]  # fmt: skip
 
 
 def submitting(cluster: LocalCluster, run_dir: Path, *extra: str, nodes: int = 2, time: str = "00:10:00"):
@@ -223,8 +224,8 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert job_state(cluster, job) == "COMPLETED", log[-3000:]
 
-    stopped = re.search(r"stopped \(stop file\) at step (\d+)/768", log)
-    assert stopped and 100 <= int(stopped.group(1)) < 768, log[-3000:]
+    stopped = re.search(r"stopped \(stop file\) at step (\d+)/384", log)
+    assert stopped and 100 <= int(stopped.group(1)) < 384, log[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in log
     events = [e for e in attempt_events(run_dir) if e["event"] != "submit"]  # (submit's line may come after start)
     assert [e["event"] for e in events] == ["start", "requeue", "start"]
@@ -234,7 +235,7 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
         json.loads((uninterrupted / "last_run.json").read_text()),
         json.loads((run_dir / "last_run.json").read_text()),
     )
-    assert resumed["step"] == full["step"] == 768
+    assert resumed["step"] == full["step"] == 384
     assert resumed["val/loss"] == full["val/loss"]  # the same final loss, exactly
     train_full = {r["step"]: r["train/loss"] for r in read_metrics(uninterrupted) if "train/loss" in r}
     train_resumed = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
@@ -242,7 +243,7 @@ def test_a_warned_job_checkpoints_requeues_resumes_and_ends_as_the_uninterrupted
 
     status = slurm_status(cluster, run_dir)
     assert f"job {job} (COMPLETED): 2 attempt(s), 1 requeue(s)" in status
-    assert "last attempt ended: done at step 768/768" in status
+    assert "last attempt ended: done at step 384/384" in status
 
 
 @pytest.mark.slow
@@ -275,7 +276,7 @@ def test_a_cancelled_job_saves_ends_and_is_not_requeued(cluster: LocalCluster, t
 def test_a_job_at_its_time_limit_saves_and_requeues(cluster: LocalCluster, tmp_path: Path):
     # No warning before the end: SLURM's SIGTERM at the time limit (to the tasks and the script) is all it gets.
     run_dir = tmp_path / "timed_out"
-    longer = ("train.max_epochs=5000", "early_stopping.patience=100000")  # still training at the time limit
+    longer = ("train.max_steps=10000000", "train.max_epochs=5000", "early_stopping.patience=100000")  # still training
     job = submit(cluster, run_dir, *longer, "slurm.signal_before_s=0", time="00:01:00")
     report = job_report(cluster, job, run_dir)
     requeued = lambda: any(e["event"] == "requeue" for e in attempt_events(run_dir))  # noqa: E731
