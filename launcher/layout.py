@@ -121,3 +121,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def restarts(history: list[dict[str, Any]]) -> int:
+    """The attempts in a run's history (`HISTORY_FILE`) that the elastic agent started after a failure: their start
+    lines carry its `restart` count."""
+    return sum(bool(e.get("restart")) for e in history if e.get("event") == "start")

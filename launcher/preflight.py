@@ -57,8 +57,8 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
             (run_dir / consensus.STOP_FILE).unlink(missing_ok=True)
             # A kill during the last attempt's retention left a checkpoint half deleted, hidden: finish it.
             checkpoint.finish_pruning(recipe.checkpoint_dir)
-        resume_from = _resume_point(recipe, env)
         restart = processes.restart_count(env)
+        resume_from = _resume_point(recipe, env, restarted=restart > 0)
         return Start(resume_from=resume_from, saved=_saved_state(resume_from), lock=lock, restart=restart)
     except RecipeError as e:
         runlock.release(lock, undo=True)
@@ -84,12 +84,11 @@ def _refused(problems: list[str], alone: bool) -> Start:
     return Start(refusal=problems)
 
 
-def _resume_point(recipe: Recipe, env: Mapping[str, str]) -> Path | None:
+def _resume_point(recipe: Recipe, env: Mapping[str, str], restarted: bool) -> Path | None:
     """The checkpoint to resume from, if any; refuses to start a new run over an old one. Processes the elastic
     agent restarted after a failure continue from the newest complete checkpoint (from the start where none was
     written yet), whatever `resume` says: it told the first attempt where to begin."""
     run_dir = Path(recipe.run_dir)
-    restarted = processes.restart_count(env) > 0
     if recipe.resume == "auto" or (restarted and checkpoint.complete_steps(recipe.checkpoint_dir)):
         main = env.get("RANK", "0") == "0"
         if main:

@@ -33,6 +33,7 @@ from launcher.layout import (
     is_interrupted_name,
     read_json,
     read_jsonl,
+    restarts,
     step_dir_name,
 )
 
@@ -236,7 +237,7 @@ def summary(run: Run) -> dict[str, Any]:
         "train_seconds": sum(seconds) if seconds else (times[-1] - times[0] if len(times) > 1 else None),
         "attempts": len(tries) or None,
         "resumes": max(len(tries) - 1, 0),
-        "restarts": sum(bool(e.get("restart")) for e in run.history if e.get("event") == "start"),  # by the agent
+        "restarts": restarts(run.history),  # by the elastic agent, within the attempts
         "requeues": sum(e.get("event") == "requeue" for e in run.slurm_events),
         "checkpoints": run.checkpoints,
         "best_checkpoints": [int(s) for s, _ in run.best_checkpoints],

@@ -30,6 +30,7 @@ from launcher.layout import (
     SLURM_ATTEMPTS_FILE,
     read_json,
     read_jsonl,
+    restarts,
 )
 from launcher.slurm_time import TIME_FORMATS, parse_time
 
@@ -232,16 +233,15 @@ def status(run_dir: Path) -> dict[str, Any]:
     if recipe_file.is_file():
         ckpt_dir = load_recipe(recipe_file, check_files=False, this_machine=False).checkpoint_dir
     last_checkpoint = checkpoint.latest(ckpt_dir)
-    history = read_jsonl(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else []
-    restarts = sum(bool(e.get("restart")) for e in history if e.get("event") == "start")
+    restarted = restarts(read_jsonl(run_dir / HISTORY_FILE))
     return {
         "job": job,
         **queue,
         "state": queue["state"] or "not in the queue",
         # The job's starts and the restarts of its processes after a failure (`slurm.max_restarts`), in the run's
         # history: each an attempt.
-        "attempts": sum(e.get("event") == "start" for e in events) + restarts,
-        "restarts": restarts,
+        "attempts": sum(e.get("event") == "start" for e in events) + restarted,
+        "restarts": restarted,
         "requeues": sum(e.get("event") == "requeue" for e in events),
         "cancelled": any(e.get("event") == "cancel" for e in mine),
         "last_checkpoint": str(last_checkpoint) if last_checkpoint else None,

@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 300, launcher: list[str] | None = None):
-    """Run `python -m launcher ARGS` (or LAUNCHER + ARGS) and return the finished process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: str,
+    cwd: Path | str = REPO,
+    timeout: float = 300,
+    launcher: list[str] | None = None,
+    env: dict[str, str] | None = None,
+):
+    """Run `python -m launcher ARGS` (or LAUNCHER + ARGS), with `env` added to the environment, and return the
+    finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = (launcher or [sys.executable, "-m", "launcher"]) + list(args)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 

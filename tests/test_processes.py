@@ -58,11 +58,8 @@ def faulty(tmp_path: Path) -> Path:
 
 
 def train(recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: list[str] | None = None):
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [*(launcher or [sys.executable, "-m", "launcher"]), "train", str(recipe), *args]
-    return subprocess.run(
-        cmd, cwd=recipe.parent, env=full_env, capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    """`launcher train RECIPE ARGS` beside the recipe (where its model's module is)."""
+    return run_cli("train", str(recipe), *args, cwd=recipe.parent, timeout=TIMEOUT, launcher=launcher, env=env)
 
 
 def errors(stderr: str) -> list[str]:
