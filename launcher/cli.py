@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher import processes
+from launcher import ckpt_commands, processes
+from launcher.ckpt_commands import quiet_deepspeed
 from launcher.errors import RecipeError, RunFailed, say
-from launcher.layout import CHECKPOINT_PREFIXES, CHECKPOINTS_DIR, DCP_DIR, DEEPSPEED_DIR, STATE_FILE, WEIGHTS_FILE
 
 EXIT_BAD_INPUT = 2
 AGENT_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
@@ -62,8 +62,8 @@ def run_verb(args: argparse.Namespace) -> int:
         "slurm status": lambda: slurm_status_command(args.run_dir),
         "report": lambda: report_command(args.run_dirs, args.out, args.json),
         "tokenize": lambda: tokenize_command(args.text, args.out, args.val_fraction),
-        "ckpt info": lambda: ckpt_info_command(args.path),
-        "ckpt export": lambda: ckpt_export_command(
+        "ckpt info": lambda: ckpt_commands.ckpt_info_command(args.path),
+        "ckpt export": lambda: ckpt_commands.ckpt_export_command(
             args.path, args.out, args.force, args.format, args.max_shard_size, args.merge
         ),
     }
@@ -185,7 +185,7 @@ def train_command(
 
         return agent.start(launch, [path, *overrides], quieted=AGENT_LOG_LEVEL if quiet else None)
 
-    _quiet_deepspeed()  # torch and accelerate load only once the recipe is known to be good
+    quiet_deepspeed()  # torch and accelerate load only once the recipe is known to be good
     from launcher import loop
 
     try:
@@ -288,99 +288,8 @@ def tokenize_command(text: str, out_text: str, val_fraction: float) -> int:
     return 0
 
 
-def _quiet_deepspeed() -> None:
-    """Accelerate imports DeepSpeed where it is installed, which then warns on CPU machines that it guessed the CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def plan_command(path: str, overrides: Sequence[str], processes: int | None) -> int:
     from launcher import planning
 
     print(planning.describe(path, overrides, processes))
     return 0
-
-
-def ckpt_info_command(path_text: str) -> int:
-    from launcher import checkpoint
-
-    path = checkpoint.resolve(Path(path_text))
-    if not path.is_dir():
-        raise RecipeError(f"{path_text}: no such checkpoint, checkpoints folder or run dir")
-    if (path / CHECKPOINTS_DIR).is_dir():
-        path = path / CHECKPOINTS_DIR
-    one = _is_one_checkpoint(path)
-    dirs = [path] if one else _checkpoint_dirs(path)
-    if not dirs:
-        raise RecipeError(f"{path_text}: holds no checkpoint")
-    infos = [checkpoint.summary(d) for d in dirs]
-    if one and infos[0]["problem"]:
-        raise RecipeError(f"{path}: damaged: {infos[0]['problem']}")
-    for info in infos:
-        print(checkpoint.describe(info))
-    damaged = sum(1 for info in infos if info["problem"])
-    if damaged:
-        raise RecipeError(f"{path}: {damaged} of {len(infos)} checkpoints damaged")
-    return 0
-
-
-def _checkpoint_dirs(folder: Path) -> list[Path]:
-    """The checkpoints in a folder of them, and the saves a crash interrupted there."""
-    return [c for c in sorted(folder.iterdir()) if c.is_dir() and c.name.startswith(CHECKPOINT_PREFIXES)]
-
-
-def _is_one_checkpoint(path: Path) -> bool:
-    """A checkpoint (complete, damaged or interrupted), not a folder of them."""
-    held = (STATE_FILE, WEIGHTS_FILE, DCP_DIR, DEEPSPEED_DIR)
-    return path.name.startswith(CHECKPOINT_PREFIXES) or any((path / name).exists() for name in held)
-
-
-def ckpt_export_command(
-    path_text: str,
-    out_text: str,
-    force: bool,
-    fmt: str = "safetensors",
-    max_shard_size: str = "5GB",
-    merge: bool = False,
-) -> int:
-    from launcher import checkpoint
-    from launcher.checkpoint import integrity
-
-    path, out = checkpoint.resolve(Path(path_text)), Path(out_text)
-    if not checkpoint.is_complete(path):
-        raise RecipeError(f"{path_text}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
-    if checkpoint.interrupted(path):
-        raise RecipeError(f"{path_text}: not a complete checkpoint (a save interrupted before its final rename)")
-    if out.exists() and not force:
-        raise RecipeError(f"--out: {out} exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise RecipeError(f"--out: no such folder: {out.parent}")
-    problem = integrity.problems(path)  # before anything is read into torch or written
-    if problem:
-        raise RecipeError(f"{path}: damaged: {problem}{_intact_instead(path)}")
-    _quiet_deepspeed()
-    from launcher.checkpoint.shards import UnsafeCheckpoint
-
-    try:
-        count = checkpoint.export(path, out, fmt, max_shard_size, merge)
-    except checkpoint.NotHuggingFace as e:
-        raise RecipeError(f"{path_text}: {e}") from None
-    except UnsafeCheckpoint as e:
-        raise RecipeError(e.refusal(f"{path_text}:")) from None
-    except integrity.Damaged as e:  # written before manifests, and damaged since
-        raise RecipeError(f"{path}: {e}{_intact_instead(path)}") from None
-    print(f"{out}: {count} tensors from {path}")
-    return 0
-
-
-def _intact_instead(damaged: Path) -> str:
-    """Where a damaged checkpoint is refused for export, the newest intact one beside it, which the user can export
-    instead (typically the one before it, when `latest` is damaged)."""
-    from launcher import checkpoint
-
-    found = checkpoint.latest_intact(damaged.parent)[0]
-    if found is None or found == damaged:
-        return ""
-    return f"; the newest intact checkpoint is {found}: export that one instead"

@@ -100,6 +100,12 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
+def is_url(text: str) -> bool:
+    """A storage URL (`s3://bucket/prefix`, `gs://...`), as opposed to a path on this machine's file system."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", text)
+    return match is not None and match.group(1).lower() not in ("file", "local")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())

@@ -228,13 +228,13 @@ class Training:
         return RunResult(state.step, epochs, stop_reason, self.evaluator.last, self.files.path)
 
     def diverged_message(self) -> str:
-        state, t, ckpt_dir = self.state, self.recipe.train, self.recipe.checkpoint_dir
+        state, t = self.state, self.recipe.train
         why = (
             f"error: stopped at step {state.step}: {self.updates.diverged_streak or state.nonfinite_streak} updates in "
             f"a row had a non-finite loss "
             f"or gradient norm (train.max_nonfinite_steps={t.max_nonfinite_steps}); "
         )
         if self.strategy.updates_in_backward:
-            last_good = checkpoint.latest(ckpt_dir)
+            last_good = self.saver.latest()
             return why + f"DeepSpeed applied them, so no checkpoint was written; the last good one is {last_good}"
-        return why + f"the last good state is in {ckpt_dir / checkpoint.step_dir_name(state.step)}"
+        return why + f"the last good state is in {self.saver.where(state.step)}"

@@ -13,6 +13,7 @@ from filelock import FileLock
 
 from launcher import checkpoint, consensus, guards, processes, runlock
 from launcher.checkpoint import integrity
+from launcher.checkpoint.store import Store, fetch_newest
 from launcher.errors import RecipeError, say
 from launcher.layout import METRICS_FILE
 from launcher.recipe import Recipe
@@ -89,20 +90,17 @@ def _resume_point(recipe: Recipe, env: Mapping[str, str], restarted: bool) -> Pa
     agent restarted after a failure continue from the newest complete checkpoint (from the start where none was
     written yet), whatever `resume` says: it told the first attempt where to begin."""
     run_dir = Path(recipe.run_dir)
-    if recipe.resume == "auto" or (restarted and checkpoint.complete_steps(recipe.checkpoint_dir)):
+    store = Store(recipe.checkpoint_store) if recipe.checkpoint_store else None
+    where = recipe.checkpoint_store or recipe.checkpoint_dir
+    complete = store.complete_steps() if store else checkpoint.complete_steps(recipe.checkpoint_dir)
+    if recipe.resume == "auto" or (restarted and complete):
         main = env.get("RANK", "0") == "0"
-        if main:
-            for path in checkpoint.incomplete(recipe.checkpoint_dir):
-                say(f"warning: ignoring {path}: an interrupted save left it incomplete")
-        # Every rank checks the same files, so all pick the same checkpoint without a word between them.
-        found, passed_over = checkpoint.latest_intact(recipe.checkpoint_dir)
+        found, passed_over = _newest_intact(recipe, store, main)
         if main:
             for line in passed_over:
                 say(f"warning: passing over {line}")
         if found is None and passed_over:  # starting anew would train over the run's checkpoints
-            raise RecipeError(
-                f"resume: every checkpoint in {recipe.checkpoint_dir} is damaged, the newest: {passed_over[0]}"
-            )
+            raise RecipeError(f"resume: every checkpoint in {where} is damaged, the newest: {passed_over[0]}")
         return found
     if recipe.resume != "none":
         path = checkpoint.resolve(Path(recipe.resume))
@@ -110,9 +108,27 @@ def _resume_point(recipe: Recipe, env: Mapping[str, str], restarted: bool) -> Pa
         if problem:
             raise RecipeError(f"resume: {problem}")
         return path
-    if not restarted and ((run_dir / METRICS_FILE).exists() or checkpoint.complete_steps(recipe.checkpoint_dir)):
+    if not restarted and ((run_dir / METRICS_FILE).exists() or complete):
+        held = f"run_dir: {run_dir}" if (run_dir / METRICS_FILE).exists() or not store else f"checkpoint.dir: {where}"
         raise RecipeError(
-            f"run_dir: {run_dir} already holds a run; continue it with resume=auto, "
+            f"{held} already holds a run; continue it with resume=auto, "
             f"or start a new one with run_dir=<another folder>"
+            + (" and checkpoint.dir=<another prefix>" if store else "")
         )
     return None
+
+
+def _newest_intact(recipe: Recipe, store: Store | None, main: bool) -> tuple[Path | None, list[str]]:
+    """The newest complete, intact checkpoint (downloaded into the staging folder from a store), and a line for
+    each newer one passed over. Every rank checks the same files, so all pick the same checkpoint without a word
+    between them."""
+    if store is None:
+        if main:
+            for path in checkpoint.incomplete(recipe.checkpoint_dir):
+                say(f"warning: ignoring {path}: an interrupted save left it incomplete")
+        return checkpoint.latest_intact(recipe.checkpoint_dir)
+    if main:  # under the run dir's lock: no other run writes there
+        for step in store.incomplete_steps():
+            say(f"warning: deleting {store.where(step)}: an interrupted upload or deletion left it incomplete")
+            store.delete_incomplete(step)
+    return fetch_newest(store, recipe.checkpoint_dir, integrity.problems)

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from launcher import checkpoint, consensus
+from launcher.checkpoint.store import Store
 from launcher.metrics import Throughput
 from launcher.plan import Budget
 from launcher.recipe import Recipe, dump
@@ -34,6 +35,17 @@ class Saver:
         self.model = model
         self.budget, self.throughput = budget, throughput
         self.last_step = -1
+        self.store = writer.store = Store(recipe.checkpoint_store) if recipe.checkpoint_store else None
+
+    def where(self, step: int) -> str:
+        """Where the checkpoint of `step` is (or would be): a storage URL or a folder."""
+        if self.store is not None:
+            return self.store.where(step)
+        return str(self.recipe.checkpoint_dir / checkpoint.step_dir_name(step))
+
+    def latest(self) -> str | None:
+        steps = self.store.complete_steps() if self.store else checkpoint.complete_steps(self.recipe.checkpoint_dir)
+        return self.where(steps[-1]) if steps else None
 
     def due(self, step: int) -> bool:
         every = self.recipe.checkpoint.every_steps
@@ -61,11 +73,14 @@ class Saver:
             state.log_windows = window.gathered(accelerator)
             trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
             best = [list(b) for b in state.best_checkpoints]
+            store = self.store
             self.writer.save(
                 self.recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
                 trainer_state,
                 dump(self.recipe),
-                after=lambda: checkpoint.prune(self.recipe.checkpoint_dir, ckpt.keep_last, best),
+                after=(lambda: store.prune(ckpt.keep_last, best))
+                if store
+                else lambda: checkpoint.prune(self.recipe.checkpoint_dir, ckpt.keep_last, best),
             )
             self.last_step = state.step
             write_pending(accelerator.trackers)

@@ -121,6 +121,7 @@ LAYERS = [
     ["launcher.loop"],
     [
         "launcher.cli",
+        "launcher.ckpt_commands",
         "launcher.__main__",
         "launcher.agent",
         "launcher.planning",

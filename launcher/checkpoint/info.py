@@ -65,13 +65,20 @@ def summary(path: Path) -> dict[str, Any]:
 
 
 def _recipe_summary(recipe_file: Path) -> dict[str, Any]:
+    try:
+        return recipe_names(recipe_file.read_text())
+    except OSError:
+        return {}
+
+
+def recipe_names(text: str | bytes) -> dict[str, Any]:
     """The strategy and model a checkpoint's recipe names; nothing where it has none (or, written before
     manifests, one that no longer parses: resuming does not read it)."""
     import yaml
 
     try:
-        recipe = yaml.safe_load(recipe_file.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        recipe = yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
         return {}
     if not isinstance(recipe, dict):
         return {}

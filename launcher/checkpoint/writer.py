@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, host_copy
+from launcher.checkpoint.store import Store, clear_uploaded, files_to_upload, shares
 from launcher.layout import (
     DATA_FILE,
     HF_DIR,
@@ -87,6 +88,7 @@ class Writer:
         self.files: dict[str, bytes] = {}  # written into every checkpoint's HF_DIR (a Hugging Face model's config)
         # This rank's place in a streamed train set (fresh tensors and plain values); None: no stream.
         self.data_state: Callable[[], Any] | None = None
+        self.store: Store | None = None  # where checkpoints are uploaded once complete on disk (`store.py`)
 
     def save(
         self,
@@ -129,9 +131,14 @@ class Writer:
             accelerator.wait_for_everyone()
 
     def _write_main(self, save: Save, model_state: Any, snapshot: dict[str, Any]) -> None:
-        """The main process's checkpoint: model and optimizer state, then the rest (`_complete`)."""
+        """The main process's checkpoint: model and optimizer state, then the rest (`_complete`), then (with a
+        store) its upload, all of it by the main process, in the background thread where there is one."""
         self.format.write_snapshot(_fresh_tmp(save.path), model_state)
         _complete(save, snapshot)
+        if self.store is not None:
+            self.store.upload(save.path, list(files_to_upload(save.path)))
+            self._publish(save.path)
+        save.after()
 
     def _save_shards(self, save: Save) -> None:
         """Every rank writes its shard, then the main process completes the checkpoint."""
@@ -145,6 +152,21 @@ class Writer:
             snapshot = {SCHEDULER_FILE: host_copy(self.scheduler.state_dict()), **save.per_rank()}
             _complete(save, snapshot)
         accelerator.wait_for_everyone()
+        if self.store is not None:  # every process uploads its share of the files, shards and all
+            mine = shares(files_to_upload(save.path), accelerator.num_processes)[accelerator.process_index]
+            self.store.upload(save.path, mine)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                self._publish(save.path)
+        if accelerator.is_main_process:
+            save.after()
+        accelerator.wait_for_everyone()
+
+    def _publish(self, path: Path) -> None:
+        """Every other file is in the store: its trainer state completes it there; the staging copy goes."""
+        assert self.store is not None
+        self.store.complete(path)
+        clear_uploaded(path)
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -163,7 +185,7 @@ class Writer:
 
 def _complete(save: Save, snapshot: dict[str, Any]) -> None:
     """Complete the checkpoint in its temporary directory (the weights or shards are there already), then rename
-    it into place and run `after`."""
+    it into place."""
     tmp = tmp_dir(save.path)
     for name, value in snapshot.items():
         torch.save(value, tmp / name)
@@ -177,7 +199,6 @@ def _complete(save: Save, snapshot: dict[str, Any]) -> None:
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _sync(tmp)  # on disk before the rename makes the directory count as complete
     replace_dir(tmp, save.path)
-    save.after()
 
 
 def _fresh_tmp(path: Path) -> Path:

@@ -44,6 +44,7 @@ def check_values(
     them. A tokenized set is read from its files' start only; with `build_data` (`launcher train`, once nothing else
     is wrong) it is built into the cache that then serves the run, which tells what only its whole file can."""
     components_found = _check_components(recipe, check_files, this_machine)
+    store_found = _check_store(recipe.checkpoint_store)  # a store is tried only where its URL is right
     problems = [
         *_check_train(recipe.train),
         *_check_stream(recipe),
@@ -53,7 +54,8 @@ def check_values(
         *_check_evaluation(recipe),
         *_check_logging(recipe.logging, check_files),
         *_check_resume(recipe.resume, check_files and read_resume),
-        *(_check_folders(recipe) if check_files and this_machine else []),
+        *store_found,
+        *(_check_folders(recipe) if check_files and this_machine and not store_found else []),
         *(_check_profile(recipe.profile, this_machine) if recipe.profile is not None else []),
         *_check_slurm(recipe.slurm),
     ]
@@ -333,11 +335,26 @@ def _check_resume(resume: str, read: bool) -> list[str]:
 
 
 def _check_folders(recipe: Recipe) -> list[str]:
-    """The run dir and the checkpoints' folder can be made and written here."""
+    """The run dir and the checkpoints' folder (or storage prefix) can be made and written here."""
     found = [folders.problem("run_dir", Path(recipe.run_dir))]
-    if not recipe.checkpoint_dir.is_relative_to(recipe.run_dir):
+    if recipe.checkpoint_store:
+        from launcher.checkpoint.store import probe
+
+        problem = probe(recipe.checkpoint_store)
+        found.append(problem and f"checkpoint.dir: {problem}")
+    elif not recipe.checkpoint_dir.is_relative_to(recipe.run_dir):
         found.append(folders.problem("checkpoint.dir", recipe.checkpoint_dir))
     return [p for p in found if p]
+
+
+def _check_store(url: str | None) -> list[str]:
+    """A storage URL as written: no credentials in it, a protocol whose package is installed."""
+    if url is None:
+        return []
+    from launcher.checkpoint.store import url_problem
+
+    problem = url_problem("checkpoint.dir", url)
+    return [problem] if problem else []
 
 
 def _check_strategy(recipe: Recipe) -> list[str]:

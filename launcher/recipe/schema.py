@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from launcher.components import Component
-from launcher.layout import CHECKPOINTS_DIR
+from launcher.layout import CHECKPOINTS_DIR, is_url
 
 MISSING = "???"  # a value the user must give, on the command line or in a recipe that inherits this one
 
@@ -198,7 +198,16 @@ class Recipe:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / CHECKPOINTS_DIR
+        """Where checkpoints are written on this machine: with a storage URL, the staging folder they are built
+        in before they are uploaded."""
+        if self.checkpoint.dir and not self.checkpoint_store:
+            return Path(self.checkpoint.dir)
+        return Path(self.run_dir) / CHECKPOINTS_DIR
+
+    @property
+    def checkpoint_store(self) -> str | None:
+        """`checkpoint.dir` where it is a storage URL (`s3://bucket/prefix`), else None."""
+        return self.checkpoint.dir if self.checkpoint.dir and is_url(self.checkpoint.dir) else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready values: what `--print-recipe` prints and the run dir keeps."""
