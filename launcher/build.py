@@ -294,7 +294,7 @@ def resume(
     match_fused(parts.stepper.inner)
     same_world = saved.get("world_size", accelerator.num_processes) == accelerator.num_processes
     stream_note = resume_stream(accelerator, path, parts, same_world) if parts.streamed else None
-    accelerator.print(f"resumed from {path} at step {state.step}")
+    accelerator.print(f"resumed from {strategy.recipe.checkpoint_name(path)} at step {state.step}")
     if not same_world:
         note = world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes, stream_note)
         accelerator.print(note)

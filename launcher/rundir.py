@@ -47,7 +47,7 @@ class RunDir:
             env["strategy"] = strategy.name
             env.update(self.noted)
             (self.path / ENV_FILE).write_text(json.dumps(env, indent=2))
-            resumed_from = str(resume_from) if resume_from else None
+            resumed_from = recipe.checkpoint_name(resume_from) if resume_from else None
             restarted = {"restart": restart} if restart else {}
             record(self.path, "start", step=step, resumed_from=resumed_from, world_size=accelerator.num_processes,
                    **restarted)  # fmt: skip

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from filelock import FileLock
 
+from launcher.errors import RunFailed
 from launcher.layout import STATE_FILE, STEP_DIR, STEP_PREFIX, is_url, step_dir_name, tmp_dir
 
 # A store that does not answer fails the run's checks in seconds, not after botocore's minutes of retries.
@@ -102,11 +103,23 @@ class Store:
         """Files of the checkpoint at `local` (paths relative to it), to the prefix of the same step."""
         step = _step_of(local)
         for name in names:
-            self.fs.put_file(str(local / name), self.key(step, name))
+            self._put(local / name, step, name)
 
     def complete(self, local: Path) -> None:
         """Upload the trainer state, last: from now on the checkpoint counts as complete in the store."""
-        self.fs.put_file(str(local / STATE_FILE), self.key(_step_of(local), STATE_FILE))
+        self._put(local / STATE_FILE, _step_of(local), STATE_FILE)
+
+    def _put(self, file: Path, step: int, name: str) -> None:
+        """One file up; a failure (after the client's own retries) ends the run in one line."""
+        try:
+            self.fs.put_file(str(file), self.key(step, name))
+        except Exception as e:  # every client library raises its own kinds
+            complete = self.complete_steps()
+            newest = f"step {complete[-1]}" if complete else "none"
+            raise RunFailed(
+                f"error: uploading {self.where(step)}/{name} failed: {_first_line(e)}; "
+                f"the newest complete checkpoint there: {newest}"
+            ) from None
 
     def delete(self, step: int) -> None:
         """The trainer state goes first: a kill during the deletion leaves an incomplete prefix, ignored."""

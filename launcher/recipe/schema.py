@@ -209,6 +209,11 @@ class Recipe:
         """`checkpoint.dir` where it is a storage URL (`s3://bucket/prefix`), else None."""
         return self.checkpoint.dir if self.checkpoint.dir and is_url(self.checkpoint.dir) else None
 
+    def checkpoint_name(self, path: Path) -> str:
+        """How a checkpoint is named to the user: by its URL where checkpoints are in a store (`path` is then
+        its copy in the staging folder)."""
+        return f"{self.checkpoint_store.rstrip('/')}/{path.name}" if self.checkpoint_store else str(path)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready values: what `--print-recipe` prints and the run dir keeps."""
         return _plain(self)
