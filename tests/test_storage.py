@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from launcher.checkpoint.store import Store, shares, url_problem  # noqa: E402 (after the skips)
-from launcher.layout import is_url  # noqa: E402
-from tests.conftest import TINY_RECIPE, finish, run_cli, start_ranks  # noqa: E402
+from launcher.checkpoint.store import Store, shares, url_problem
+from launcher.layout import is_url
+from tests.conftest import TINY_RECIPE, finish, run_cli, start_ranks
 
 TIMEOUT = 180
 SECRET = "wJalrXUtnFEMIxK7MDENGbPxRfiCYEXAMPLEKEY"  # the store's secret: it must show up nowhere
