@@ -13,10 +13,10 @@ from filelock import FileLock
 
 from launcher import checkpoint, consensus, guards, processes, runlock
 from launcher.checkpoint import integrity
-from launcher.checkpoint.store import Store, fetch_newest
 from launcher.errors import RecipeError, say
 from launcher.layout import METRICS_FILE
 from launcher.recipe import Recipe
+from launcher.storage import Store, fetch_newest
 
 
 @dataclass

@@ -27,15 +27,13 @@ from launcher.layout import (
     RECIPE_FILE,
     ROLLED_BACK_FILE,
     SLURM_ATTEMPTS_FILE,
-    STATE_FILE,
     TRACE_SUFFIX,
-    complete_steps,
     is_interrupted_name,
     read_json,
     read_jsonl,
     restarts,
-    step_dir_name,
 )
+from launcher.storage import checkpoints_at
 
 
 @dataclass
@@ -105,11 +103,8 @@ def read_run(path: Path) -> Run:
     run.last_run = read_json(path / LAST_RUN_FILE)
     run.history = read_jsonl(path / HISTORY_FILE)
     run.slurm_events = read_jsonl(path / "slurm" / SLURM_ATTEMPTS_FILE)
-    ckpt_dir = Path((run.recipe.get("checkpoint") or {}).get("dir") or path / CHECKPOINTS_DIR)
-    run.checkpoints = complete_steps(ckpt_dir)
-    if run.checkpoints:
-        state = read_json(ckpt_dir / step_dir_name(run.checkpoints[-1]) / STATE_FILE)
-        run.best_checkpoints = state.get("best_checkpoints") or []
+    run.checkpoints, state = checkpoints_at((run.recipe.get("checkpoint") or {}).get("dir") or path / CHECKPOINTS_DIR)
+    run.best_checkpoints = state.get("best_checkpoints") or []
     run.profile = profile_files(path / PROFILE_DIR)
     return run
 

@@ -9,10 +9,10 @@ import torch
 from accelerate import Accelerator
 
 from launcher import checkpoint, consensus
-from launcher.checkpoint.store import Store
 from launcher.metrics import Throughput
 from launcher.plan import Budget
 from launcher.recipe import Recipe, dump
+from launcher.storage import Store
 from launcher.strategies import DDP, unwrap
 from launcher.trackers import write_pending
 from launcher.trainstate import LogWindow, TrainState
@@ -78,7 +78,7 @@ class Saver:
                 self.recipe.checkpoint_dir / checkpoint.step_dir_name(state.step),
                 trainer_state,
                 dump(self.recipe),
-                after=(lambda: store.prune(ckpt.keep_last, best))
+                after=(lambda: store.prune(checkpoint.to_delete(store.complete_steps(), ckpt.keep_last, best)))
                 if store
                 else lambda: checkpoint.prune(self.recipe.checkpoint_dir, ckpt.keep_last, best),
             )

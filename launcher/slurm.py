@@ -31,8 +31,10 @@ from launcher.layout import (
     read_json,
     read_jsonl,
     restarts,
+    step_dir_name,
 )
 from launcher.slurm_time import TIME_FORMATS, parse_time
+from launcher.storage import checkpoints_at
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,6 @@ def queued(job: str | None) -> dict[str, str | None]:
 def status(run_dir: Path) -> dict[str, Any]:
     """Which job runs the run and how it stands in the queue, how often it was requeued, its last checkpoint and how
     its last attempt ended."""
-    from launcher import checkpoint
     from launcher.recipe import load_recipe
 
     attempts_file = run_dir / "slurm" / SLURM_ATTEMPTS_FILE
@@ -229,10 +230,12 @@ def status(run_dir: Path) -> dict[str, Any]:
     mine = [e for e in events if str(e.get("job")) == job]
     queue = queued(job)
     recipe_file = run_dir / RECIPE_FILE
-    ckpt_dir = run_dir / CHECKPOINTS_DIR
+    where: str | Path = run_dir / CHECKPOINTS_DIR
     if recipe_file.is_file():
-        ckpt_dir = load_recipe(recipe_file, check_files=False, this_machine=False).checkpoint_dir
-    last_checkpoint = checkpoint.latest(ckpt_dir)
+        recipe = load_recipe(recipe_file, check_files=False, this_machine=False)
+        where = recipe.checkpoint_store or recipe.checkpoint_dir
+    steps = checkpoints_at(where)[0]
+    last_checkpoint = f"{str(where).rstrip('/')}/{step_dir_name(steps[-1])}" if steps else None
     restarted = restarts(read_jsonl(run_dir / HISTORY_FILE))
     return {
         "job": job,

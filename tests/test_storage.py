@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from launcher.checkpoint.store import Store, shares, url_problem
 from launcher.layout import is_url
+from launcher.storage import Store, shares, url_problem
 from tests.conftest import TINY_RECIPE, finish, run_cli, start_ranks
 
 TIMEOUT = 180

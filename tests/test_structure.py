@@ -90,7 +90,7 @@ def test_the_import_graph_has_no_cycle():
 
 # The rooms of docs/architecture.md, in order: a module imports only from its own room or those before it.
 LAYERS = [
-    ["launcher", "launcher.errors", "launcher.layout", "launcher.folders", "launcher.slurm_time"],
+    ["launcher", "launcher.errors", "launcher.layout", "launcher.folders", "launcher.slurm_time", "launcher.storage"],
     [
         "launcher.components",
         "launcher.hub",

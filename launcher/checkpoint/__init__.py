@@ -15,6 +15,7 @@ and passed over by `resume=auto` (`retention.py`).
 - `formats.py`: the three on-disk formats, one object each; `weights.py`: the `full` format's files.
 - `writer.py`: `Writer`, which saves; `restore.py`: `load`, which resumes.
 - `info.py`: `launcher ckpt info` and `launcher ckpt export`.
+- `remote.py`: the same two commands on checkpoints in object storage (`launcher/storage.py` uploads them there).
 - `integrity.py` (checksums), `statefile.py` (nested state in safetensors), `shards.py` (DCP and DeepSpeed).
 """
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.info import recipe_names
-from launcher.checkpoint.store import Store
 from launcher.layout import BEST, LATEST, RECIPE_FILE, STATE_FILE, STEP_DIR, step_dir_name
+from launcher.storage import Store
 
 
 class NotFound(Exception):

@@ -24,7 +24,6 @@ from accelerate.utils import gather_object
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.formats import FORMATS, host_copy
-from launcher.checkpoint.store import Store, clear_uploaded, files_to_upload, shares
 from launcher.layout import (
     DATA_FILE,
     HF_DIR,
@@ -36,6 +35,7 @@ from launcher.layout import (
     old_dir,
     tmp_dir,
 )
+from launcher.storage import Store, clear_uploaded, files_to_upload, shares
 
 
 @dataclass(frozen=True)

@@ -338,7 +338,7 @@ def _check_folders(recipe: Recipe) -> list[str]:
     """The run dir and the checkpoints' folder (or storage prefix) can be made and written here."""
     found = [folders.problem("run_dir", Path(recipe.run_dir))]
     if recipe.checkpoint_store:
-        from launcher.checkpoint.store import probe
+        from launcher.storage import probe
 
         problem = probe(recipe.checkpoint_store)
         found.append(problem and f"checkpoint.dir: {problem}")
@@ -351,7 +351,7 @@ def _check_store(url: str | None) -> list[str]:
     """A storage URL as written: no credentials in it, a protocol whose package is installed."""
     if url is None:
         return []
-    from launcher.checkpoint.store import url_problem
+    from launcher.storage import url_problem
 
     problem = url_problem("checkpoint.dir", url)
     return [problem] if problem else []

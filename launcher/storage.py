@@ -24,7 +24,16 @@ from urllib.parse import urlsplit
 from filelock import FileLock
 
 from launcher.errors import RunFailed
-from launcher.layout import STATE_FILE, STEP_DIR, STEP_PREFIX, is_url, step_dir_name, tmp_dir
+from launcher.layout import (
+    STATE_FILE,
+    STEP_DIR,
+    STEP_PREFIX,
+    complete_steps,
+    is_url,
+    read_json,
+    step_dir_name,
+    tmp_dir,
+)
 
 # A store that does not answer fails the run's checks in seconds, not after botocore's minutes of retries.
 S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}}
@@ -143,10 +152,9 @@ class Store:
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
 
-    def prune(self, keep_last: int, best: Sequence[Sequence[float]] = ()) -> None:
-        from launcher.checkpoint.retention import to_delete
-
-        for step in to_delete(self.complete_steps(), keep_last, best):
+    def prune(self, steps: Sequence[int]) -> None:
+        """Delete these checkpoints (the ones retention removes)."""
+        for step in steps:
             self.delete(step)
 
 
@@ -208,6 +216,20 @@ def _clear_staging(staging: Path, keep: Path | None) -> None:
     for child in staging.iterdir():
         if child.is_dir() and child != keep:
             shutil.rmtree(child, ignore_errors=True)
+
+
+def checkpoints_at(where: str | Path) -> tuple[list[int], dict[str, Any]]:
+    """The complete checkpoints' steps in a folder or under a storage URL, and the newest one's trainer state;
+    nothing where the store cannot be read (what reports it is a report, not a run)."""
+    if isinstance(where, Path) or not is_url(where):
+        steps = complete_steps(Path(where))
+        return steps, read_json(Path(where) / step_dir_name(steps[-1]) / STATE_FILE) if steps else {}
+    try:
+        store = Store(where)
+        steps = store.complete_steps()
+        return steps, store.read_state(steps[-1]) if steps else {}
+    except Exception:  # no credentials here, no network, the client library missing
+        return [], {}
 
 
 def probe(url: str) -> str | None:
