@@ -178,3 +178,35 @@ def same_as_logged(
         assert values == logged[step] or values == rolled_back.get(step), step
         exact = {k: v for k, v in logged[step].items() if not k.startswith(("throughput/", "flops_per_s", "memory/"))}
         assert {k: values[k] for k in exact} == exact, step
+
+
+def test_an_mlflow_run_continued_gets_only_new_steps_and_a_lost_one_is_replaced_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from mlflow.tracking import MlflowClient
+
+    from launcher.trackers import MLflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    def attempt(run_id: str | None, steps: range) -> MLflow:
+        tracker = MLflow("exp", "run", run_id)
+        tracker.start()
+        tracker.store_init_configuration({"lr": 0.1, "attempt": 1 if run_id is None else 2})
+        for step in steps:
+            tracker.log({"loss": float(step)}, step)
+        tracker.finish()
+        return tracker
+
+    first = attempt(None, range(1, 6))
+    run_id = first.run_ids["mlflow"]
+    again = attempt(run_id, range(3, 8))  # resumed from a checkpoint at 2
+    assert again.held_through == 5 and again.run_ids == {"mlflow": run_id}
+    client = MlflowClient()
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7]
+    assert client.get_run(run_id).data.params == {"lr": "0.1", "attempt": "1"}  # MLflow's params stay as stored
+
+    gone = attempt("0" * 32, range(3, 5))
+    assert gone.held_through is None and gone.run_ids["mlflow"] not in (run_id, "0" * 32)
+    assert f"warning: MLflow has no run {'0' * 32} (in trackers.json); logging to a new run" in capsys.readouterr().err
