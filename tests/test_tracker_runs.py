@@ -145,6 +145,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_and_w_and_b_runs_every_step_onc
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
+    assert run.info.run_name == "run" and run.data.params["optimizer.lr"] == "0.003"  # the run dir's name, the recipe
     in_mlflow: dict[int, list[dict[str, float]]] = {}
     for key in run.data.metrics:
         for m in client.get_metric_history(run.info.run_id, key):
