@@ -15,6 +15,7 @@ ENV_FILE = "env.json"
 LAST_RUN_FILE = "last_run.json"
 METRICS_FILE = "metrics.jsonl"
 ROLLED_BACK_FILE = "metrics.rolled_back.jsonl"  # rows a failed attempt logged after its last checkpoint
+TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids, which later attempts continue
 HISTORY_FILE = "history.jsonl"  # one line per attempt's start and end: what `launcher report` counts resumes by
 SLURM_ATTEMPTS_FILE = "attempts.jsonl"  # in <run_dir>/slurm/: one line per start of the job, and per requeue
 LOCK_FILE = ".lock"  # held by a live run's main process: one run per run dir (see runlock.py)

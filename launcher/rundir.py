@@ -11,11 +11,20 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import filter_trackers
 
-from launcher.layout import ENV_FILE, HISTORY_FILE, LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, ROLLED_BACK_FILE
+from launcher.layout import (
+    ENV_FILE,
+    HISTORY_FILE,
+    LAST_RUN_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    ROLLED_BACK_FILE,
+    read_jsonl,
+)
 from launcher.metrics import JsonlWriter, environment, flat_hparams
 from launcher.recipe import Recipe, dump
 from launcher.strategies import DDP
-from launcher.trackers import tracker_options, trackers
+from launcher.tracker_runs import store_ids, stored_ids
+from launcher.trackers import backfill, run_ids, trackers
 
 
 class RunDir:
@@ -55,13 +64,25 @@ class RunDir:
                 if continued:
                     roll_back_metrics(self.path, step)
                 self.jsonl = JsonlWriter(self.path / METRICS_FILE)
-        # Only now may trackers create their files (TensorBoard's event file is made as its writer is).
-        chosen = trackers(recipe.logging.trackers, str(self.path), step if continued else None)
+        self.start_trackers(step, continued)
+
+    def start_trackers(self, step: int, continued: bool) -> None:
+        """Start the trackers (only now may they create their files: TensorBoard's event file is made as its
+        writer is). An attempt that continues the run continues its W&B and MLflow runs, which get the rows of
+        `metrics.jsonl` they lack up to `step`; the main process stores the runs' ids for the attempts after."""
+        accelerator, recipe = self.accelerator, self.recipe
+        ids = stored_ids(self.path) if continued and accelerator.is_main_process else {}
+        project = recipe.name or "launcher"  # the wandb project and MLflow experiment; the run dir's name, the run's
+        chosen = trackers(recipe.logging.trackers, self.path, project, step if continued else None, ids)
         accelerator.log_with = filter_trackers(chosen, str(self.path))
-        # The recipe's name is the wandb project and MLflow experiment; the run dir's name, the run's.
-        accelerator.init_trackers(
-            recipe.name or "launcher", config=flat_hparams(recipe.to_dict()), init_kwargs=tracker_options(self.path)
-        )
+        accelerator.init_trackers(project, config=flat_hparams(recipe.to_dict()))
+        if not accelerator.is_main_process:
+            return
+        if continued:
+            backfill(accelerator.trackers, read_jsonl(self.path / METRICS_FILE), step)
+        now = {**ids, **run_ids(accelerator.trackers)}  # a tracker left out of this attempt keeps its run's id
+        if now != ids:
+            store_ids(self.path, now)
 
     def note(self, values: dict[str, Any]) -> None:
         """Add what the run learns once it runs (the FLOPs of an update) to `env.json`; before the run dir is

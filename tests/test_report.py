@@ -161,31 +161,6 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(t
     assert not run_dir.exists()
 
 
-def test_mlflow_gets_the_scalars_and_the_recipe(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store: nothing to start for the test
-
-    uri = f"file://{tmp_path / 'mlruns'}"
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", "train", str(tiny_recipe), f"run_dir={run_dir}",
-         "logging.trackers=[jsonl,mlflow]"],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("tiny")  # the recipe's name
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == "run" and run.info.status == "FINISHED"
-    assert run.data.params["optimizer.lr"] == "0.003"
-    rows = read_metrics(run_dir)
-    for tag in ("train/loss", "val/loss"):
-        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)}
-        assert logged == pytest.approx({r["step"]: r[tag] for r in rows if tag in r}), tag
-
-
 # ------------------------------------------------------------------------------------------- across resumes
 
 RESUMABLE = [

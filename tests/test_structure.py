@@ -116,7 +116,14 @@ LAYERS = [
     ["launcher.runlock", "launcher.preflight"],
     ["launcher.trainstate"],
     ["launcher.build"],
-    ["launcher.rundir", "launcher.metrics", "launcher.trackers", "launcher.flops", "launcher.progress"],
+    [
+        "launcher.rundir",
+        "launcher.metrics",
+        "launcher.trackers",
+        "launcher.tracker_runs",
+        "launcher.flops",
+        "launcher.progress",
+    ],
     ["launcher.evaluation", "launcher.saving", "launcher.updates", "launcher.profiling"],
     ["launcher.loop"],
     [
