@@ -15,46 +15,9 @@ import pytest
 
 from launcher import processes
 from launcher.processes import Failure, Launch
-from tests.conftest import TINY_RECIPE, free_port, read_metrics, run_cli
+from tests.conftest import free_port, read_metrics, run_cli
 
 TIMEOUT = 180
-
-# An MLP that fails at its FAULT_AT-th training forward on rank FAULT_RANK (every attempt, or with ONCE=1 only the
-# first): SIGKILL, an exception, or a refusal. It counts its forwards in a buffer, which a resumed run restores.
-FAULTY = """
-import os, signal
-import torch
-from launcher.errors import RecipeError
-
-
-class Faulty(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        if self.training:
-            self.calls += 1
-            fault, at = os.environ.get("FAULT", ""), int(os.environ.get("FAULT_AT", "0"))
-            again = os.environ.get("ONCE") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-            here = os.environ["RANK"] == os.environ.get("FAULT_RANK", "1")
-            if fault and not again and here and int(self.calls) == at:
-                if fault == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if fault == "raise":
-                    raise RuntimeError(f"boom at call {at}")
-                raise RecipeError("model: refused on this rank")
-        return self.net(x)
-"""
-
-
-@pytest.fixture
-def faulty(tmp_path: Path) -> Path:
-    (tmp_path / "faulty.py").write_text(FAULTY)
-    recipe = tmp_path / "faulty.yaml"
-    recipe.write_text(TINY_RECIPE.replace("{_component_: mlp, hidden_sizes: [32]}", "{_component_: faulty.Faulty}"))
-    return recipe
 
 
 def train(recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: list[str] | None = None):

@@ -15,29 +15,9 @@ import pytest
 from launcher import tracker_runs
 from launcher.layout import read_jsonl
 from launcher.tracker_runs import backfill, sends
-from tests.conftest import TINY_RECIPE, read_metrics
+from tests.conftest import read_metrics
 
 TIMEOUT = 180
-
-# The tiny recipe's MLP, killed (SIGKILL, as when a node is lost) at its KILL_AT-th training forward.
-KILLED = """
-import os, signal
-import torch
-
-
-class Killed(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-        self.calls = 0
-
-    def forward(self, x):
-        if self.training:
-            self.calls += 1
-            if self.calls == int(os.environ.get("KILL_AT", "0")):
-                os.kill(os.getpid(), signal.SIGKILL)
-        return self.net(x)
-"""
 
 
 # ------------------------------------------------------------------------------------------- pure decisions
@@ -106,15 +86,13 @@ def wandb_steps(wandb_dir: Path) -> tuple[set[str], dict[int, list[dict[str, flo
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_the_same_mlflow_and_w_and_b_runs_every_step_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    faulty: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the client reading the store back here
 
-    (tmp_path / "killed.py").write_text(KILLED)
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.replace("{_component_: mlp, hidden_sizes: [32]}", "{_component_: killed.Killed}"))
+    recipe = faulty  # SIGKILL (as when a node is lost) at a given training forward
     run_dir, uri = tmp_path / "run", f"file:{tmp_path / 'mlruns'}"
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -130,7 +108,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_and_w_and_b_runs_every_step_onc
         return subprocess.run(args, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
                               timeout=TIMEOUT, check=False)  # fmt: skip
 
-    killed = attempt(KILL_AT="27")  # after the checkpoint at 20, with steps 21-26 logged
+    killed = attempt(FAULT="kill", FAULT_AT="27", FAULT_RANK="0")  # after the checkpoint at 20, steps 21-26 logged
     assert killed.returncode == -9, killed.stderr
     first_ids = json.loads((run_dir / "trackers.json").read_text())
     resumed = attempt()
@@ -143,7 +121,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_and_w_and_b_runs_every_step_onc
     assert sorted(logged) == list(range(1, 41)) and sorted(rolled_back) == list(range(21, 27))
 
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("faulty").experiment_id])
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
     assert run.info.run_name == "run" and run.data.params["optimizer.lr"] == "0.003"  # the run dir's name, the recipe
     in_mlflow: dict[int, list[dict[str, float]]] = {}
