@@ -171,3 +171,16 @@ def test_two_processes_write_prune_survive_a_kill_mid_upload_and_resume_bitwise(
     everything = "".join(out + err for _, out, err in full + resumed) + info.stdout + info.stderr
     written = [f.read_bytes() for f in (tmp_path / "crashed").rglob("*") if f.is_file()]  # recipe.yaml, env.json...
     assert SECRET not in everything and not any(SECRET.encode() in content for content in written)
+
+
+def test_a_background_save_uploads_in_its_thread_and_a_resume_downloads(
+    s3: tuple[dict[str, str], Gate], tiny_recipe: Path, tmp_path: Path
+):
+    """One process, `async_save`: the writer's thread writes and uploads; the staging folder keeps nothing."""
+    run = (f"run_dir={tmp_path / 'run'}", "checkpoint.dir=s3://ckpts/async", "checkpoint.async_save=true")
+    done = run_cli("train", str(tiny_recipe), *run, "train.max_steps=20", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    more = run_cli("train", str(tiny_recipe), *run, "resume=auto", cwd=tmp_path)
+    assert more.returncode == 0 and "resumed from s3://ckpts/async/step_00000020 at step 20" in more.stdout, more.stderr
+    assert Store("s3://ckpts/async").complete_steps() == [20, 40]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".download.lock"]
