@@ -54,7 +54,9 @@ def url_problem(key: str, url: str) -> str | None:
 
     try:
         fsspec.get_filesystem_class(parts.scheme)
-    except (ImportError, ValueError) as e:
+    except ImportError as e:  # fsspec names the package: s3fs, gcsfs, adlfs...
+        return f"{key}: {url}: {_first_line(e)} (s3fs and gcsfs come with pip install 'launcher[storage]')"
+    except ValueError as e:
         return f"{key}: {url}: {_first_line(e)}"
     return None
 
