@@ -59,6 +59,7 @@ def run_verb(args: argparse.Namespace) -> int:
         "validate": lambda: validate_command(args.recipe, args.overrides),
         "plan": lambda: plan_command(args.recipe, args.overrides, args.processes),
         "slurm submit": lambda: slurm_submit_command(args),
+        "slurm sweep": lambda: slurm_sweep_command(args),
         "slurm status": lambda: slurm_status_command(args.run_dir),
         "report": lambda: report_command(args.run_dirs, args.out, args.json),
         "tokenize": lambda: tokenize_command(args.text, args.out, args.val_fraction),
@@ -103,16 +104,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     slurm = verbs.add_parser("slurm", help="run a recipe as a SLURM job; how a job is doing")
     slurm_verbs = slurm.add_subparsers(dest="slurm_verb", required=True, metavar="VERB")
-    submit = slurm_verbs.add_parser("submit", help="render the job script from the recipe and sbatch it")
-    _recipe_args(submit)
-    submit.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's slurm.nodes, or 1)")
-    submit.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node; 0 runs one CPU process")
-    submit.add_argument("--time", default=None, help="wall time, HH:MM:SS or D-HH:MM:SS")
-    submit.add_argument("--partition", default=None)
-    submit.add_argument("--account", default=None)
-    submit.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    _job_args(slurm_verbs.add_parser("submit", help="render the job script from the recipe and sbatch it"))
+    sweep = slurm_verbs.add_parser("sweep", help="a job array, one task per combination of values (key=a,b)")
+    _job_args(sweep)
+    sweep.add_argument("--max-parallel", type=int, help="tasks running at a time (default: as many as SLURM allows)")
+    sweep.add_argument("--sweep-dir", help="the run dirs' folder (default: the recipe's run dir + -sweep)")
+    sweep.add_argument("--resume", action="store_true", help="submit the sweep's unfinished tasks again")
     slurm_status = slurm_verbs.add_parser("status", help="the job, its requeues and the last checkpoint of a run")
-    slurm_status.add_argument("run_dir")
+    slurm_status.add_argument("run_dir", help="a run dir, or a sweep dir (a line per task)")
 
     report = verbs.add_parser("report", help="what runs did and what is wrong with them; plots with --out")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (several: compared)")
@@ -125,6 +124,16 @@ def make_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--val-fraction", type=float, default=0.1, help="the end of the file kept for val")
 
     return parser
+
+
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    _recipe_args(parser)
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's slurm.nodes, or 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node; 0 runs one CPU process")
+    parser.add_argument("--time", default=None, help="wall time, HH:MM:SS or D-HH:MM:SS")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
 
 
 def _start_args(train: argparse.ArgumentParser) -> None:
@@ -201,18 +210,7 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
 
     # Submitted from a login node for other machines: what this one has (a GPU, its memory) does not matter.
     recipe = load_recipe(args.recipe, args.overrides, this_machine=False)
-    defaults = recipe.slurm
-    options = slurm.JobOptions(
-        nodes=args.nodes if args.nodes is not None else defaults.nodes,
-        gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else defaults.gpus_per_node,
-        time=args.time if args.time is not None else defaults.time,
-        partition=args.partition or defaults.partition,
-        account=args.account or defaults.account,
-        **{
-            f: getattr(defaults, f)
-            for f in ("max_requeues", "max_restarts", "signal_before_s", "stop_before_end_s", "sbatch", "setup")
-        },
-    )
+    options = slurm.job_options(recipe.slurm, **_job_flags(args))
     problems = slurm.options_problems(options)
     if problems:
         raise RecipeError(problems)
@@ -242,30 +240,42 @@ def slurm_submit_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def slurm_status_command(run_dir: str) -> int:
-    from launcher import slurm
+def _job_flags(args: argparse.Namespace) -> dict[str, object]:
+    return {f: getattr(args, f) for f in ("nodes", "gpus_per_node", "time", "partition", "account")}
 
-    print(slurm.describe(slurm.status(Path(run_dir))))
+
+def slurm_sweep_command(args: argparse.Namespace) -> int:
+    from launcher import sweep
+
+    flags = (args.max_parallel, args.sweep_dir, args.resume, args.dry_run)
+    return sweep.submit(sweep.Request(args.recipe, tuple(args.overrides), _job_flags(args), *flags))
+
+
+def slurm_status_command(run_dir: str) -> int:
+    from launcher import slurm, sweep
+
+    path = Path(run_dir)
+    print("\n".join(sweep.status_lines(path)) if sweep.is_sweep(path) else slurm.describe(slurm.status(path)))
     return 0
 
 
 def report_command(run_dirs: Sequence[str], out_text: str | None, as_json: bool) -> int:
     import json
 
-    from launcher import plots, report
+    from launcher import plots, sweep_report
 
     out = Path(out_text) if out_text else None
     if out is not None and not plots.available():
         raise RecipeError(f"--out: {plots.INSTALL_HINT}")
     if out is not None and out.exists() and not out.is_dir():
         raise RecipeError(f"--out: {out} exists and is not a folder")
-    runs, text, records = report.report([Path(p) for p in run_dirs])
+    runs, text, records, metrics = sweep_report.report([Path(p) for p in run_dirs])  # a sweep dir: its table
     try:
         print(json.dumps(records, indent=2) if as_json else text, flush=True)
     except BrokenPipeError:  # `launcher report ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out is not None:
-        written = plots.plot(runs, out)
+        written = plots.plot(runs, out, metrics)
         say(f"plots: {', '.join(str(p) for p in written) or 'none (nothing logged to draw)'}")
     return 0
 

@@ -5,6 +5,7 @@ Needs matplotlib (the `plots` extra); nothing here imports it until a plot is dr
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,8 +36,9 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot(runs: list[Run], out: Path) -> list[Path]:
-    """Draw every plot with at least one value into `out`; the files written."""
+def plot(runs: list[Run], out: Path, metrics: Sequence[str] = ()) -> list[Path]:
+    """Draw every plot with at least one value into `out`, and one per key of `metrics` (`val/accuracy` ->
+    `val_accuracy.png`: the metric a sweep ranks its runs by); the files written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
@@ -45,7 +47,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     names = _labels(runs)
     written = []
-    for file, title, ylabel, keys in PLOTS:
+    more = [(f"{m.replace('/', '_')}.png", m, m, [(m, "-o", "")]) for m in metrics]
+    for file, title, ylabel, keys in [*PLOTS, *more]:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         drawn = 0
         for i, run in enumerate(runs):

@@ -137,6 +137,8 @@ LAYERS = [
         "launcher.plots",
         "launcher.slurm",
         "launcher.activations",
+        "launcher.sweep",
+        "launcher.sweep_report",
     ],
 ]
 
