@@ -4,6 +4,7 @@ resumes and ends as the uninterrupted run did."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -297,6 +298,67 @@ def test_a_job_at_its_time_limit_saves_and_requeues(cluster: LocalCluster, tmp_p
     assert re.search(
         rf"job {job} \(PENDING, reason BeginTime, expected start \S+\): 1 attempt\(s\), 1 requeue", status
     ), status
+
+
+# Short runs (5 to 30 s each, by the machine's load) still running when a task is warned after its first checkpoint.
+SWEEP = ["logging.progress_bar=false", "logging.every_steps=10", "checkpoint.every_steps=50", "eval.every_steps=200",
+         "strategy.timeout_s=120", "train.max_steps=400"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_array_whose_warned_task_requeues_and_resumes_and_report_ranks_its_runs(
+    cluster: LocalCluster, tmp_path: Path
+):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "slurm", "sweep", QUICKSTART, "optimizer.lr=1e-3,3e-3",
+         "train.batch_size=16,32", *SWEEP, "--sweep-dir", str(sweep_dir), "--max-parallel", "2", "--nodes", "1",
+         "--gpus-per-node", "0", "--time", "00:10:00"],
+        cwd=tmp_path, env=cluster.env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"submitted job array (\d+) \(0-3%2\)", proc.stdout).group(1)
+    tasks = json.loads((sweep_dir / "sweep.json").read_text())["tasks"]
+    assert [t["overrides"] for t in tasks] == [
+        {"optimizer.lr": lr, "train.batch_size": bs} for lr in ("1e-3", "3e-3") for bs in ("16", "32")
+    ]
+    first, task0 = Path(tasks[0]["run_dir"]), f"{job}_0"
+    log = sweep_dir / "slurm" / f"{job}_0.out"
+
+    def report() -> str:
+        return f"(task {task0}: {job_state(cluster, task0)})\n" + (log.read_text()[-2000:] if log.is_file() else "")
+
+    wait_for(lambda: (first / "checkpoints" / "step_00000050").is_dir(), 180, "task 0's first checkpoint", report)
+    # SLURM's warning before the end, to task 0's batch script alone: it must requeue task 0, not the array. (scancel
+    # of slurm 22.05 delivers a signal to an array task at once, then retries "Job is in transitional state" for
+    # good: it is stopped after a few seconds.)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        cluster.run("scancel", "--signal=USR1", "--batch", task0, timeout=3)
+    wait_for(lambda: job_state(cluster, task0) == "PENDING", 120, "task 0 to requeue itself", report)
+    time.sleep(5)  # (a start in the same second as the requeue is refused by slurmd)
+    cluster.run("scontrol", "update", f"JobId={task0}", "StartTime=now")  # not in two minutes (BeginTime)
+    states = lambda: [job_state(cluster, f"{job}_{i}") for i in range(4)]  # noqa: E731
+    done = lambda: all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states())  # noqa: E731
+    wait_for(done, 300, "the 4 tasks to end", lambda: f"{states()} {report()}")
+    assert states() == ["COMPLETED"] * 4, report()
+
+    stopped = re.search(r"stopped \(stop file\) at step (\d+)/400", log.read_text())
+    assert stopped and 50 <= int(stopped.group(1)) < 400, report()
+    assert f"resumed from {first / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in log.read_text()
+    events = [e for e in attempt_events(first) if e["event"] != "submit"]
+    assert [(e["event"], e["job"]) for e in events] == [("start", task0), ("requeue", task0), ("start", task0)]
+    for t in tasks[1:]:
+        assert [e["event"] for e in attempt_events(Path(t["run_dir"])) if e["event"] != "submit"] == ["start"]
+
+    status = slurm_status(cluster, sweep_dir).splitlines()
+    assert len(status) == 5 and f"job {task0} (COMPLETED): 2 attempt(s), 1 requeue(s)" in status[1], status
+    ranked = run_cli("report", str(sweep_dir), "--json", "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert ranked.returncode == 0, ranked.stderr
+    runs = json.loads(ranked.stdout)["runs"]
+    best = [r["best"]["value"] for r in runs]
+    assert sorted({r["task"] for r in runs}) == [0, 1, 2, 3] and best == sorted(best, reverse=True)  # val/accuracy
+    assert (tmp_path / "plots" / "val_accuracy.png").is_file() and (tmp_path / "plots" / "loss.png").is_file()
+    assert runs[[r["task"] for r in runs].index(0)]["requeues"] == 1
 
 
 def test_the_shipped_template_is_the_generic_job_script():
