@@ -19,11 +19,14 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher import slurm
 from launcher.errors import RecipeError
-from launcher.layout import LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, read_json, read_jsonl
+from launcher.layout import LAST_RUN_FILE, METRICS_FILE, RECIPE_FILE, SLURM_ATTEMPTS_FILE, read_json, read_jsonl
+
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
 
 SWEEP_FILE = "sweep.json"
 SCRIPT_FILE = "sweep.sbatch"
@@ -177,7 +180,7 @@ class Request:
     dry_run: bool = False
 
 
-def check_all(recipe: str, fixed: list[str], combos: list[dict[str, str]]) -> list[Any]:
+def check_all(recipe: str, fixed: list[str], combos: list[dict[str, str]]) -> list[Recipe]:
     """Every combination's recipe, checked as `slurm submit` checks one; RecipeError with each distinct problem once,
     naming the first task it was found in (a bad value fails every combination it is in)."""
     from launcher.recipe import load_recipe
@@ -230,7 +233,8 @@ def to_submit(sweep_dir: Path, tasks: list[dict[str, Any]], resume: bool) -> lis
         raise RecipeError(f"--resume: not the combinations of the sweep in {sweep_dir}; give the same keys and values")
     left = []
     for t in before:
-        info = slurm.status(Path(t["run_dir"])) if (Path(t["run_dir"]) / "slurm").is_dir() else {"state": None}
+        submitted = (Path(t["run_dir"]) / "slurm" / SLURM_ATTEMPTS_FILE).is_file()
+        info = slurm.status(Path(t["run_dir"])) if submitted else {"state": None}
         if info["state"] in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING", "CONFIGURING"):
             raise RecipeError(f"--resume: task {t['index']} is still in the queue (job {info['job']}, {info['state']})")
         if ended(Path(t["run_dir"])) is None:
@@ -240,7 +244,9 @@ def to_submit(sweep_dir: Path, tasks: list[dict[str, Any]], resume: bool) -> lis
     return left
 
 
-def render(req: Request, fixed: list[str], tasks: list[dict[str, Any]], array: str, options: Any, name: str) -> str:
+def render(
+    req: Request, fixed: list[str], tasks: list[dict[str, Any]], array: str, options: slurm.JobOptions, name: str
+) -> str:
     """The array's job script: `slurm submit`'s, with each task's recipe arguments and run dir chosen by its index."""
     cases = []
     for t in tasks:
@@ -284,13 +290,18 @@ def submit(req: Request) -> int:
         return 0
     sbatch = slurm.find_sbatch()  # before anything is written
     slurm.check_nodes(options)
-    for t in tasks:
-        (Path(t["run_dir"]) / "slurm").mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "slurm").mkdir(exist_ok=True)
+    new = not is_sweep(sweep_dir)
+    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)  # before the tasks start: their logs go there
     path = sweep_dir / "slurm" / SCRIPT_FILE
     path.write_text(script)
-    job = slurm.submit(sbatch, path)
+    try:
+        job = slurm.submit(sbatch, path)
+    except RecipeError:
+        if new:  # (empty or absent before: to_submit checked) a half-made sweep dir would refuse the next try
+            shutil.rmtree(sweep_dir)
+        raise
     for i in indices:
+        (Path(tasks[i]["run_dir"]) / "slurm").mkdir(parents=True, exist_ok=True)
         slurm.record_submit(Path(tasks[i]["run_dir"]), f"{job}_{i}")
     record(sweep_dir, req, fixed, axes, tasks, {"job": job, "array": array})
     print(f"submitted job array {job} ({array}): {len(indices)} task(s) of {recipes[0].name}; logs {path.parent}/")
@@ -298,7 +309,9 @@ def submit(req: Request) -> int:
     return 0
 
 
-def record(sweep_dir: Path, req: Request, fixed: list[str], axes: list[Axis], tasks: list[Any], job: dict) -> None:
+def record(
+    sweep_dir: Path, req: Request, fixed: list[str], axes: list[Axis], tasks: list[dict[str, Any]], job: dict[str, str]
+) -> None:
     """sweep.json, with every array job submitted for it (a --resume adds one)."""
     before = read_json(sweep_dir / SWEEP_FILE).get("jobs", [])
     sweep = {
@@ -339,7 +352,7 @@ def status_lines(sweep_dir: Path) -> list[str]:
     lines = [f"sweep {sweep_dir}: {len(sweep['tasks'])} task(s); job array(s) {jobs or 'none'}"]
     for t in sweep["tasks"]:
         run_dir, combo = Path(t["run_dir"]), " ".join(as_overrides(t["overrides"]))
-        if not (run_dir / "slurm").is_dir():
+        if not (run_dir / "slurm" / SLURM_ATTEMPTS_FILE).is_file():
             lines.append(f"task {t['index']} ({combo}): not submitted")
             continue
         info = slurm.status(run_dir)

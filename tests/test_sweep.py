@@ -242,3 +242,18 @@ def test_the_monitored_metric():
     assert sweep.monitor({"checkpoint": {"monitor": "val/loss"}, "early_stopping": stop}) == ("val/accuracy", "max")
     kept = {"monitor": "val/loss", "mode": "min", "keep_best": 1}
     assert sweep.monitor({"checkpoint": kept, "early_stopping": stop}) == ("val/loss", "min")
+
+
+def test_a_sweep_sbatch_refuses_leaves_no_sweep_dir_behind(tmp_path: Path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(
+        bin_dir / "sbatch",
+        "#!/bin/bash\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    work = tmp_path / "work"
+    work.mkdir()
+    code, _, err = cli_in_process(["slurm", "sweep", QUICKSTART, *SWEPT], work)
+    assert code == 2 and err.startswith("error: sbatch: refused") and len(err.strip().splitlines()) == 1, err
+    assert list(work.iterdir()) == [work / "runs"] and list((work / "runs").iterdir()) == []
