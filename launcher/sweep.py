@@ -360,8 +360,9 @@ def status_lines(sweep_dir: Path) -> list[str]:
         last = info["last_run"] or {}
         total = f"/{last['total_steps']}" if last.get("total_steps") else ""
         end = f", {last['stop_reason']}" if last.get("stop_reason") else ""
+        reason = f", reason {info['reason']}" if info["reason"] else ""
         lines.append(
-            f"task {t['index']} ({combo}): job {info['job']} ({info['state']}): {info['attempts']} attempt(s), "
+            f"task {t['index']} ({combo}): job {info['job']} ({info['state']}{reason}): {info['attempts']} attempt(s), "
             f"{info['requeues']} requeue(s); step {step if step is not None else '-'}{total}{end}; "
             f"{metric} {'-' if value is None else f'{value:.4g}'}"
         )

@@ -233,6 +233,9 @@ def test_status_has_a_line_per_task(tmp_path: Path, monkeypatch):
         "val/accuracy 0.6",
         "task 1 (optimizer.lr=1): not submitted",
     ]
+    _executable(tmp_path / "squeue", "#!/bin/bash\necho 'PENDING|JobArrayTaskLimit|N/A'\n")  # as squeue -j 41_0 says
+    code, out, err = cli_in_process(["slurm", "status", str(sweep_dir)], tmp_path)
+    assert "task 0 (optimizer.lr=0): job 41_0 (PENDING, reason JobArrayTaskLimit): 0 attempt(s)" in out, out
 
 
 def test_the_monitored_metric():
