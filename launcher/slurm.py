@@ -208,19 +208,25 @@ def _now() -> str:
 
 def queued(job: str | None) -> dict[str, str | None]:
     """The job's state, why it waits and when it is expected to start, from squeue; Nones when it is not there."""
-    found: dict[str, str | None] = {"state": None, "reason": None, "expected_start": None}
     if job is None or not shutil.which("squeue"):
-        return found
+        return dict(NOT_QUEUED)
     # --states=all: an ended job too (COMPLETED, CANCELLED...), for as long as SLURM keeps it (MinJobAge).
     cmd = ["squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r|%S"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return found
+        return dict(NOT_QUEUED)
     fields = proc.stdout.strip().split("|")
     if proc.returncode != 0 or len(fields) != 3:
-        return found
-    state, reason, start = fields
+        return dict(NOT_QUEUED)
+    return queue_entry(*fields)
+
+
+NOT_QUEUED: dict[str, str | None] = {"state": None, "reason": None, "expected_start": None}
+
+
+def queue_entry(state: str, reason: str, start: str) -> dict[str, str | None]:
+    """squeue's %T, %r and %S as `queued` gives them."""
     unknown = ("", "None", "N/A", "(null)")
     return {
         "state": state,
@@ -229,9 +235,9 @@ def queued(job: str | None) -> dict[str, str | None]:
     }
 
 
-def status(run_dir: Path) -> dict[str, Any]:
+def status(run_dir: Path, queue: dict[str, dict[str, str | None]] | None = None) -> dict[str, Any]:
     """Which job runs the run and how it stands in the queue, how often it was requeued, its last checkpoint and how
-    its last attempt ended."""
+    its last attempt ended. `queue`: the queue by job id, found already, instead of asking squeue for this job."""
     from launcher.recipe import load_recipe
 
     attempts_file = run_dir / "slurm" / SLURM_ATTEMPTS_FILE
@@ -242,7 +248,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     job = None if job is None else str(job)
     # This job's lines: a run dir submitted again keeps the earlier jobs' lines.
     mine = [e for e in events if str(e.get("job")) == job]
-    queue = queued(job)
+    queue = queued(job) if queue is None else queue.get(job or "", dict(NOT_QUEUED))
     recipe_file = run_dir / RECIPE_FILE
     where: str | Path = run_dir / CHECKPOINTS_DIR
     if recipe_file.is_file():

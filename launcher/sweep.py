@@ -345,17 +345,39 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def queued_tasks(jobs: list[str]) -> dict[str, dict[str, str | None]]:
+    """How each task of these array jobs stands in the queue, by `<array job>_<index>`: one squeue call per array job,
+    not per task (a loop of squeue calls loads the controller, which cluster admins ask users not to do; one call for
+    all would fail all for one job SLURM no longer knows)."""
+    found: dict[str, dict[str, str | None]] = {}
+    if not shutil.which("squeue"):
+        return found
+    for job in jobs:
+        # --states=all: ended tasks too, while SLURM keeps them; -r: pending tasks a line each, not folded (41_[2-5]).
+        cmd = ["squeue", "-h", "--states=all", "-r", "-j", job, "-o", "%i|%T|%r|%S"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+            fields = line.strip().split("|")
+            if len(fields) == 4:
+                found[fields[0]] = slurm.queue_entry(*fields[1:])
+    return found
+
+
 def status_lines(sweep_dir: Path) -> list[str]:
     """`launcher slurm status SWEEP_DIR`: a line per task, from what `slurm status RUN_DIR` finds of its run."""
     sweep = read_sweep(sweep_dir)
     jobs = ", ".join(f"{j['job']} ({j['array']})" for j in sweep.get("jobs", []))
     lines = [f"sweep {sweep_dir}: {len(sweep['tasks'])} task(s); job array(s) {jobs or 'none'}"]
+    queue = queued_tasks([str(j["job"]) for j in sweep.get("jobs", [])])
     for t in sweep["tasks"]:
         run_dir, combo = Path(t["run_dir"]), " ".join(as_overrides(t["overrides"]))
         if not (run_dir / "slurm" / SLURM_ATTEMPTS_FILE).is_file():
             lines.append(f"task {t['index']} ({combo}): not submitted")
             continue
-        info = slurm.status(run_dir)
+        info = slurm.status(run_dir, queue)
         step, metric, value = progress(run_dir)
         last = info["last_run"] or {}
         total = f"/{last['total_steps']}" if last.get("total_steps") else ""

@@ -233,9 +233,14 @@ def test_status_has_a_line_per_task(tmp_path: Path, monkeypatch):
         "val/accuracy 0.6",
         "task 1 (optimizer.lr=1): not submitted",
     ]
-    _executable(tmp_path / "squeue", "#!/bin/bash\necho 'PENDING|JobArrayTaskLimit|N/A'\n")  # as squeue -j 41_0 says
+    # The queue as `squeue -r -j 41` lists an array's tasks, asked once for the array, not once per task.
+    squeue = (
+        '#!/bin/bash\necho "$*" >> "$0.log"\nprintf \'41_0|PENDING|JobArrayTaskLimit|N/A\\n41_1|PENDING|None|N/A\\n\'\n'
+    )
+    _executable(tmp_path / "squeue", squeue)
     code, out, err = cli_in_process(["slurm", "status", str(sweep_dir)], tmp_path)
     assert "task 0 (optimizer.lr=0): job 41_0 (PENDING, reason JobArrayTaskLimit): 0 attempt(s)" in out, out
+    assert (tmp_path / "squeue.log").read_text() == "-h --states=all -r -j 41 -o %i|%T|%r|%S\n"
 
 
 def test_the_monitored_metric():
