@@ -251,6 +251,7 @@ def render(
     cases = []
     for t in tasks:
         args = [req.recipe, *fixed, *as_overrides(t["overrides"]), f"run_dir={t['run_dir']}"]
+        args += [f"checkpoint.dir={t['checkpoint_dir']}"] if t.get("checkpoint_dir") else []
         quoted = " ".join(shlex.quote(a) for a in args)
         cases.append(f"    {t['index']}) TRAIN_ARGS=({quoted}); RUN_DIR={shlex.quote(t['run_dir'])} ;;")
     args_lines = [
@@ -282,6 +283,10 @@ def submit(req: Request) -> int:
         {"index": i, "overrides": c, "run_dir": str(sweep_dir / task_name(i, len(combos), c))}
         for i, c in enumerate(combos)
     ]
+    shared = recipes[0].checkpoint.dir  # a folder or storage prefix the recipe names: each task a folder in it
+    if shared and all(r.checkpoint.dir == shared for r in recipes):
+        for t in tasks:
+            t["checkpoint_dir"] = f"{shared.rstrip('/')}/{Path(t['run_dir']).name}"
     indices = to_submit(sweep_dir, tasks, req.resume)
     array = array_spec(indices, req.max_parallel)
     script = render(req, fixed, tasks, array, options, f"{recipes[0].name}-sweep")

@@ -265,3 +265,11 @@ def test_a_sweep_sbatch_refuses_leaves_no_sweep_dir_behind(tmp_path: Path, monke
     code, _, err = cli_in_process(["slurm", "sweep", QUICKSTART, *SWEPT], work)
     assert code == 2 and err.startswith("error: sbatch: refused") and len(err.strip().splitlines()) == 1, err
     assert list(work.iterdir()) == [work / "runs"] and list((work / "runs").iterdir()) == []
+
+
+def test_each_task_checkpoints_in_a_folder_of_its_own_under_the_recipes_checkpoint_dir(tmp_path: Path):
+    store = ("checkpoint.dir=s3://ckpts/lr-sweep",)  # or a folder: every task would otherwise share it
+    code, out, err = cli_in_process(["slurm", "sweep", QUICKSTART, *store, *SWEPT, "--dry-run"], tmp_path)
+    assert code == 0, err
+    assert "run_dir=" in out and "checkpoint.dir=s3://ckpts/lr-sweep/3-lr=3e-4-batch_size=32" in out
+    assert not (tmp_path / "runs").exists()
