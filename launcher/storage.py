@@ -125,8 +125,11 @@ class Store:
         try:
             self.fs.put_file(str(file), self.key(step, name))
         except Exception as e:  # every client library raises its own kinds
-            complete = self.complete_steps()
-            newest = f"step {complete[-1]}" if complete else "none"
+            try:
+                complete = self.complete_steps()
+                newest = f"step {complete[-1]}" if complete else "none"
+            except Exception:  # the store does not answer at all
+                newest = "unknown (the store does not answer)"
             raise RunFailed(
                 f"error: uploading {self.where(step)}/{name} failed: {_first_line(e)}; "
                 f"the newest complete checkpoint there: {newest}"

@@ -184,3 +184,19 @@ def test_a_background_save_uploads_in_its_thread_and_a_resume_downloads(
     assert more.returncode == 0 and "resumed from s3://ckpts/async/step_00000020 at step 20" in more.stdout, more.stderr
     assert Store("s3://ckpts/async").complete_steps() == [20, 40]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".download.lock"]
+
+
+def test_an_upload_the_store_refuses_ends_the_run_in_one_line_exit_1(
+    s3: tuple[dict[str, str], Gate], tiny_recipe: Path, tmp_path: Path
+):
+    _, gate = s3
+    gate.arm("/ckpts/refused/step_", after=0)  # the check before the start writes elsewhere: it passes
+    gate.release.set()  # every upload there is answered 503 at once
+    try:
+        run = (f"run_dir={tmp_path / 'run'}", "checkpoint.dir=s3://ckpts/refused", "train.max_steps=20")
+        done = run_cli("train", str(tiny_recipe), *run, cwd=tmp_path)
+    finally:
+        gate.arm("", 0)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: uploading s3://ckpts/refused/step_00000020/") and line.endswith("there: none"), line
