@@ -4,6 +4,7 @@ the resume deletes, and the resumed run ends bitwise equal to the uninterrupted 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,8 @@ def test_a_background_save_uploads_in_its_thread_and_a_resume_downloads(
     assert more.returncode == 0 and "resumed from s3://ckpts/async/step_00000020 at step 20" in more.stdout, more.stderr
     assert Store("s3://ckpts/async").complete_steps() == [20, 40]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".download.lock"]
+    report = run_cli("report", str(tmp_path / "run"), "--json", cwd=tmp_path)
+    assert report.returncode == 0 and json.loads(report.stdout)[0]["checkpoints"] == [20, 40], report.stdout
 
 
 def test_an_upload_the_store_refuses_ends_the_run_in_one_line_exit_1(
