@@ -78,7 +78,7 @@ def two_process_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [1, 3])  # fewer and more processes; the same number is every exact resume's test
 def test_resuming_an_epoch_budget_on_another_world_size_keeps_the_schedule(
     two_process_run: tuple[str, Path], world: int, tmp_path: Path
 ):
