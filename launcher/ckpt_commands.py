@@ -43,12 +43,7 @@ def ckpt_info_command(path_text: str) -> int:
     infos = [checkpoint.summary(d) for d in dirs]
     if one and infos[0]["problem"]:
         raise RecipeError(f"{path}: damaged: {infos[0]['problem']}")
-    for info in infos:
-        print(checkpoint.describe(info))
-    damaged = sum(1 for info in infos if info["problem"])
-    if damaged:
-        raise RecipeError(f"{path}: {damaged} of {len(infos)} checkpoints damaged")
-    return 0
+    return _show(infos, str(path))
 
 
 def _checkpoint_dirs(folder: Path) -> list[Path]:
@@ -82,10 +77,7 @@ def ckpt_export_command(
         raise RecipeError(f"{path_text}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
     if checkpoint.interrupted(path):
         raise RecipeError(f"{path_text}: not a complete checkpoint (a save interrupted before its final rename)")
-    if out.exists() and not force:
-        raise RecipeError(f"--out: {out} exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise RecipeError(f"--out: no such folder: {out.parent}")
+    _check_out(out, force)
     problem = integrity.problems(path)  # before anything is read into torch or written
     if problem:
         raise RecipeError(f"{path}: damaged: {problem}{_intact_instead(path)}")
@@ -104,6 +96,26 @@ def ckpt_export_command(
     return 0
 
 
+def _show(infos: list[dict], where: str) -> int:
+    """One line per checkpoint; a damaged one makes the command fail, after all are shown."""
+    from launcher import checkpoint
+
+    for info in infos:
+        print(checkpoint.describe(info))
+    damaged = sum(1 for info in infos if info["problem"])
+    if damaged:
+        raise RecipeError(f"{where}: {damaged} of {len(infos)} checkpoints damaged")
+    return 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an `--out` export cannot write, before anything is read or downloaded."""
+    if out.exists() and not force:
+        raise RecipeError(f"--out: {out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise RecipeError(f"--out: no such folder: {out.parent}")
+
+
 def _intact_instead(damaged: Path) -> str:
     """Where a damaged checkpoint is refused for export, the newest intact one beside it, which the user can export
     instead (typically the one before it, when `latest` is damaged)."""
@@ -117,7 +129,7 @@ def _intact_instead(damaged: Path) -> str:
 
 def _store_info(url: str) -> int:
     """The checkpoints under a storage URL (or the one it names), from their trainer states and listed sizes."""
-    from launcher.checkpoint import describe, remote
+    from launcher.checkpoint import remote
 
     try:
         store, steps, one = remote.locate(url)
@@ -128,12 +140,7 @@ def _store_info(url: str) -> int:
         raise RecipeError(f"{url}: cannot read it: {e}") from None
     if not infos or (one and not infos[0]["files"]):
         raise RecipeError(f"{url}: holds no checkpoint")
-    for info in infos:
-        print(describe(info))
-    damaged = sum(1 for info in infos if info["problem"])
-    if damaged:
-        raise RecipeError(f"{url}: {damaged} of {len(infos)} checkpoints damaged")
-    return 0
+    return _show(infos, url)
 
 
 def _store_export(url: str, out_text: str, force: bool, fmt: str, max_shard_size: str, merge: bool) -> int:
@@ -141,10 +148,7 @@ def _store_export(url: str, out_text: str, force: bool, fmt: str, max_shard_size
     from launcher.checkpoint import remote
 
     out = Path(out_text)
-    if out.exists() and not force:
-        raise RecipeError(f"--out: {out} exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise RecipeError(f"--out: no such folder: {out.parent}")
+    _check_out(out, force)
     with tempfile.TemporaryDirectory(prefix=".launcher-download-", dir=out.parent) as tmp:
         try:
             local = remote.download(url, Path(tmp))

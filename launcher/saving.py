@@ -39,9 +39,7 @@ class Saver:
 
     def where(self, step: int) -> str:
         """Where the checkpoint of `step` is (or would be): a storage URL or a folder."""
-        if self.store is not None:
-            return self.store.where(step)
-        return str(self.recipe.checkpoint_dir / checkpoint.step_dir_name(step))
+        return self.recipe.checkpoint_name(self.recipe.checkpoint_dir / checkpoint.step_dir_name(step))
 
     def latest(self) -> str | None:
         steps = self.store.complete_steps() if self.store else checkpoint.complete_steps(self.recipe.checkpoint_dir)

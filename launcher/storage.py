@@ -68,9 +68,8 @@ class Store:
         import fsspec
 
         self.url = url.rstrip("/")
-        protocol = urlsplit(self.url).scheme
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(S3_OPTIONS if protocol in ("s3", "s3a") else {}))
-        self.protocol = protocol
+        s3 = urlsplit(self.url).scheme in ("s3", "s3a")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(S3_OPTIONS if s3 else {}))
 
     def where(self, step: int) -> str:
         """A checkpoint's URL, as the user would write it."""
@@ -79,7 +78,7 @@ class Store:
     def key(self, step: int, name: str = "") -> str:
         return f"{self.root}/{step_dir_name(step)}" + (f"/{name}" if name else "")
 
-    def _step_dirs(self) -> dict[int, bool]:
+    def steps(self) -> dict[int, bool]:
         """Every step prefix in the store, and whether its trainer state is there (complete)."""
         self.fs.invalidate_cache()  # listings are cached; another process may have uploaded since
         try:
@@ -98,10 +97,10 @@ class Store:
         return steps
 
     def complete_steps(self) -> list[int]:
-        return sorted(step for step, complete in self._step_dirs().items() if complete)
+        return sorted(step for step, complete in self.steps().items() if complete)
 
     def incomplete_steps(self) -> list[int]:
-        return sorted(step for step, complete in self._step_dirs().items() if not complete)
+        return sorted(step for step, complete in self.steps().items() if not complete)
 
     def read_state(self, step: int) -> dict[str, Any]:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from launcher.checkpoint import integrity
 from launcher.checkpoint.info import recipe_names
+from launcher.checkpoint.retention import best_step
 from launcher.layout import BEST, LATEST, RECIPE_FILE, STATE_FILE, STEP_DIR, step_dir_name
 from launcher.storage import Store
 
@@ -34,19 +35,14 @@ def locate(url: str) -> tuple[Store, list[int], bool]:
             raise NotFound(f"{url}: {head} holds no complete checkpoint")
         return store, [complete[-1] if name == LATEST else _best(store, complete)], True
     store = Store(url)
-    return store, sorted(store.complete_steps() + store.incomplete_steps()), False
+    return store, sorted(store.steps()), False  # one listing: complete and incomplete
 
 
 def _best(store: Store, steps: list[int]) -> int:
-    scored = []
-    for step in steps:
-        monitor = store.read_state(step).get("monitor") or {}
-        if isinstance(monitor, dict) and monitor.get("value") is not None:
-            sign = 1 if monitor.get("mode", "min") == "min" else -1
-            scored.append((sign * monitor["value"], step))
-    if not scored:
+    step = best_step({step: store.read_state(step) for step in steps})
+    if step is None:
         raise NotFound(f"{store.url}: no checkpoint records a metric to be best by")
-    return min(scored)[1]
+    return step
 
 
 def summary(store: Store, step: int) -> dict[str, Any]:

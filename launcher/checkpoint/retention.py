@@ -71,16 +71,22 @@ def rank_best(best: Sequence[Sequence[float]], step: int, value: float, keep_bes
 
 def best(ckpt_dir: Path) -> Path | None:
     """The complete checkpoint with the best recorded metric, by the mode it was recorded with."""
+    # A trainer state that does not parse has no metric: the checkpoint is refused when it is used.
+    states = {step: read_json(ckpt_dir / step_dir_name(step) / STATE_FILE) for step in complete_steps(ckpt_dir)}
+    step = best_step(states)
+    return None if step is None else ckpt_dir / step_dir_name(step)
+
+
+def best_step(states: dict[int, dict]) -> int | None:
+    """The step whose trainer state records the best metric, by the mode it was recorded with (ties go to the
+    older); None where none records one."""
     scored = []
-    for step in complete_steps(ckpt_dir):
-        # A trainer state that does not parse has no metric: the checkpoint is refused when it is used.
-        monitor = read_json(ckpt_dir / step_dir_name(step) / STATE_FILE).get("monitor") or {}
-        if not isinstance(monitor, dict):
-            continue
-        if monitor.get("value") is not None:
+    for step, state in states.items():
+        monitor = state.get("monitor") or {}
+        if isinstance(monitor, dict) and monitor.get("value") is not None:
             sign = 1 if monitor.get("mode", "min") == "min" else -1
             scored.append((sign * monitor["value"], step))
-    return ckpt_dir / step_dir_name(min(scored)[1]) if scored else None
+    return min(scored)[1] if scored else None
 
 
 def resolve(path: Path) -> Path:
