@@ -224,9 +224,9 @@ def summary(run: Run) -> dict[str, Any]:
         "stop_reason": ended or None,
         "final_train_loss": train_loss[-1][1] if train_loss else None,
         "final_val_loss": val_loss[-1][1] if val_loss else None,
-        "best_val_loss": _best(val_loss, "min"),
+        "best_val_loss": best_point(val_loss, "min"),
         "monitor": monitor,
-        "best_monitor": _best(run.series(monitor), mode) if monitor != "val/loss" else None,
+        "best_monitor": best_point(run.series(monitor), mode) if monitor != "val/loss" else None,
         "samples_per_s": statistics.median(samples) if samples else None,
         "tokens_per_s": statistics.median(tokens) if tokens else None,
         "train_seconds": sum(seconds) if seconds else (times[-1] - times[0] if len(times) > 1 else None),
@@ -256,7 +256,8 @@ def compute(run: Run) -> dict[str, Any]:
     return out
 
 
-def _best(series: list[tuple[int, float]], mode: str) -> dict[str, float] | None:
+def best_point(series: list[tuple[int, float]], mode: str) -> dict[str, float] | None:
+    """The series' best point by `mode`, as {step, value}; None for an empty series."""
     if not series:
         return None
     step, value = (min if mode == "min" else max)(series, key=lambda p: p[1])

@@ -51,11 +51,9 @@ def row(task: dict[str, Any], run: run_report.Run | None, metric: str, mode: str
         return {**out, "best": None, "last": None, "steps": None, "stop_reason": None, "requeues": 0, "attempts": 0}
     facts = run_report.summary(run)
     series = run.series(metric)
-    pick = min if mode == "min" else max
-    best = pick(series, key=lambda p: p[1]) if series else None
     return {
         **out,
-        "best": {"step": best[0], "value": best[1]} if best else None,
+        "best": run_report.best_point(series, mode),
         "last": series[-1][1] if series else None,
         "steps": facts["steps"],
         "total_steps": facts["total_steps"],
