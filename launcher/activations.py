@@ -23,6 +23,7 @@ from launcher import batches, chunked_loss, components, losses
 from launcher.blocks import block_names, find_blocks, recompute_every, recomputed
 from launcher.models import hf
 from launcher.recipe import Recipe
+from launcher.strategies import tensor_parallel
 from launcher.strategies.memory import gib as gib_or_mib
 
 
@@ -148,6 +149,9 @@ def estimate(recipe: Recipe, sample: tuple[Any, Any], model_kwargs: dict[str, An
     blocks = find_blocks(model, names)
     # With the chunked head: what it keeps (gradients of the hidden states and the weight), not the logits.
     chunked = chunked_loss.choose(recipe.train.chunked_loss, model, loss_fn, hf.chunk_head)[0]
+    if recipe.strategy.tp.size > 1:  # a process's share of the split modules; the logits gathered whole
+        tensor_parallel.local_shapes(model, recipe)
+        chunked = False
     return measure(model, blocks, lambda: batches.micro_batch_loss(model, loss_fn, inputs, targets, chunked)), names
 
 
@@ -161,7 +165,7 @@ def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[
     except Exception as e:  # a model whose forward does not run on the meta device
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         return [f"activations   not estimated (the forward does not run on the meta device: {reason})"]
-    count = len(saved.blocks)
+    count, split = len(saved.blocks), recipe.strategy.tp.size > 1
     every = recompute_every(recipe)
     options = {0: ("none", saved.kept([False] * count))}
     if count:
@@ -170,7 +174,8 @@ def describe(recipe: Recipe, sample: tuple[Any, Any] | None, model_kwargs: dict[
         options[every] = (f"every {every}", saved.kept(recomputed(count, every)))
     shown = "; ".join(f"{name} {gib(n)}{' (the recipe)' if k == every else ''}" for k, (name, n) in options.items())
     lines = [
-        f"activations   per process, one micro-batch of {recipe.train.batch_size}, in fp32, saved for backward:",
+        f"activations   per process, one micro-batch of {recipe.train.batch_size}, in fp32, saved for backward"
+        + (" (a tensor-parallel share of the split layers; the residual stream and logits whole):" if split else ":"),
         f"              {shown}",
     ]
     if not count:

@@ -42,6 +42,9 @@ class Parts:
     chunked: bool = False  # the model computes its loss with the chunked head (launcher/chunked_loss.py)
     # The metric each of the optimizer's param groups logs its learning rate as (see param_groups.rate_keys).
     rate_keys: list[str] = field(default_factory=lambda: [param_groups.DEFAULT_RATE_KEY])
+    data_ranks: int = 1  # the processes that read different batches (a tensor-parallel group reads one)
+    # A validation batch's values from every data rank, each sample once (`DDP.gather_for_metrics`).
+    gather: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
     def val_batches(self, max_batches: int | None) -> int:
         """The batches an evaluation reads."""
@@ -94,8 +97,10 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
         else {}
     )
     loss_fn = losses.build(recipe.loss) if recipe.loss is not None else None
-    # Before the strategy wraps the model: a Hugging Face model's forward is replaced for it.
-    chunked, note = chunked_loss.choose(t.chunked_loss, model, loss_fn, hf.chunk_head)
+    # Before the strategy wraps the model: a Hugging Face model's forward is replaced for it. A tensor-parallel
+    # head gathers its logits for the plain loss (the chunked one reads the whole weight).
+    setting = t.chunked_loss if recipe.strategy.tp.size == 1 else False
+    chunked, note = chunked_loss.choose(setting, model, loss_fn, hf.chunk_head)
     if note is not None and accelerator.is_main_process:
         accelerator.print(note)
     blocks = strategy.speed_up(accelerator, model)
@@ -103,7 +108,7 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
     fused = fused_default(recipe, strategy, accelerator)
     decay = decay_rule(recipe, saved, accelerator.print)
     optimizer, rate_keys = make_optimizer(recipe, model, decay, fused)
-    train_loader = make_train_loader(train_set, accelerator, recipe)
+    train_loader = make_train_loader(train_set, accelerator, recipe, strategy)
     val_loader = make_loader(val_set, recipe.eval.batch_size or t.batch_size, False, False, recipe) if val_set else None
     stream = isinstance(train_loader, StreamLoader)
     model, optimizer, prepared = strategy.prepare(accelerator, model, optimizer, None if stream else train_loader)
@@ -116,8 +121,9 @@ def build(accelerator: Accelerator, recipe: Recipe, strategy: DDP, saved: dict[s
         stepper.fused_skip = False
     precision = Precision.of(accelerator, t.mixed_precision)
     return Parts(
-        model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked, rate_keys
-    )
+        model, loss_fn, optimizer, train_loader, val_loader, stepper, model_files, decay, precision, chunked, rate_keys,
+        strategy.data_ranks, lambda values: strategy.gather_for_metrics(accelerator, values),
+    )  # fmt: skip
 
 
 def decay_rule(recipe: Recipe, saved: dict[str, Any] | None, say: Callable[[str], None]) -> str:
@@ -179,11 +185,15 @@ def epoch_seed(recipe: Recipe) -> dict[str, int]:
     return {"seed": recipe.train.seed} if changes else {}
 
 
-def make_train_loader(dataset: Dataset, accelerator: Accelerator, recipe: Recipe) -> DataLoader | StreamLoader:
-    """The train set's loader; a stream is told this process's share, its shuffle and seed (see data/streaming.py)."""
+def make_train_loader(
+    dataset: Dataset, accelerator: Accelerator, recipe: Recipe, strategy: DDP
+) -> DataLoader | StreamLoader:
+    """The train set's loader; a stream is told this process's share (its data rank's), its shuffle and seed (see
+    data/streaming.py)."""
     t = recipe.train
     if isinstance(dataset, TokenStream):
-        dataset.share(accelerator.process_index, accelerator.num_processes, recipe.data.shuffle, t.seed)
+        rank = strategy.data_rank(accelerator.process_index)
+        dataset.share(rank, strategy.data_ranks, recipe.data.shuffle, t.seed)
         return StreamLoader(dataset, t.batch_size, recipe.data.num_workers, accelerator.device, t.seed)
     return make_loader(dataset, t.batch_size, recipe.data.shuffle, recipe.data.drop_last, recipe)
 
@@ -221,8 +231,15 @@ class Begin:
     budget: plan.Budget
     scheduler: Any
 
-    def same_world(self, world: int) -> bool:
-        return self.saved is not None and self.saved.get("world_size") == world
+    def same_world(self, layout: dict[str, int]) -> bool:
+        return self.saved is not None and same_layout(self.saved, layout)
+
+
+def same_layout(saved: dict[str, Any], layout: dict[str, int]) -> bool:
+    """Whether a checkpoint was written by processes that split the work as this run's do (`DDP.layout`): the same
+    number, reading the same shares of the data (a checkpoint from before tensor parallelism: every process one)."""
+    world = saved.get("world_size", layout["world_size"])
+    return world == layout["world_size"] and saved.get("data_ranks", world) == layout["data_ranks"]
 
 
 def begin(
@@ -235,7 +252,7 @@ def begin(
 ) -> Begin:
     """The state, budget and schedule; a checkpoint to resume from (`saved`: its trainer state) is loaded into
     the parts."""
-    t, world = recipe.train, accelerator.num_processes
+    t, world = recipe.train, strategy.data_ranks
     samples_per_batch = t.batch_size * world
     state, saved = starting_state(recipe, saved, world, samples_per_batch)
     global_batch = samples_per_batch * t.gradient_accumulation_steps
@@ -259,7 +276,7 @@ def starting_state(
     if saved is None:
         return state, None
     state = TrainState.from_state_dict(saved)
-    if saved.get("world_size", world) != world:
+    if saved.get("data_ranks", saved.get("world_size", world)) != world:
         # Another world size splits the epoch into other global batches: continue at the last whole one.
         state.samples_in_epoch = state.samples_in_epoch // samples_per_batch * samples_per_batch
     return state, {**saved, "batches_done": state.samples_in_epoch // samples_per_batch}
@@ -292,11 +309,11 @@ def resume(
     if changed:
         accelerator.print(changed)
     match_fused(parts.stepper.inner)
-    same_world = saved.get("world_size", accelerator.num_processes) == accelerator.num_processes
+    same_world = same_layout(saved, strategy.layout())
     stream_note = resume_stream(accelerator, path, parts, same_world) if parts.streamed else None
     accelerator.print(f"resumed from {strategy.recipe.checkpoint_name(path)} at step {state.step}")
     if not same_world:
-        note = world_change_note(saved, state, budget, strategy.recipe, accelerator.num_processes, stream_note)
+        note = world_change_note(saved, state, budget, strategy, stream_note)
         accelerator.print(note)
     elif stream_note:
         accelerator.print(f"note: {stream_note}")
@@ -324,14 +341,16 @@ def resume_stream(accelerator: Accelerator, path: Path, parts: Parts, same_world
 
 
 def world_change_note(
-    saved: dict[str, Any], state: TrainState, budget: plan.Budget, recipe: Recipe, world: int, stream: str | None = None
+    saved: dict[str, Any], state: TrainState, budget: plan.Budget, strategy: DDP, stream: str | None = None
 ) -> str:
-    """What a resume on another number of processes keeps and what it changes, in one line (`stream`: what it
-    changes for a streamed train set)."""
+    """What a resume on another number of processes (or another split of them) keeps and what it changes, in one
+    line (`stream`: what it changes for a streamed train set)."""
+    recipe, world = strategy.recipe, strategy.processes
     saved_world = saved.get("world_size", world)
     how = (
         f"the epoch budget is kept: {budget.total_steps - state.step} updates of "
-        f"{recipe.train.batch_size * world * recipe.train.gradient_accumulation_steps} samples remain, and the "
+        f"{recipe.train.batch_size * strategy.data_ranks * recipe.train.gradient_accumulation_steps} samples "
+        f"remain, and the "
         f"learning-rate schedule follows the samples trained"
         if budget.remapped
         else "the model, optimizer and schedule are exact"
@@ -343,4 +362,11 @@ def world_change_note(
         f"the data continues at sample {state.samples_in_epoch} of epoch {state.epoch} (saved at "
         f"{saved.get('samples_in_epoch')})"
     )
-    return f"warning: written by {saved_world} processes, resumed by {world}: {how}; {data}{fresh}"
+    written, now = _split(saved_world, saved.get("data_ranks", saved_world)), _split(world, strategy.data_ranks)
+    return f"warning: written by {written}, resumed by {now}: {how}; {data}{fresh}"
+
+
+def _split(processes: int, data_ranks: int) -> str:
+    """`4 processes`, or with tensor parallelism `4 processes (2 data ranks x 2 tensor-parallel)`."""
+    tp = processes // max(data_ranks, 1)
+    return f"{processes} processes" + (f" ({data_ranks} data ranks x {tp} tensor-parallel)" if tp > 1 else "")

@@ -33,7 +33,7 @@ class Evaluator:
     ):
         self.accelerator, self.recipe, self.state, self.throughput = accelerator, recipe, state, throughput
         self.model, self.loader, self.loss_fn = parts.model, parts.val_loader, parts.loss_fn
-        self.precision, self.chunked = parts.precision, parts.chunked
+        self.precision, self.chunked, self.gather = parts.precision, parts.chunked, parts.gather
         self.last: dict[str, float] = {}
         self.last_step = -1
 
@@ -61,7 +61,7 @@ class Evaluator:
         with self.throughput.paused():
             self.last = evaluate(
                 self.accelerator, self.model, self.loader, self.loss_fn, self.recipe.eval.max_batches,
-                self.precision, self.chunked,
+                self.precision, self.chunked, self.gather,
             )  # fmt: skip
         self.last_step = step
         log(self.last)
@@ -103,6 +103,7 @@ def evaluate(
     max_batches: int | None,
     precision: Precision,
     chunked: bool,
+    gather: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for classification; perplexity, for a language model) over the validation set, each
     sample counted once across all ranks: per-sample values and their weights (the labels each counts) are gathered,
@@ -131,7 +132,7 @@ def evaluate(
         weight = batches.weights(inputs, targets, getattr(loss_fn, "ignore_index", batches.IGNORE_INDEX))
         sequences = sequences or batches.sequence_tokens(targets) > 0
         values = [losses, weight.to(losses.device)] + ([] if right is None else [right])
-        gathered = accelerator.gather_for_metrics(values)
+        gathered = (gather or accelerator.gather_for_metrics)(values)
         loss_total += (gathered[0] * gathered[1]).sum().item()
         count += gathered[1].sum().item()
         if classify and right is not None:

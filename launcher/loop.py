@@ -77,12 +77,12 @@ class Training:
     """One attempt at the run: built in `__init__`, which writes nothing, then opened and trained by `run`."""
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe, strategy: DDP, start: Start, requests: StopRequests):
-        t, world = recipe.train, accelerator.num_processes
+        t, world = recipe.train, strategy.data_ranks
         self.accelerator, self.recipe, self.strategy = accelerator, recipe, strategy
         self.main = accelerator.is_main_process
         set_seed(t.seed)
         self.parts = p = build.build(accelerator, recipe, strategy, start.saved)
-        self.samples_per_batch = t.batch_size * world  # one micro-batch on every rank
+        self.samples_per_batch = t.batch_size * world  # one micro-batch on every data rank
         self.samples_per_epoch = (p.train_batches() or 0) * self.samples_per_batch  # 0: a stream, no epochs
         consensus.refuse_uneven_data(accelerator, p.train_batches(), p.val_batches(recipe.eval.max_batches))
         begin = build.begin(accelerator, recipe, strategy, p, start.resume_from, start.saved)
@@ -102,7 +102,7 @@ class Training:
         self.compiling = FirstUpdates() if t.compile.enabled else None
         self.peers = LostPeers(accelerator, recipe.strategy.timeout_s)
         agreement = StepAgreement(accelerator, t.mixed_precision == "fp16", requests, self.peers)
-        self.window = LogWindow.restored(self.state, begin.same_world(world), accelerator)
+        self.window = LogWindow.restored(self.state, begin.same_world(strategy.layout()), accelerator)
         self.updates = Updates(
             accelerator, p, begin.scheduler, agreement, self.state, self.window, self.progress, throughput,
             t.max_nonfinite_steps, t.clip_grad_norm,

@@ -116,7 +116,7 @@ def make_plan(recipe: Recipe, train_samples: int | None, processes: int) -> Plan
     """The plan; without the train set's length (`None`: its files are not there yet) only `train.max_steps`
     bounds the run, and the per-epoch figures are 0."""
     t = recipe.train
-    per_round = t.batch_size * processes
+    per_round = t.batch_size * strategies.choose(recipe, processes).data_ranks
     if train_samples is None:
         if t.max_steps is None:
             raise RecipeError("train.max_steps: needed to plan a run whose train set is not there yet")
@@ -153,10 +153,13 @@ def lr_curve(recipe: Recipe, total_steps: int, width: int = 60) -> str:
     return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in values)
 
 
-def describe_strategy(recipe: Recipe, processes: int, parameters: int | None) -> list[str]:
-    """The strategy, an estimate of each process's share of the training state, and what else it shows."""
+def describe_strategy(
+    recipe: Recipe, processes: int, parameters: int | None, model: torch.nn.Module | None = None
+) -> list[str]:
+    """The strategy, an estimate of each process's share of the training state, and what else it shows (`model`:
+    built on the meta device)."""
     slots = strategies.optimizer_slots(recipe.optimizer.target, recipe.optimizer.kwargs)
-    return strategies.choose(recipe, processes).describe(parameters, slots)
+    return strategies.choose(recipe, processes).describe(parameters, slots, model)
 
 
 def describe_groups(recipe: Recipe, model: torch.nn.Module | None) -> list[str]:
@@ -174,12 +177,19 @@ def describe_plan(
     parameters: int | None = None,
     missing: str = "",
     groups: Sequence[str] = (),
+    model: torch.nn.Module | None = None,
 ) -> str:
     t = recipe.train
+    ranks = plan.global_batch // (t.batch_size * t.gradient_accumulation_steps)
+    readers = (
+        f"{ranks} data ranks (each a group of {plan.processes // ranks} processes reading one batch)"
+        if ranks != plan.processes
+        else f"{plan.processes} processes"
+    )
     lines = [
         f"recipe        {recipe.name} (run dir {recipe.run_dir})",
         f"world size    {plan.processes} process{'es' if plan.processes != 1 else ''}",
-        f"batch         {t.batch_size} per process x {plan.processes} processes x "
+        f"batch         {t.batch_size} per process x {readers} x "
         f"{t.gradient_accumulation_steps} accumulated = {plan.global_batch} samples per update",
         f"train set     {train_samples} samples: {plan.batches_per_process} batches per process per epoch, "
         f"{plan.steps_per_epoch} updates per epoch"
@@ -206,7 +216,7 @@ def describe_plan(
         f"checkpoints   {saves}{', and at the end' if c.save_final else ''}; keep {c.keep_last} newest"
         f"{f' and {c.keep_best} best by {c.monitor}' if c.keep_best else ''}"
     )
-    lines.extend(describe_strategy(recipe, plan.processes, parameters))
+    lines.extend(describe_strategy(recipe, plan.processes, parameters, model))
     lines.extend(groups)
     if plan.lr_points is not None:
         points = ", ".join(f"{lr:.3g} at {step}" for step, lr in plan.lr_points)

@@ -19,6 +19,11 @@ def describe(path: str, overrides: Sequence[str], processes: int | None) -> str:
     processes = processes or guards.launched_world(os.environ)
     if processes < 1:
         raise RecipeError(f"--processes: must be >= 1, got {processes}")
+    from launcher import strategies
+
+    problems = strategies.choose(recipe, processes).world_problems()
+    if problems:
+        raise RecipeError(problems)
     try:
         train_set = components.instantiate("data", recipe.data.train, key="data.train")
     except (RecipeError, OSError) as e:  # the data is not there yet: plan from max_steps and the recipe
@@ -38,7 +43,7 @@ def describe(path: str, overrides: Sequence[str], processes: int | None) -> str:
     model = _meta_model(recipe, model_kwargs)
     parameters = None if model is None else sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     groups = plan.describe_groups(recipe, model)
-    text = plan.describe_plan(recipe, made, samples, tokens, parameters, missing, groups)
+    text = plan.describe_plan(recipe, made, samples, tokens, parameters, missing, groups, model)
     return "\n".join([text, *activations.describe(recipe, _sample(train_set, model_kwargs), model_kwargs)])
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from launcher import checkpoint, consensus, guards, processes, runlock
+from launcher import checkpoint, consensus, guards, processes, runlock, strategies
 from launcher.checkpoint import integrity
 from launcher.errors import RecipeError, say
 from launcher.layout import METRICS_FILE
@@ -41,6 +41,7 @@ def preflight(recipe: Recipe, env: Mapping[str, str]) -> Start:
     some waiting for the others in the process group until the timeout."""
     t = recipe.train
     problems = guards.launch_problems(env, t.mixed_precision, recipe.strategy.name, t.gradient_accumulation_steps)
+    problems += strategies.choose(recipe, guards.launched_world(env)).world_problems()
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if problems:

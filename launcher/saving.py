@@ -69,7 +69,12 @@ class Saver:
             monitor = {"name": ckpt.monitor, "mode": ckpt.mode, "value": monitored}
             state.schedule_position = float(self.budget.position(state.step))
             state.log_windows = window.gathered(accelerator)
-            trainer_state = {**state.state_dict(), "monitor": monitor, "replica_checksums": checksums}
+            trainer_state = {
+                **state.state_dict(),
+                **self.strategy.layout(),
+                "monitor": monitor,
+                "replica_checksums": checksums,
+            }
             best = [list(b) for b in state.best_checkpoints]
             store = self.store
             self.writer.save(

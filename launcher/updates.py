@@ -80,7 +80,7 @@ class Updates:
 
     def micro_step(self, inputs: Any, targets: Any) -> bool:
         """Forward and backward of one micro-batch; True when it closes an update (gradients are synchronised)."""
-        p, world = self.parts, self.accelerator.num_processes
+        p, world = self.parts, self.parts.data_ranks
         # A non-finite loss makes this rank's gradients NaN, and through their all-reduce every rank's (see
         # StepAgreement).
         with self.meter.counting(batches.token_inputs(inputs)) if self.meter is not None else NOT_COUNTING:

@@ -19,20 +19,36 @@ MAX_LAYERS = 1000
 
 
 class CausalSelfAttention(nn.Module):
+    """Queries, keys and values in projections of their own, so that tensor parallelism splits each by heads; the
+    heads are counted from the projections' outputs (a tensor-parallel process holds a share of them)."""
+
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.head_dim = n_embd // n_head
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.k = nn.Linear(n_embd, n_embd, bias=bias)
+        self.v = nn.Linear(n_embd, n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.register_load_state_dict_pre_hook(split_fused_qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        q, k, v = (z(x).view(b, t, -1, self.head_dim).transpose(1, 2) for z in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(b, t, c)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(b, t, -1)))
+
+
+def split_fused_qkv(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A state dict written before queries, keys and values had projections of their own (one `qkv`, their rows
+    stacked in that order) loads as it did."""
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
+        if fused is not None:
+            for name, part in zip("qkv", fused.chunk(3), strict=True):
+                state_dict[f"{prefix}{name}.{kind}"] = part
 
 
 class Block(nn.Module):
@@ -106,6 +122,19 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x), targets, reduction)
+
+    @staticmethod
+    def tp_plan() -> dict[str, str]:
+        """How tensor parallelism splits the model (launcher/strategies/tensor_parallel.py): attention by heads, the
+        MLP by hidden units, the tied embedding and output head by vocabulary (the logits gathered for the loss)."""
+        return {
+            "wte": "rowwise",
+            "blocks.*.attn.[qkv]": "colwise",
+            "blocks.*.attn.proj": "rowwise",
+            "blocks.*.mlp.0": "colwise",
+            "blocks.*.mlp.2": "rowwise",
+            "lm_head": "colwise_gather",
+        }
 
     def get_output_embeddings(self) -> nn.Module:
         """The output projection (the Hugging Face name), which `train.chunked_loss` looks at."""

@@ -206,6 +206,8 @@ class _Checker:
             return self.literal(value, args, key)
         if origin is tuple:
             return self.names(value, key) if args[0] is str else self.integers(value, key)
+        if origin is dict:
+            return self.mapping(value, args[1], key)
         if tp is Component:
             return self.component(value, key)
         if dataclasses.is_dataclass(tp):
@@ -240,6 +242,14 @@ class _Checker:
             self.problem(key, f"expected a list of names, got {describe(value)}")
             return _BAD
         return tuple(value)
+
+    def mapping(self, value: Any, tp: Any, key: str) -> Any:
+        """A mapping of names to values of type `tp` (`strategy.tp.plan`)."""
+        if not isinstance(value, Mapping):
+            self.problem(key, f"expected a mapping of names to values, got {describe(value)}")
+            return _BAD
+        items = {str(k): self.convert(v, tp, f"{key}.{k}") for k, v in value.items()}
+        return _BAD if any(v is _BAD for v in items.values()) else items
 
     def integers(self, value: Any, key: str) -> Any:
         """A list of integers."""

@@ -135,6 +135,7 @@ def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sur
     import torch
 
     from launcher import blocks, models
+    from launcher.strategies import tensor_parallel
 
     try:
         with torch.device("meta"):
@@ -147,6 +148,7 @@ def _build_on_meta(recipe: Recipe, data: dict[str, Any], this_machine: bool, sur
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     problems = too_big("model", f"its {count:,} parameters", 4 * count, this_machine)
     problems += [p for p in [blocks.problem(model, recipe)] if p]
+    problems += tensor_parallel.plan_problems(model, recipe)
     optimizer = recipe.optimizer
     if not param_groups.form_problems(optimizer, None, ""):
         names = (name for name, _ in model.named_parameters())

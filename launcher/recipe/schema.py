@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +139,27 @@ class DeepSpeedConfig:
     config: str | None = None  # a DeepSpeed JSON file merged into the config generated from the recipe
 
 
+# How a module's weights split over a tensor-parallel group (launcher/strategies/tensor_parallel.py).
+TPStyle = Literal["colwise", "rowwise", "colwise_gather"]
+
+
+@dataclass(frozen=True)
+class TensorParallelConfig:
+    """`strategy.tp`: tensor parallelism within groups of `size` processes, FSDP2 across the groups (a 2-D mesh of
+    processes / size data-parallel ranks x size). A number is the size."""
+
+    size: int = 1
+    # Module-name patterns (fnmatch, e.g. `blocks.*.attn.q`) and how each splits; empty: the model's own plan.
+    plan: dict[str, TPStyle] = field(default_factory=dict)
+
+    @classmethod
+    def shorthand(cls, value: Any) -> dict[str, Any] | None:
+        return {"size": value} if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def plain(self) -> Any:
+        return self.size if not self.plan else {"size": self.size, "plan": dict(self.plan)}
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
@@ -146,6 +167,7 @@ class StrategyConfig:
     timeout_s: float = 1800.0  # how long a collective waits for a peer before the run gives up on it
     fsdp: FSDPConfig = FSDPConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tp: TensorParallelConfig = TensorParallelConfig()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,15 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         section = cls.section
         if section and cls is not chosen and getattr(s, section) != type(getattr(s, section))():
             problems.append(f"strategy.{section}: set, but strategy.name is {s.name}; set strategy.name={section}")
+    if s.tp.size < 1:
+        problems.append(f"strategy.tp.size: must be >= 1, got {s.tp.size}")
+    elif s.tp.size == 1 and s.tp.plan:
+        problems.append("strategy.tp.plan: set, but strategy.tp.size is 1; set the size of the tensor-parallel groups")
+    elif s.tp.size > 1 and chosen is not FSDP:
+        problems.append(
+            f"strategy.tp: tensor parallelism runs with FSDP2 across the tensor-parallel groups, not with "
+            f"strategy.name={s.name}; set strategy.name=fsdp"
+        )
     if chosen.sharded and recipe.checkpoint.async_save:
         problems.append(
             f"checkpoint.async_save: not available with strategy.name={s.name} (every process writes its shard, "

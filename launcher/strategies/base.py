@@ -42,6 +42,23 @@ class DDP:
         self.recipe = recipe
         self.processes = processes  # the processes launched (WORLD_SIZE)
 
+    @property
+    def data_ranks(self) -> int:
+        """The processes that read different batches: all of them, unless a tensor-parallel group reads one."""
+        return self.processes
+
+    def data_rank(self, process_index: int) -> int:
+        """Which share of the data a process reads (consecutive processes form a tensor-parallel group)."""
+        return process_index // (self.processes // self.data_ranks)
+
+    def layout(self) -> dict[str, int]:
+        """How the processes split the work, as a checkpoint records it (see `build.same_layout`)."""
+        return {"world_size": self.processes, "data_ranks": self.data_ranks}
+
+    def world_problems(self) -> list[str]:
+        """What the strategy cannot do with the number of processes launched, `key: message` each."""
+        return []
+
     # ------------------------------------------------------------------------------------------------ running
 
     @contextlib.contextmanager
@@ -129,6 +146,10 @@ class DDP:
         """Model, optimizer and train loader as the strategy runs them (wrapped, placed, sharded)."""
         return accelerator.prepare(model, optimizer, train)
 
+    def gather_for_metrics(self, accelerator: Accelerator, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every data rank's values of a validation batch, each sample once (Accelerate's padding dropped)."""
+        return accelerator.gather_for_metrics(values)
+
     def stepper(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any) -> Stepper:
         from accelerate.utils import DistributedType
 
@@ -156,8 +177,9 @@ class DDP:
         """Which parts of the training state live in host memory."""
         return set()
 
-    def describe(self, parameters: int | None, slots: int) -> list[str]:
-        """The lines `launcher plan` shows of the strategy: how, parameters, memory per process."""
+    def describe(self, parameters: int | None, slots: int, model: torch.nn.Module | None = None) -> list[str]:
+        """The lines `launcher plan` shows of the strategy: how, parameters, memory per process (`model`: built on
+        the meta device, where it builds there)."""
         lines = [f"strategy      {self.how()}"]
         if parameters is not None:
             mem, cpu = self.memory(parameters, slots), self.offloaded()

@@ -160,12 +160,12 @@ class DeepSpeed(DDP):
         d = self.recipe.strategy.deepspeed
         return {name for name, on in (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if on}
 
-    def describe(self, parameters: int | None, slots: int) -> list[str]:
+    def describe(self, parameters: int | None, slots: int, model: torch.nn.Module | None = None) -> list[str]:
         ds = self.recipe.strategy.deepspeed
         user = read_user_config(ds.config)[0] if ds.config else None
         config = json.dumps(deepspeed_config(self.recipe, self.processes, user), indent=2)
         return [
-            *super().describe(parameters, slots),
+            *super().describe(parameters, slots, model),
             f"deepspeed     config (generated from the recipe{f', {ds.config} merged in' if user else ''}):",
             *("              " + line for line in config.splitlines()),
         ]

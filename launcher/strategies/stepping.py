@@ -129,6 +129,62 @@ class ShardedStepper(Stepper):
             yield
 
 
+class MeshStepper(ShardedStepper):
+    """FSDP2 over the data-parallel ranks and tensor parallelism within each group (`strategy.tp`): the gradients
+    are DTensors on two meshes (the split weights on both dimensions, the rest on the data-parallel one), whose
+    global norm torch's clipping does not take in one piece (see `mesh_norm`)."""
+
+    def clip(self, max_norm: float | None) -> torch.Tensor:
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        norm = mesh_norm(grads)
+        if max_norm is not None:
+            coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            locals_ = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            torch._foreach_mul_(locals_, coefficient.to(locals_[0].device))
+        return norm.detach().float()
+
+
+def mesh_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients as one vector, on every process alike, in one all-reduce: each process sums
+    the squares of its local shards, each divided by the number of processes holding a copy of that shard (a
+    dimension of the mesh the gradient is replicated on, or the tensor-parallel ranks beside a data-parallel-only
+    mesh), so that the world's sum counts every element once."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    by_copies: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        local, copies = local_shard(g, world)
+        by_copies.setdefault(copies, []).append(local)
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, locals_ in by_copies.items():
+        norms = torch._foreach_norm(locals_)
+        total = total + torch.stack([n.float() for n in norms]).pow(2).sum() / copies
+    dist.all_reduce(total)
+    return total.sqrt()
+
+
+def local_shard(grad: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
+    """A gradient's local tensor, and how many processes of the `world` hold the same one."""
+    placements = getattr(grad, "placements", None)
+    if placements is None:
+        return grad, world  # a plain tensor: whole, and alike, on every process
+    if any(p.is_partial() for p in placements):  # partial sums are not a shard: reduce them first
+        grad = grad.redistribute(placements=[_replicate() if p.is_partial() else p for p in placements])
+    shards = 1
+    for dim, p in enumerate(grad.placements):
+        if not p.is_replicate():  # Shard, or FSDP's strided shard of a tensor-parallel one
+            shards *= grad.device_mesh.size(dim)
+    return grad.to_local(), world // shards
+
+
+def _replicate() -> Any:
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()
+
+
 def fused_skipping() -> tuple[type, ...]:
     """The torch optimizers whose fused step skips everything when its `found_inf` is set: parameters, state and
     step count (torch/optim/adam.py `_fused_adam` undoes its step count; SGD keeps none). Adagrad's fused step
