@@ -95,6 +95,27 @@ if python -c "import datasets" 2>/dev/null; then
 else
     echo "== hf_causal_lm skipped: the datasets package is not installed here"
 fi
+# Tensor parallelism (needs 2 GPUs or more; NCCL takes one process per GPU): the GPT recipe in bf16 under FSDP2
+# alone (tp 1), with strategy.tp=2 (a 2-D mesh of GPUs/2 data ranks x 2 where there are 4 GPUs or more) and with
+# every GPU in one tensor-parallel group; tokens/s and peak memory per process (bench/gpu_report.py --speed), the
+# same global batch per update in every run.
+if [ "$GPUS" -ge 2 ]; then
+    tp_runs=()
+    tps=(1 2)
+    if [ "$GPUS" -gt 2 ]; then tps+=("$GPUS"); fi
+    for tp in "${tps[@]}"; do
+        run="$OUT/tp_${tp}"
+        rm -rf "$run"
+        # Per data rank, batch x tp samples: every run's update sees 16 x GPUS samples.
+        echo "== gpt_fsdp bf16, strategy.tp=$tp on $GPUS GPUs: $SPEED_STEPS steps"
+        "${LAUNCH[@]}" train recipes/gpt_fsdp.yaml "run_dir=$run" "${DATA[@]}" "${SPEED[@]}" \
+            "strategy.tp=$tp" "train.batch_size=$((16 * tp))" "train.gradient_accumulation_steps=1"
+        tp_runs+=("$run")
+    done
+    python bench/gpu_report.py --speed "${tp_runs[@]}"
+else
+    echo "== tensor parallelism skipped: one GPU here (a tensor-parallel group needs a GPU per process)"
+fi
 # The launcher against a hand-written loop on the GPT-2 124M shape: one GPU, vocabulary 50304 whatever the tokens.
 SIDE_OUT="$OUT/side_by_side" bench/side_by_side.sh "${1:-$OUT/tokens}" "$SIDE_STEPS"
 [ "$SYNC_OK" = 1 ] || { echo "gpu_check: bench/sync_check.py found a host sync in a training step (above)"; exit 1; }

@@ -57,6 +57,11 @@ def fitting(path: Path) -> Iterator[None]:
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         message = f"error: resume: {path} holds a model of another shape than the recipe's: {detail}"
+        if ".attn.q.weight" in detail:  # the built-in GPT's attention before q, k and v were projections of their own
+            message += (
+                " (the built-in GPT with one qkv projection, as earlier versions wrote it: finish the run with that "
+                "version; `launcher ckpt export` still reads it; see docs/parallelism.md#upgrading)"
+            )
         raise RunFailed(message, exit_code=2) from None
 
 
