@@ -1,4 +1,5 @@
-"""ZeRO-3 against FSDP2 on the same model (`python -m bench.zero3`): steps/s of `launcher train` on 2 processes.
+"""ZeRO-3 and tensor parallelism against FSDP2 on the same model (`python -m bench.zero3`): steps/s of
+`launcher train` on 2 processes.
 
 The workload: the GPT recipes made CPU-sized (4 layers, 128 wide, 4 heads, blocks of 64 byte tokens of Tiny
 Shakespeare, 8 per process, bf16 autocast, no evaluation or checkpoints), trained by `recipes/gpt_fsdp.yaml` and
@@ -8,7 +9,9 @@ Shakespeare, 8 per process, bf16 autocast, no evaluation or checkpoints), traine
 - `zero3`: DeepSpeed ZeRO-3 with the config the launcher generates (see `launcher plan`);
 - `zero3-ds`: ZeRO-3 with DeepSpeed's own built-in values for the settings the launcher now chooses (buckets,
   persistence threshold, live parameters, reuse distance), given as a user's JSON: the config the launcher
-  generated before it chose them.
+  generated before it chose them;
+- `tp`: the FSDP2 recipe with every process in one tensor-parallel group (`strategy.tp` = the processes), each
+  reading the whole global batch (8 x processes samples), so that every variant's update sees the same samples.
 
 Every run is fresh processes started by torchrun, meeting over gloo; the variants alternate within each round so
 that drifts of a shared machine hit them alike; steps/s are timed by the run itself from step 10 to the last (its
@@ -61,7 +64,7 @@ DEEPSPEED_BUILT_IN = {
         "contiguous_gradients": True,
     }
 }
-VARIANTS = ("fsdp", "zero3", "zero3-ds")
+VARIANTS = ("fsdp", "zero3", "zero3-ds", "tp")
 PROFILE_STEPS = (21, 5)  # first recorded update, updates recorded
 COLLECTIVES = ("all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce", "broadcast", "barrier")
 
@@ -73,8 +76,10 @@ def _port() -> int:
 
 
 def command(variant: str, folder: Path, tokens: Path, steps: int, processes: int, profile: bool) -> list[str]:
-    recipe = REPO / "recipes" / ("gpt_fsdp.yaml" if variant == "fsdp" else "gpt_zero3.yaml")
+    recipe = REPO / "recipes" / ("gpt_zero3.yaml" if variant.startswith("zero3") else "gpt_fsdp.yaml")
     extra = [f"data.dataset.path={tokens}/{{split}}.bin", f"run_dir={folder / 'run'}", f"train.max_steps={steps}"]
+    if variant == "tp":
+        extra += [f"strategy.tp={processes}", f"train.batch_size={8 * processes}"]
     if variant == "zero3-ds":
         user = folder / "deepspeed.json"
         user.write_text(json.dumps(DEEPSPEED_BUILT_IN))

@@ -4,13 +4,14 @@ resumes bitwise; export; and the meshes and plans refused before anything starts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, refused_alike, run_cli
+from conftest import REPO, read_metrics, refused_alike, run_cli
 from safetensors.torch import load_file
 
 from launcher.models.gpt import GPT
@@ -43,9 +44,10 @@ def train(root: Path, run: str, processes: int, *overrides: str, recipe: str = "
     return proc
 
 
-def rows(run_dir: Path) -> dict[tuple[int, str], float]:
-    """Every logged loss, gradient norm and validation loss, by step."""
-    keys = ("train/loss", "grad_norm", "val/loss")
+def rows(
+    run_dir: Path, keys: tuple[str, ...] = ("train/loss", "grad_norm", "val/loss")
+) -> dict[tuple[int, str], float]:
+    """Every logged loss, gradient norm and validation loss (or `keys`), by step."""
     return {(r["step"], k): r[k] for r in read_metrics(run_dir) for k in keys if r.get(k) is not None}
 
 
@@ -122,17 +124,34 @@ def test_a_tiny_llama_on_a_2d_mesh_gives_ddps_losses(gpt_runs: Path):
     assert_close(rows(gpt_runs / "llama-mesh"), rows(gpt_runs / "llama-ddp"))
 
 
+# Cross-entropy, infinite on a micro-batch whose targets sum to a multiple of 13: on one data rank, not the other.
+SOME_INFINITE = """
+import torch
+
+
+class InfOnSome(torch.nn.Module):
+    def forward(self, output, target):
+        loss = torch.nn.functional.cross_entropy(output, target)
+        return loss + (float("inf") if int(target.sum()) % 13 == 0 else 0.0)
+"""
+
+
 def test_a_killed_2d_run_restarts_and_resumes_bitwise(faulty: Path):
-    """A model of the user's own, split by the recipe's plan on 2 x 2; rank 1 SIGKILLed at update 25 (after the
-    checkpoint at 20): the restarted processes continue with the same losses, bit for bit."""
-    plan = ['strategy.tp.plan={"net.0": colwise, "net.2": rowwise}', FSDP, "strategy.tp.size=2"]
+    """A model of the user's own, split by the recipe's plan on 2 x 2, whose loss is infinite on some micro-batches
+    of one data rank (every process skips those updates); rank 1 SIGKILLed at update 25 (after the checkpoint at
+    20): the restarted processes continue with the same losses and skips, bit for bit."""
     root = faulty.parent
+    (root / "someinf.py").write_text(SOME_INFINITE)
+    faulty.write_text(faulty.read_text() + "loss: {_component_: someinf.InfOnSome}\n")
+    plan = ['strategy.tp.plan={"net.0": colwise, "net.2": rowwise}', FSDP, "strategy.tp.size=2"]
     train(root, "full", 4, *plan, recipe=faulty.name)
     proc = train(root, "restarted", 4, *plan, "--max-restarts", "1", recipe=faulty.name,
                  env={"FAULT": "kill", "FAULT_AT": "25", "ONCE": "1"})  # fmt: skip
     assert "rank 1 was killed by SIGKILL; restarting" in proc.stderr
-    full, restarted = (rows(root / run) for run in ("full", "restarted"))
+    keys = ("train/loss", "grad_norm", "val/loss", "train/skipped_steps")
+    full, restarted = (rows(root / run, keys) for run in ("full", "restarted"))
     assert full == restarted and max(step for step, _ in full) == 40
+    assert 0 < max(v for (_, k), v in full.items() if k == "train/skipped_steps") < 10
 
 
 def test_gpt_checkpoints_with_one_qkv_projection_still_load():
@@ -197,3 +216,27 @@ def test_plan_shows_the_mesh_and_where_each_parameter_lives(tmp_path: Path):
     assert "blocks.*.attn.q.weight [32, 32]: rows; [4, 32] (x2)" in text
     assert "blocks.*.attn.proj.weight [32, 32]: columns; [16, 8] (x2)" in text
     assert "blocks.*.ln_1.weight [32]: whole; [16] (x2)" in text
+
+
+def test_hugging_face_plans_come_from_the_config_and_styles_of_their_own_are_refused():
+    transformers = pytest.importorskip("transformers")
+    from launcher.recipe import load_recipe
+    from launcher.recipe.schema import TensorParallelConfig
+    from launcher.strategies import tensor_parallel
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    plan = tensor_parallel.model_plan(model)
+    assert plan["model.embed_tokens"] == "rowwise" and plan["lm_head"] == "colwise_gather"
+    assert plan["model.layers.*.self_attn.k_proj"] == "colwise" and plan["model.layers.*.mlp.down_proj"] == "rowwise"
+    plain = load_recipe(REPO / "recipes" / "quickstart.yaml", [FSDP], check_files=False, this_machine=False)
+    recipe = dataclasses.replace(plain, strategy=dataclasses.replace(plain.strategy, tp=TensorParallelConfig(2)))
+    assert tensor_parallel.plan_problems(model, recipe) == []
+    model.config.base_model_tp_plan = {"layers.*.mlp.gate_proj": "local_colwise"}
+    assert tensor_parallel.plan_problems(model, recipe) == [
+        "strategy.tp: LlamaForCausalLM's own plan splits model.layers.*.mlp.gate_proj as 'local_colwise', which the "
+        "launcher does not apply; give a plan of colwise, rowwise and colwise_gather in strategy.tp.plan"
+    ]

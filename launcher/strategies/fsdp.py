@@ -133,6 +133,10 @@ class FSDP(DDP):
         t, problems = self.recipe.train, []
         if t.mixed_precision == "fp16":
             problems.append("train.mixed_precision: fp16 is not supported with strategy.name=fsdp; use bf16")
+        if self.tp > 1 and self.recipe.strategy.fsdp.cpu_offload:
+            problems.append("strategy.fsdp.cpu_offload: not yet with strategy.tp; set it to false")
+        if self.tp > 1 and self.recipe.model.kwargs.get("lora"):
+            problems.append("model.lora: not yet with strategy.tp (the adapters would wrap the split layers)")
         if self.tp > 1 and t.compile.enabled:
             problems.append(
                 "train.compile: not yet with strategy.tp (tensor-parallel modules run eagerly); set it to false"

@@ -46,8 +46,9 @@ def model_plan(model: nn.Module) -> dict[str, str]:
         return {}
     prefix = getattr(model, "base_model_prefix", "")
     prefix = f"{prefix}." if prefix and hasattr(model, prefix) else ""
-    plan = {f"{prefix}{k}": HF_STYLES.get(v, v) for k, v in base.items()}
-    plan.update({k: HF_STYLES.get(v, v) for k, v in (getattr(model, "_tp_plan", None) or {}).items()})
+    # The model's `_tp_plan` holds its head's entry (with transformers 5, the whole plan, as built from the config).
+    plan = {k: HF_STYLES.get(v, v) for k, v in (getattr(model, "_tp_plan", None) or {}).items()}
+    plan.update({f"{prefix}{k}": HF_STYLES.get(v, v) for k, v in base.items()})
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, module in model.named_modules():
         if module is embeddings:
@@ -82,6 +83,13 @@ def plan_problems(model: nn.Module, recipe: Recipe) -> list[str]:
         return [
             f"strategy.tp: {type(model).__name__} has no tensor-parallel plan of its own; give one in strategy.tp.plan "
             "(module-name patterns: colwise, rowwise or colwise_gather; see docs/parallelism.md)"
+        ]
+    unknown = {pattern: s for pattern, s in plan.items() if s not in STYLES}
+    if unknown:  # a Hugging Face plan may use styles of transformers' own (fused, expert-parallel, ...)
+        pattern, s = next(iter(unknown.items()))
+        return [
+            f"strategy.tp: {type(model).__name__}'s own plan splits {pattern} as {s!r}, which the launcher does not "
+            f"apply; give a plan of colwise, rowwise and colwise_gather in strategy.tp.plan"
         ]
     found = matched(model, plan)
     problems = [
