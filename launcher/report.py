@@ -133,7 +133,7 @@ def hyperparameters(recipe: dict[str, Any], env: dict[str, Any]) -> list[tuple[s
         ("length", _length(train)),
         ("clip_grad_norm", str(train.get("clip_grad_norm"))),
         ("mixed precision", str(train.get("mixed_precision", "no"))),
-        ("strategy", f"{(recipe.get('strategy') or {}).get('name', 'ddp')}, {env.get('world_size', '?')} process(es)"),
+        ("strategy", f"{(recipe.get('strategy') or {}).get('name', 'ddp')}, {_processes(env)}"),
         ("seed", str(train.get("seed"))),
     ]
     return [(k, v) for k, v in out if v not in ("", "None")]
@@ -152,17 +152,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _processes(env: dict[str, Any]) -> str:
+    world = env.get("world_size", "?")
+    ranks = env.get("data_ranks", world)  # a mesh: fewer data ranks than processes
+    mesh = f" ({ranks} data ranks x {world // ranks} tensor-parallel)" if ranks != world else ""
+    return f"{world} process(es){mesh}"
+
+
 def _batch(train: dict[str, Any], env: dict[str, Any]) -> str:
     size, accumulation = train.get("batch_size"), train.get("gradient_accumulation_steps", 1) or 1
-    world = env.get("world_size")
+    world = env.get("data_ranks", env.get("world_size"))  # the processes reading different batches
     if size is None:
         return ""
-    text = f"{size} per process"
-    if accumulation > 1:
-        text += f" x {accumulation} accumulated"
-    if isinstance(world, int):
-        text += f" = {size * accumulation * world} per update"
-    return text
+    text = f"{size} per process" + (f" x {accumulation} accumulated" if accumulation > 1 else "")
+    return text + (f" = {size * accumulation * world} per update" if isinstance(world, int) else "")
 
 
 def _length(train: dict[str, Any]) -> str:

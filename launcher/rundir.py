@@ -53,7 +53,7 @@ class RunDir:
             env = environment(
                 accelerator.num_processes, str(accelerator.distributed_type), t.mixed_precision, str(accelerator.device)
             )
-            env["strategy"] = strategy.name
+            env.update(strategy=strategy.name, **strategy.layout())
             env.update(self.noted)
             (self.path / ENV_FILE).write_text(json.dumps(env, indent=2))
             resumed_from = recipe.checkpoint_name(resume_from) if resume_from else None

@@ -89,8 +89,11 @@ class Updates:
         self.batches += 1
         self.throughput.add(batches.samples(inputs, targets) * world, batches.sequence_tokens(targets) * world)
         if self.meter is not None and self.accelerator.sync_gradients:
-            self.throughput.measured(self.meter.per_update)
-            self.state.flops_per_update = self.meter.per_update
+            per_update = self.meter.per_update
+            if per_update is not None:  # a tensor-parallel group shares its data rank's work (the model's FLOPs)
+                per_update *= world / self.accelerator.num_processes
+            self.throughput.measured(per_update)
+            self.state.flops_per_update = per_update
             if self.meter.unknown and self.accelerator.is_main_process:
                 self.progress.write(FLOPS_NOTE, file=sys.stderr)
             self.meter = None

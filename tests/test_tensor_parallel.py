@@ -78,8 +78,14 @@ def test_tensor_parallel_and_2d_meshes_give_ddps_losses_and_norms(gpt_runs: Path
     for run in ("tp", "mesh"):
         assert_close(rows(gpt_runs / run), reference)
         assert rows(gpt_runs / run).keys() == reference.keys()
+    # Each process's share of an update's FLOPs (for its MFU): a tensor-parallel group shares its data rank's.
+    flops = [json.loads((gpt_runs / run / "env.json").read_text())["flops_per_update"] for run in ("ddp", "tp", "mesh")]
+    assert flops[0] == flops[1] == 2 * flops[2]
     state = json.loads((gpt_runs / "mesh" / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert (state["world_size"], state["data_ranks"]) == (4, 2)
+    report = run_cli("report", str(gpt_runs / "mesh")).stdout
+    assert "4 per process x 2 accumulated = 16 per update" in report
+    assert "fsdp, 4 process(es) (2 data ranks x 2 tensor-parallel)" in report
 
 
 @pytest.mark.parametrize(
