@@ -369,4 +369,5 @@ def world_change_note(
 def _split(processes: int, data_ranks: int) -> str:
     """`4 processes`, or with tensor parallelism `4 processes (2 data ranks x 2 tensor-parallel)`."""
     tp = processes // max(data_ranks, 1)
-    return f"{processes} processes" + (f" ({data_ranks} data ranks x {tp} tensor-parallel)" if tp > 1 else "")
+    mesh = f" ({data_ranks} data ranks x {tp} tensor-parallel)" if tp > 1 else ""
+    return f"{processes} process{'es' if processes != 1 else ''}{mesh}"

@@ -189,8 +189,12 @@ def train_command(
         print(dump(recipe), end="")
         return 0
     if launch is not None:  # the recipe is good: start the processes, each of which runs this command alone
+        from launcher import agent, strategies
+
+        problems = strategies.choose(recipe, launch.processes * launch.nodes).world_problems()
+        if problems:
+            raise RecipeError([f"{path}: {p}" for p in problems])
         launch = dataclasses.replace(launch, timeout_s=recipe.strategy.timeout_s)
-        from launcher import agent
 
         return agent.start(launch, [path, *overrides], quieted=AGENT_LOG_LEVEL if quiet else None)
 

@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from conftest import REPO, SHAKESPEARE
+from conftest import REPO
 
 
 def test_the_harness_runs_every_variant_and_puts_its_tables_between_the_markers(tmp_path: Path):
@@ -48,42 +47,6 @@ def test_the_host_part_runs_workload_m_and_writes_its_section(tmp_path: Path):
         "| PyTorch loop", "| Accelerate loop", "| `launcher train`"
     ], text  # fmt: skip
     assert "- against the Accelerate loop: " in text and "nan" not in text, text
-
-
-def test_the_speed_part_runs_and_writes_its_tables(tmp_path: Path):
-    if not SHAKESPEARE.is_file():  # as every test that reads the corpus: the part's workloads train on it
-        pytest.skip(f"needs {SHAKESPEARE}")
-    out = tmp_path / "benchmarks.md"
-    out.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--parts", "speed", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r for r in rows if r in ("| eager", "| compiled, regional")] == ["| eager", "| compiled, regional"], text
-    assert "| `none`" in rows and "| `full`" in rows, text
-    assert "| this launcher, no `profile` (off)" in rows and "| with the counter" in rows, text
-    assert "nan" not in text, text
-
-
-def test_the_sampling_part_runs_and_writes_its_table(tmp_path: Path):
-    if not SHAKESPEARE.is_file():  # as every test that reads the corpus: the part trains on it
-        pytest.skip(f"needs {SHAKESPEARE}")
-    out = tmp_path / "benchmarks.md"
-    out.write_text("<!-- bench:begin -->\nby hand\n<!-- bench:end -->\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--parts", "sampling", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    assert text.startswith("<!-- bench:begin -->\nby hand\n<!-- bench:end -->\n\n## Sampling and weight decay"), text
-    rows = [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert ["| the recipe (fixed offsets, decay on all)", "1337"] in rows, text
-    assert ["| random offsets", "1337"] in rows, text
-    assert "nan" not in text and text.rstrip().endswith("<!-- bench:sampling:end -->"), text
 
 
 def sync_check(*args: str) -> subprocess.CompletedProcess:

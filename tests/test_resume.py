@@ -48,8 +48,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 VARIANTS = {
     "ddp": [],
     "ddp-async": ["checkpoint.async_save=true"],
-    "fsdp": ["strategy.name=fsdp"],
-    # DeepSpeed's format; ZeRO-3's killed two-process resume is tests/test_hf.py's, with a Hugging Face model.
+    # DeepSpeed's format; ZeRO-3's killed two-process resume is tests/test_hf.py's, with a Hugging Face model. FSDP's
+    # (DCP) are tests/test_tensor_parallel.py's (on a 2-D mesh) and tests/test_storage.py's.
     "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"],
 }
 
@@ -197,15 +197,15 @@ def test_resuming_with_another_model_shape_is_refused(tiny_recipe: Path, tmp_pat
 
 ELASTIC = {
     "ddp": [],
-    "fsdp": ["strategy.name=fsdp"],
     "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3"],
 }
 
 
 @pytest.mark.parametrize(
     "strategy, resume_on",
-    # More processes and fewer: each strategy's resharding path once (2 -> 1 and 2 -> 3 take the same one).
-    [("ddp", 3), ("fsdp", 1), ("zero3", 1)],
+    # More processes and fewer: each strategy's resharding path once (2 -> 1 and 2 -> 3 take the same one). FSDP's
+    # (DCP) is tests/test_tensor_parallel.py's: a 2 x 2 mesh's checkpoint on 4 x 1, 1 x 4 and one process, exactly.
+    [("ddp", 3), ("zero3", 1)],
 )
 def test_a_two_process_checkpoint_resumes_on_another_number_of_processes(
     tiny_recipe: Path, tmp_path: Path, resume_on: int, strategy: str

@@ -116,18 +116,33 @@ def test_export_of_a_2d_checkpoint_equals_ddps(gpt_runs: Path):
     assert all(torch.allclose(tensors["ddp"][k], tensors["mesh"][k], atol=1e-5) for k in tensors["ddp"])
 
 
-def test_a_tiny_llama_on_a_2d_mesh_gives_ddps_losses(gpt_runs: Path):
+def test_a_tiny_llama_on_a_2d_mesh_gives_ddps_losses_resumes_and_exports(gpt_runs: Path):
     """Hugging Face's plan for Llama (from its config), tied embeddings split by vocabulary, grouped key-value
-    heads, on 2 x 2."""
+    heads, on 2 x 2 against one process reading the same global batch; its checkpoint resumed on one process; both
+    exported in the Hugging Face format, alike."""
     recipe = gpt_runs / "llama.yaml"
     recipe.write_text(
         GPT_RECIPE.replace("{_component_: gpt, n_layer: 2, n_head: 4, n_embd: 32}", LLAMA)
         .replace("_component_: char_text", "_component_: hf_text, tokenizer: bytes")
-        .replace("max_steps: 6", "max_steps: 3")
+        .replace("max_steps: 6", "max_steps: 4")
+        .replace("every_steps: 3", "every_steps: 2")
     )
-    train(gpt_runs, "llama-ddp", 2, recipe="llama.yaml")
+    train(gpt_runs, "llama-one", 1, "train.batch_size=8", recipe="llama.yaml")
     train(gpt_runs, "llama-mesh", 4, FSDP, "strategy.tp=2", recipe="llama.yaml")
-    assert_close(rows(gpt_runs / "llama-mesh"), rows(gpt_runs / "llama-ddp"))
+    reference = rows(gpt_runs / "llama-one")
+    assert_close(rows(gpt_runs / "llama-mesh"), reference)
+    saved = gpt_runs / "llama-mesh" / "checkpoints" / "step_00000002"
+    train(gpt_runs, "llama-resumed", 1, FSDP, "train.batch_size=8", f"resume={saved}", recipe="llama.yaml")
+    assert_close(rows(gpt_runs / "llama-resumed"), reference)
+    exported = []
+    for run in ("llama-one", "llama-mesh"):
+        out = gpt_runs / f"{run}-hf"
+        checkpoint = gpt_runs / run / "checkpoints" / "step_00000004"
+        proc = run_cli("ckpt", "export", str(checkpoint), "--format", "hf", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        exported.append(load_file(out / "model.safetensors"))
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-5) for k in exported[0])
 
 
 # Cross-entropy, infinite on a micro-batch whose targets sum to a multiple of 13: on one data rank, not the other.
