@@ -87,6 +87,6 @@ def memory_per_process(
     # The few recipe values the estimate reads.
     facts: Any = SimpleNamespace(
         train=SimpleNamespace(mixed_precision=mixed_precision),
-        strategy=SimpleNamespace(deepspeed=SimpleNamespace(zero_stage=zero_stage)),
+        strategy=SimpleNamespace(deepspeed=SimpleNamespace(zero_stage=zero_stage), tp=SimpleNamespace(size=1)),
     )
     return STRATEGIES[strategy](facts, processes).memory(params, slots)
