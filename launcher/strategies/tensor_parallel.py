@@ -183,9 +183,9 @@ def tied(model: nn.Module) -> dict[tuple[nn.Module, str], tuple[nn.Module, str]]
 def split_dims(model: nn.Module, recipe: Recipe) -> dict[str, str]:
     """Each parameter's split over the tensor-parallel group, for `launcher plan`: `rows`, `columns` or absent
     (whole on every process)."""
-    dims = {}
+    dims, modules = {}, dict(model.named_modules())
     for name, s in matched(model, plan_for(model, recipe)).items():
-        rows = s != "rowwise" or isinstance(dict(model.named_modules())[name], nn.Embedding)
+        rows = s != "rowwise" or isinstance(modules[name], nn.Embedding)
         dims[f"{name}.weight"] = "rows" if rows else "columns"
         if s != "rowwise":
             dims[f"{name}.bias"] = "rows"
