@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO, cli_in_process, read_metrics, refused_alike, run_cli
 from slurm.cluster import LocalCluster
 
+from launcher import checkpoint
+
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 FAKE_SCONTROL = """#!/bin/bash
 case "$1 $2" in
@@ -154,12 +156,12 @@ def job_state(cluster: LocalCluster, job: str) -> str:
     return match.group(1) if match else "GONE"
 
 
-def wait_for(condition, timeout: float, what: str, state=lambda: "") -> None:
+def wait_for(condition, timeout: float, what: str, state=lambda: "", every_s: float = 0.5) -> None:
     """Until `condition()`; a timeout says what it waited for and, where `state` tells it, how the job stood."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what} {state()}"
-        time.sleep(0.5)
+        time.sleep(every_s)
 
 
 def job_report(cluster: LocalCluster, job: str, run_dir: Path):
@@ -301,8 +303,9 @@ def test_a_job_at_its_time_limit_saves_and_requeues(cluster: LocalCluster, tmp_p
 
 
 # Short runs (5 to 30 s each, by the machine's load) still running when a task is warned after its first checkpoint.
-SWEEP = ["logging.progress_bar=false", "logging.every_steps=10", "checkpoint.every_steps=50", "eval.every_steps=200",
-         "strategy.timeout_s=120", "train.max_steps=400"]  # fmt: skip
+# A task's 800 updates take seconds: time for task 0 to be signalled after its first checkpoint (at 50).
+SWEEP = ["logging.progress_bar=false", "logging.every_steps=10", "checkpoint.every_steps=50", "eval.every_steps=400",
+         "strategy.timeout_s=120", "train.max_steps=800"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -328,7 +331,9 @@ def test_a_sweep_is_one_array_whose_warned_task_requeues_and_resumes_and_report_
     def report() -> str:
         return f"(task {task0}: {job_state(cluster, task0)})\n" + (log.read_text()[-2000:] if log.is_file() else "")
 
-    wait_for(lambda: (first / "checkpoints" / "step_00000050").is_dir(), 180, "task 0's first checkpoint", report)
+    # Any complete checkpoint (keep_last: 2, so step 50's may be gone by the next look).
+    saved = lambda: (first / "checkpoints").is_dir() and checkpoint.complete_steps(first / "checkpoints")  # noqa: E731
+    wait_for(saved, 180, "task 0's first checkpoint", report, every_s=0.1)
     # SLURM's warning before the end, to task 0's batch script alone: it must requeue task 0, not the array. (scancel
     # of slurm 22.05 delivers a signal to an array task at once, then retries "Job is in transitional state" for
     # good: it is stopped after a few seconds.)
@@ -342,8 +347,8 @@ def test_a_sweep_is_one_array_whose_warned_task_requeues_and_resumes_and_report_
     wait_for(done, 300, "the 4 tasks to end", lambda: f"{states()} {report()}")
     assert states() == ["COMPLETED"] * 4, report()
 
-    stopped = re.search(r"stopped \(stop file\) at step (\d+)/400", log.read_text())
-    assert stopped and 50 <= int(stopped.group(1)) < 400, report()
+    stopped = re.search(r"stopped \(stop file\) at step (\d+)/800", log.read_text())
+    assert stopped and 50 <= int(stopped.group(1)) < 800, report()
     assert f"resumed from {first / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in log.read_text()
     events = [e for e in attempt_events(first) if e["event"] != "submit"]
     assert [(e["event"], e["job"]) for e in events] == [("start", task0), ("requeue", task0), ("start", task0)]
