@@ -17,6 +17,7 @@ from launcher.checkpoint import adapters
 from launcher.data.streaming import StreamLoader, TokenStream, saved_pass
 from launcher.early_stopping import Tracker
 from launcher.errors import RecipeError
+from launcher.layout import mesh_text, recorded_split
 from launcher.models import hf, lora
 from launcher.precision import Precision, keep_output_precision
 from launcher.recipe import Recipe
@@ -238,8 +239,7 @@ class Begin:
 def same_layout(saved: dict[str, Any], layout: dict[str, int]) -> bool:
     """Whether a checkpoint was written by processes that split the work as this run's do (`DDP.layout`): the same
     number, reading the same shares of the data (a checkpoint from before tensor parallelism: every process one)."""
-    world = saved.get("world_size", layout["world_size"])
-    return world == layout["world_size"] and saved.get("data_ranks", world) == layout["data_ranks"]
+    return recorded_split(saved, layout["world_size"]) == (layout["world_size"], layout["data_ranks"])
 
 
 def begin(
@@ -276,7 +276,7 @@ def starting_state(
     if saved is None:
         return state, None
     state = TrainState.from_state_dict(saved)
-    if saved.get("data_ranks", saved.get("world_size", world)) != world:
+    if recorded_split(saved, world)[1] != world:
         # Another world size splits the epoch into other global batches: continue at the last whole one.
         state.samples_in_epoch = state.samples_in_epoch // samples_per_batch * samples_per_batch
     return state, {**saved, "batches_done": state.samples_in_epoch // samples_per_batch}
@@ -346,12 +346,11 @@ def world_change_note(
     """What a resume on another number of processes (or another split of them) keeps and what it changes, in one
     line (`stream`: what it changes for a streamed train set)."""
     recipe, world = strategy.recipe, strategy.processes
-    saved_world = saved.get("world_size", world)
+    saved_world, saved_ranks = recorded_split(saved, world)
     how = (
         f"the epoch budget is kept: {budget.total_steps - state.step} updates of "
         f"{recipe.train.batch_size * strategy.data_ranks * recipe.train.gradient_accumulation_steps} samples "
-        f"remain, and the "
-        f"learning-rate schedule follows the samples trained"
+        f"remain, and the learning-rate schedule follows the samples trained"
         if budget.remapped
         else "the model, optimizer and schedule are exact"
     )
@@ -362,12 +361,10 @@ def world_change_note(
         f"the data continues at sample {state.samples_in_epoch} of epoch {state.epoch} (saved at "
         f"{saved.get('samples_in_epoch')})"
     )
-    written, now = _split(saved_world, saved.get("data_ranks", saved_world)), _split(world, strategy.data_ranks)
+    written, now = _processes(saved_world, saved_ranks), _processes(world, strategy.data_ranks)
     return f"warning: written by {written}, resumed by {now}: {how}; {data}{fresh}"
 
 
-def _split(processes: int, data_ranks: int) -> str:
+def _processes(processes: int, data_ranks: int) -> str:
     """`4 processes`, or with tensor parallelism `4 processes (2 data ranks x 2 tensor-parallel)`."""
-    tp = processes // max(data_ranks, 1)
-    mesh = f" ({data_ranks} data ranks x {tp} tensor-parallel)" if tp > 1 else ""
-    return f"{processes} process{'es' if processes != 1 else ''}{mesh}"
+    return f"{processes} process{'es' if processes != 1 else ''}{mesh_text(processes, data_ranks)}"

@@ -134,3 +134,15 @@ def restarts(history: list[dict[str, Any]]) -> int:
     """The attempts in a run's history (`HISTORY_FILE`) that the elastic agent started after a failure: their start
     lines carry its `restart` count."""
     return sum(bool(e.get("restart")) for e in history if e.get("event") == "start")
+
+
+def recorded_split(record: dict[str, Any], world: Any = None) -> tuple[Any, Any]:
+    """(processes, data ranks) as `env.json` or a trainer state records them (`world`: where it records no world
+    size); one written before tensor parallelism records no data ranks: every process read batches of its own."""
+    processes = record.get("world_size", world)
+    return processes, record.get("data_ranks", processes)
+
+
+def mesh_text(processes: int, data_ranks: int) -> str:
+    """` (2 data ranks x 2 tensor-parallel)` where a tensor-parallel group reads one batch; nothing otherwise."""
+    return f" ({data_ranks} data ranks x {processes // data_ranks} tensor-parallel)" if data_ranks != processes else ""

@@ -29,8 +29,10 @@ from launcher.layout import (
     SLURM_ATTEMPTS_FILE,
     TRACE_SUFFIX,
     is_interrupted_name,
+    mesh_text,
     read_json,
     read_jsonl,
+    recorded_split,
     restarts,
 )
 from launcher.storage import checkpoints_at
@@ -153,15 +155,13 @@ def _short(value: Any) -> str:
 
 
 def _processes(env: dict[str, Any]) -> str:
-    world = env.get("world_size", "?")
-    ranks = env.get("data_ranks", world)  # a mesh: fewer data ranks than processes
-    mesh = f" ({ranks} data ranks x {world // ranks} tensor-parallel)" if ranks != world else ""
-    return f"{world} process(es){mesh}"
+    world, ranks = recorded_split(env, "?")
+    return f"{world} process(es){mesh_text(world, ranks)}"
 
 
 def _batch(train: dict[str, Any], env: dict[str, Any]) -> str:
     size, accumulation = train.get("batch_size"), train.get("gradient_accumulation_steps", 1) or 1
-    world = env.get("data_ranks", env.get("world_size"))  # the processes reading different batches
+    world = recorded_split(env)[1]  # the processes reading different batches
     if size is None:
         return ""
     text = f"{size} per process" + (f" x {accumulation} accumulated" if accumulation > 1 else "")
